@@ -1,0 +1,1 @@
+"""Prefect Block types for registered infrastructure."""

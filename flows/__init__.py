@@ -1,0 +1,1 @@
+"""One module per job type, each a Prefect @flow."""

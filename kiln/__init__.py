@@ -1,0 +1,1 @@
+"""kiln: a unified compute-job platform for materials science, built on Prefect 3."""

@@ -1,0 +1,99 @@
+"""The kiln API process: the FastAPI app, with the dispatcher and the event relay running beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prefect.client.orchestration import get_client
+
+from kiln.api.jobs import error_body
+from kiln.api.jobs import router as jobs_router
+from kiln.dispatch.dispatcher import Dispatcher
+from kiln.errors import KilnError
+from kiln.events.relay import Relay
+from kiln.settings import KilnSettings, get_settings
+from kiln.store.store import Store
+
+log = logging.getLogger("kiln.api")
+
+
+async def wait_for_prefect(client, timeout: float = 120) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            if await client.api_healthcheck() is None:
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"the Prefect API at {client.api_url} did not answer within {timeout:g} s")
+        await asyncio.sleep(0.5)
+
+
+def create_app(settings: KilnSettings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = Store(settings.job_index_url)
+        await store.migrate()
+        async with get_client() as client:
+            await wait_for_prefect(client)
+            dispatcher = Dispatcher(store, client, settings)
+            await dispatcher.start()
+            relay = Relay(store, client, dispatcher, settings)
+            app.state.settings, app.state.store, app.state.dispatcher, app.state.relay = (
+                settings,
+                store,
+                dispatcher,
+                relay,
+            )
+            tasks = [asyncio.create_task(t) for t in (dispatcher.run(), relay.run(), relay.watch())]
+            try:
+                yield
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await store.close()
+
+    app = FastAPI(
+        title="kiln",
+        version="1",
+        description="A unified compute-job platform for materials science, built on Prefect 3.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(KilnError)
+    async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for error in exc.errors():
+            location = ".".join(str(p) for p in error["loc"] if p not in ("body",))
+            parts.append(f"{location}: {error['msg']}")
+        errors = json.loads(json.dumps(exc.errors(), default=str))
+        return JSONResponse({"detail": "; ".join(parts), "errors": errors}, status_code=422)
+
+    @app.get("/healthz", summary="Liveness, and whether Prefect's events reach the relay")
+    async def healthz(request: Request) -> dict:
+        state = request.app.state
+        workers = await state.store.capacity(state.dispatcher.lost_after)
+        return {
+            "status": "ok",
+            "prefect_events": state.relay.connected.is_set(),
+            "workers": len(workers.workers),
+            "slots": workers.slots,
+            "job_types": sorted(state.dispatcher.deployments),
+        }
+
+    app.include_router(jobs_router)
+    return app

@@ -1,0 +1,209 @@
+"""The /api/v1/jobs endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from kiln.api.auth import project_of_caller
+from kiln.dispatch.dispatcher import pending_reason
+from kiln.errors import Conflict, InputInvalid, InvalidRequest, NotFound, UnknownJobType
+from kiln.schemas import JOB_TYPES, Job, JobCreate, JobPage, JobPatch, JobStatus, JobTypeInfo, Resources
+from kiln.schemas.job_types import available_job_types
+from kiln.store.models import JobRow
+
+router = APIRouter(prefix="/api/v1")
+
+Project = Annotated[str, Depends(project_of_caller)]
+
+SSE_KEEPALIVE_SECONDS = 15
+
+
+def field_errors(exc: ValidationError, prefix: str) -> str:
+    """'input.seconds: Input should be greater than or equal to 0; …' from a pydantic error."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+async def job_view(request: Request, row: JobRow, *, with_reason: bool = True) -> Job:
+    state = request.app.state
+    reason = row.status_reason
+    if with_reason and row.status == JobStatus.PENDING.value:
+        waiting = await pending_reason(state.store, row, await state.store.capacity(state.dispatcher.lost_after))
+        reason = f"{reason}; {waiting}" if reason else waiting
+    return Job(
+        id=row.id,
+        type=row.type,
+        project_id=row.project_id,
+        status=JobStatus(row.status),
+        priority=row.priority,
+        input=row.input,
+        resources=Resources.model_validate(row.resources or {}),
+        compute_target=row.compute_target,
+        parent_id=row.parent_id,
+        output=row.output,
+        status_reason=reason,
+        attempt=row.attempt,
+        created_at=row.created_at,
+        queued_at=row.queued_at,
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+        flow_run_id=row.flow_run_id,
+        flow_run_url=f"{state.settings.prefect_api.removesuffix('/api')}/runs/flow-run/{row.flow_run_id}"
+        if row.flow_run_id
+        else None,
+    )
+
+
+@router.get("/job-types", response_model=list[JobTypeInfo], summary="The job types and their input schemas")
+async def list_job_types(project_id: Project) -> list[JobTypeInfo]:
+    return [
+        JobTypeInfo(
+            type=jt.name,
+            description=jt.description,
+            available=jt.available,
+            input_schema=jt.input_model.model_json_schema(),
+        )
+        for jt in JOB_TYPES.values()
+    ]
+
+
+@router.post("/jobs", status_code=202, response_model=Job, summary="Submit a job")
+async def create_job(request: Request, body: JobCreate, project_id: Project) -> Job:
+    state = request.app.state
+    if body.project_id is not None and body.project_id != project_id:
+        raise NotFound(f"project {body.project_id} not found")
+    job_type = JOB_TYPES.get(body.type)
+    if job_type is None or body.type not in state.dispatcher.deployments:
+        available = [t for t in available_job_types() if t in state.dispatcher.deployments]
+        raise UnknownJobType(body.type, available)
+    raw_input = dict(body.input)
+    if body.model is not None:
+        raw_input.setdefault("model", body.model)
+    try:
+        job_input = job_type.input_model.model_validate(raw_input)
+    except ValidationError as exc:
+        raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
+    row = await state.store.add_job(
+        project_id=project_id,
+        type=body.type,
+        input=job_input.model_dump(mode="json"),
+        resources=(body.resources or Resources()).model_dump(mode="json"),
+        priority=body.priority,
+        compute_target=body.compute_target,
+        parent_id=body.parent_id,
+    )
+    state.dispatcher.wake()
+    return await job_view(request, row)
+
+
+@router.get("/jobs/{job_id}", response_model=Job, summary="A job, with its status and output")
+async def get_job(request: Request, job_id: str, project_id: Project) -> Job:
+    return await job_view(request, await request.app.state.store.get_job(job_id, project_id))
+
+
+@router.get("/jobs", response_model=JobPage, summary="The project's jobs, newest first")
+async def list_jobs(
+    request: Request,
+    project_id: Project,
+    type: str | None = None,
+    status: JobStatus | None = None,
+    parent_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    try:
+        position = int(cursor) if cursor is not None else None
+    except ValueError:
+        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
+    rows, next_cursor = await request.app.state.store.list_jobs(
+        project_id, type=type, status=status, parent_id=parent_id, limit=limit, cursor=position
+    )
+    return JobPage(
+        jobs=[await job_view(request, r, with_reason=False) for r in rows],
+        next_cursor=str(next_cursor) if next_cursor is not None else None,
+    )
+
+
+@router.patch("/jobs/{job_id}", response_model=Job, summary="Change a pending job's priority")
+async def patch_job(request: Request, job_id: str, body: JobPatch, project_id: Project) -> Job:
+    row = await request.app.state.store.set_priority(job_id, project_id, body.priority)
+    request.app.state.dispatcher.wake()
+    return await job_view(request, row)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job and its children")
+async def cancel_job(request: Request, job_id: str, project_id: Project) -> Job:
+    store = request.app.state.store
+    row = await store.get_job(job_id, project_id)
+    if JobStatus(row.status).is_final:
+        raise Conflict(f"job {job_id} is already {row.status}; only an unfinished job can be cancelled")
+    await request.app.state.dispatcher.cancel(row, "cancelled by request")
+    return await job_view(request, await store.get_job(job_id, project_id))
+
+
+@router.get("/jobs/{job_id}/children", response_model=list[Job], summary="The job's child jobs")
+async def list_children(request: Request, job_id: str, project_id: Project) -> list[Job]:
+    store = request.app.state.store
+    await store.get_job(job_id, project_id)
+    rows, _ = await store.list_jobs(project_id, parent_id=job_id, limit=1000)
+    return [await job_view(request, r, with_reason=False) for r in reversed(rows)]
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="The job's events as Server-Sent Events; resumes after Last-Event-ID",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    project_id: Project,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    store = request.app.state.store
+    await store.get_job(job_id, project_id)
+    try:
+        after = int(last_event_id) if last_event_id else 0
+    except ValueError:
+        raise InvalidRequest(f"Last-Event-ID: {last_event_id!r} is not an event id") from None
+
+    async def stream():
+        nonlocal after
+        flag = store.bus.subscribe(job_id)
+        try:
+            yield "retry: 1000\n\n"
+            while True:
+                flag.clear()
+                for event in await store.events_after(job_id, after):
+                    after = event.id
+                    yield f"id: {event.id}\nevent: {event.event}\ndata: {json.dumps(event.data)}\n\n"
+                    if event.event in ("completed", "failed", "cancelled"):
+                        return
+                try:
+                    # the relay may run in another process: look again now and then even unnotified
+                    await asyncio.wait_for(flag.wait(), SSE_KEEPALIVE_SECONDS)
+                except asyncio.TimeoutError:
+                    yield ": keepalive\n\n"
+        finally:
+            store.bus.unsubscribe(job_id, flag)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def error_body(exc: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"detail": exc.message}
+    if exc.details is not None:
+        body["errors"] = exc.details
+    return body

@@ -1,0 +1,317 @@
+"""The `kiln` command: the embedded stack, its parts, API keys, and jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kiln.settings import KilnSettings, get_settings
+
+app = typer.Typer(help="kiln: a unified compute-job platform for materials science, on Prefect 3.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: each belongs to one project.", no_args_is_help=True)
+worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(worker_app, name="worker")
+
+
+def _prefect_ready(settings: KilnSettings) -> None:
+    # Prefect reads its settings once, at import: point it at kiln's server first
+    from kiln.prefect_env import configure_prefect
+
+    if "prefect" not in sys.modules:
+        configure_prefect(settings)
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+# the stack and its parts
+
+
+@app.command()
+def up(
+    demo: bool = typer.Option(True, help="Submit one `sleep` job once the stack is up and show its result."),
+) -> None:
+    """Starts the embedded stack (Prefect server, kiln API, kiln worker) on loopback; Ctrl-C stops it."""
+    from kiln.launcher import Stack, default_key_file
+
+    settings = get_settings()
+    key_file = default_key_file(settings)
+    if not key_file.exists():
+        key = asyncio.run(_create_key(settings, "default"))
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+    stack = Stack(settings, log=typer.echo)
+    stopping = False
+
+    def stop(signum, _frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            typer.echo("stopping kiln …")
+            stack.stop()
+            raise typer.Exit(0)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    stack.start()
+    typer.echo(f"API key of project 'default': {key_file}")
+    typer.echo(f"state under {settings.home_dir}; logs in {stack.logs_dir}")
+    if demo:
+        _demo(settings, key_file.read_text().strip())
+    typer.echo("kiln is up; Ctrl-C stops it.")
+    code = stack.wait()
+    stack.stop()
+    raise typer.Exit(code)
+
+
+def _demo(settings: KilnSettings, key: str) -> None:
+    from kiln.sdk import Client
+
+    with Client(settings.api_url, key) as client:
+        job = client.jobs.create(type="sleep", input={"seconds": 1})
+        typer.echo(f"submitted sleep job {job.id}; watching it …")
+        job.wait(timeout=120)
+        typer.echo(f"job {job.id} {job.status.value}: {json.dumps(job.output)}  ({job.flow_run_url})")
+    typer.echo(
+        f"try it yourself:\n  curl -s -X POST {settings.api_url}/api/v1/jobs -H \"Authorization: Bearer $(cat "
+        f"{settings.home_dir / 'api-key'})\" -H 'Content-Type: application/json' "
+        "-d '{\"type\": \"sleep\", \"input\": {\"seconds\": 2}}'"
+    )
+
+
+@app.command()
+def api() -> None:
+    """Runs the kiln API with its dispatcher and event relay (part of `kiln up`)."""
+    settings = get_settings()
+    _prefect_ready(settings)
+    import uvicorn
+
+    from kiln.api.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command()
+def deploy() -> None:
+    """Applies prefect.yaml: the work pool, its priority-band queues and one deployment per job type."""
+    _prefect_ready(get_settings())
+    from prefect.client.orchestration import get_client
+
+    from kiln.dispatch.runs import apply_project
+
+    async def main():
+        async with get_client() as client:
+            return await apply_project(client)
+
+    for job_type, deployment_id in asyncio.run(main()).items():
+        typer.echo(f"{job_type}: deployment {deployment_id}")
+
+
+@worker_app.command("start")
+def worker_start(
+    scheduler_address: Optional[str] = typer.Option(
+        None, "--scheduler-address", help="tcp:// address of an existing Dask scheduler (default: a LocalCluster)."
+    ),
+    slots: Optional[int] = typer.Option(None, help="Jobs run at the same time (default KILN_WORKER_SLOTS)."),
+    name: Optional[str] = typer.Option(None, help="The worker's name in Prefect (default kiln-HOST-PID)."),
+) -> None:
+    """Starts a kiln worker: polls the kiln work pool and runs its flow runs on Dask, in warm processes."""
+    import os
+
+    settings = get_settings()
+    _prefect_ready(settings)
+    from kiln.deployments.project import load_project
+    from kiln.worker.worker import KilnWorker
+
+    async def main():
+        worker = KilnWorker(
+            load_project().work_pool,
+            slots=slots or settings.worker_slots,
+            scheduler_address=scheduler_address or settings.dask_scheduler_address,
+            dask_workers=settings.dask_workers,
+            heartbeat_seconds=settings.worker_heartbeat_seconds,
+            name=name or f"kiln-{socket.gethostname()}-{os.getpid()}",
+        )
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await worker.start()
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+
+
+# API keys
+
+
+async def _create_key(settings: KilnSettings, project: str) -> str:
+    from kiln.store.store import Store
+
+    store = Store(settings.job_index_url)
+    try:
+        await store.migrate()
+        return await store.create_key(project)
+    finally:
+        await store.close()
+
+
+@keys_app.command("create")
+def keys_create(project: str = typer.Option(..., "--project", help="The project the key belongs to.")) -> None:
+    """Creates an API key for the project (and the project, if new); the key is the last line printed."""
+    key = asyncio.run(_create_key(get_settings(), project))
+    typer.echo(f"new API key for project {project!r}; it is shown only now:")
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str = typer.Argument(..., help="The key, or the first 12 characters of it.")) -> None:
+    """Revokes an API key; requests with it are refused from now on."""
+    from kiln.store.store import Store
+
+    async def main() -> int:
+        store = Store(get_settings().job_index_url)
+        try:
+            await store.migrate()
+            return await store.revoke_key(key)
+        finally:
+            await store.close()
+
+    count = asyncio.run(main())
+    if count == 0:
+        _fail(f"no active key matches {key[:12]}…")
+    typer.echo(f"revoked {count} key(s)")
+
+
+# jobs
+
+
+def _client():
+    from kiln.sdk import Client
+
+    settings = get_settings()
+    key = settings.api_key
+    if key is None:
+        key_file = settings.home_dir / "api-key"
+        if not key_file.exists():
+            _fail("no API key: set KILN_API_KEY, or run `kiln up` (it writes KILN_HOME/api-key)")
+        key = key_file.read_text().strip()
+    return Client(settings.api_url, key)
+
+
+def _run(call):
+    from kiln.errors import KilnError
+
+    try:
+        return call()
+    except KilnError as exc:
+        _fail(f"error: {exc.message}")
+
+
+@app.command()
+def submit(
+    type: str = typer.Argument(..., help="The job type, e.g. sleep."),
+    input: str = typer.Option("{}", "--input", help="The input as JSON, or @file with JSON in it."),
+    priority: int = typer.Option(0, help="Higher runs first."),
+) -> None:
+    """Submits a job and prints its id."""
+    text = Path(input[1:]).read_text() if input.startswith("@") else input
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--input: not valid JSON ({exc})")
+    with _client() as client:
+        job = _run(lambda: client.jobs.create(type=type, input=payload, priority=priority))
+    typer.echo(job.id)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Prints a job as JSON."""
+    with _client() as client:
+        job = _run(lambda: client.jobs.get(job_id))
+    typer.echo(job.data.model_dump_json(indent=2))
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancels a job and its children."""
+    with _client() as client:
+        job = _run(lambda: client.jobs.cancel(job_id))
+    typer.echo(f"{job.id}: {job.status.value}")
+
+
+@app.command()
+def watch(job_id: str) -> None:
+    """Shows a job's progress live until it ends."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with _client() as client:
+        job = _run(lambda: client.jobs.get(job_id))
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                      TimeElapsedColumn()) as bar:
+            task = bar.add_task(f"{job.type} {job.id[:8]} {job.status.value}", total=100)
+            for event in _run(lambda: list_events(client, job_id)):
+                if event.event == "status":
+                    bar.update(task, description=f"{job.type} {job.id[:8]} {event.data['status']}")
+                elif event.event == "progress":
+                    bar.update(task, completed=event.data["percent"],
+                               description=f"{job.type} {job.id[:8]} {event.data.get('message') or ''}")
+                else:
+                    if event.event == "completed":
+                        bar.update(task, completed=100)
+                    bar.update(task, description=f"{job.type} {job.id[:8]} {event.event}")
+        job = client.jobs.get(job_id)
+    typer.echo(json.dumps(job.output) if job.status.value == "completed" else f"{job.status.value}: {job.status_reason}")
+    if job.status.value not in ("completed", "cache_hit"):
+        raise typer.Exit(1)
+
+
+def list_events(client, job_id: str):
+    return client.jobs.events(job_id)
+
+
+@app.command()
+def jobs(
+    type: Optional[str] = typer.Option(None, help="Only this job type."),
+    status: Optional[str] = typer.Option(None, help="Only this status."),
+    limit: int = typer.Option(20, help="How many, newest first."),
+) -> None:
+    """Lists the project's jobs as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with _client() as client:
+        page = _run(lambda: client.jobs.list(type=type, status=status, limit=limit))
+    table = Table("id", "type", "status", "priority", "created", "reason")
+    for job in page.jobs:
+        table.add_row(job.id, job.type, job.status.value, str(job.priority),
+                      job.created_at.strftime("%Y-%m-%d %H:%M:%S"), (job.status_reason or "")[:60])
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""The dispatcher: releases pending jobs to Prefect in strict order as worker capacity frees."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+
+from prefect.states import Cancelled
+
+from kiln.dispatch.runs import apply_project, cancel_run, create_job_run, force_state
+from kiln.schemas.resources import Resources
+from kiln.schemas.statuses import JobStatus
+from kiln.settings import KilnSettings
+from kiln.store.models import JobRow, utcnow
+from kiln.store.store import Capacity, Store
+
+log = logging.getLogger("kiln.dispatcher")
+
+# flow runs created at once; Prefect takes about 0.1 s for each
+RELEASE_CONCURRENCY = 8
+
+
+class Dispatcher:
+    def __init__(self, store: Store, client: PrefectClient, settings: KilnSettings):
+        self.store = store
+        self.client = client
+        self.settings = settings
+        self.deployments: dict[str, UUID] = {}
+        self._wake = asyncio.Event()
+
+    @property
+    def lost_after(self) -> timedelta:
+        return timedelta(seconds=self.settings.worker_lost_seconds)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        self.deployments = await apply_project(self.client)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.release_pending_jobs()
+                await self.fail_overdue_jobs()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a Prefect outage must not stop the dispatcher
+                log.exception("dispatch pass failed; retrying")
+                await asyncio.sleep(1)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.dispatch_interval_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def release_pending_jobs(self) -> int:
+        """Releases as many pending jobs as there are free worker slots, highest priority first."""
+        # finish releases a restart interrupted; the idempotency key returns the run made before
+        unfinished = await self.store.claimed_without_run()
+        capacity = await self.store.capacity(self.lost_after)
+        chosen: list[JobRow] = []
+        if capacity.free > 0:
+            candidates = await self.store.pending_in_order(limit=capacity.free + 100)
+            for job in candidates:
+                if len(chosen) == capacity.free:
+                    break
+                if unmet_requirement(job, capacity) is None and await self.store.claim_for_release(job.id):
+                    chosen.append(job)
+        jobs = unfinished + chosen
+        if not jobs:
+            return 0
+        limit = asyncio.Semaphore(RELEASE_CONCURRENCY)
+
+        async def release(job: JobRow) -> None:
+            async with limit:
+                await self._create_run(job)
+
+        await asyncio.gather(*(release(job) for job in jobs))
+        return len(jobs)
+
+    async def _create_run(self, job: JobRow) -> None:
+        flow_run = await create_job_run(self.client, job, self.deployments[job.type])
+        await self.store.record_release(job.id, str(flow_run.id))
+        if (await self.store.get_job(job.id)).cancel_requested:
+            # cancelled while it was being released: the run must not start
+            await cancel_run(self.client, flow_run.id, "cancelled by request before it started")
+
+    async def cancel(self, job: JobRow, reason: str) -> None:
+        """Cancels the job and every unfinished descendant; a pending job never runs.
+
+        Children are cancelled one by one rather than through Prefect's own cascade (Prefect issue 22594).
+        """
+        descendants = await self.store.unfinished_children(job.id)
+        await self.store.mark_cancel_requested([job.id, *(c.id for c in descendants)])
+        if not await self.store.cancel_pending(job.id, reason):
+            current = await self.store.get_job(job.id)
+            # with no flow run yet the release is under way, and _create_run cancels what it creates
+            if current.flow_run_id:
+                await cancel_run(self.client, current.flow_run_id, reason)
+        for child in descendants:
+            if child.flow_run_id:
+                await force_state(self.client, child.flow_run_id, Cancelled(message=f"its parent job was {reason}"))
+            await self.store.transition(child.id, JobStatus.CANCELLED, reason=f"its parent job {job.id} was {reason}")
+        self.wake()
+
+    async def fail_overdue_jobs(self) -> None:
+        """Fails jobs that waited past their assign or start timeout, saying which and why."""
+        now = utcnow()
+        for job in await self.store.overdue(now):
+            resources = Resources.model_validate(job.resources)
+            reason = None
+            if resources.max_timeout_assign_ms and job.picked_at is None:
+                if now - job.created_at > timedelta(milliseconds=resources.max_timeout_assign_ms):
+                    waited = await pending_reason(self.store, job, await self.store.capacity(self.lost_after))
+                    reason = (
+                        f"not picked up by a worker within {resources.max_timeout_assign_ms / 1000:g} s "
+                        f"(max_timeout_assign_ms={resources.max_timeout_assign_ms})"
+                        + (f"; it was waiting because: {waited}" if waited else "")
+                    )
+            elif resources.max_timeout_start_ms and job.picked_at is not None and job.started_at is None:
+                if now - job.picked_at > timedelta(milliseconds=resources.max_timeout_start_ms):
+                    reason = (
+                        f"picked up by worker {job.worker_name or '?'} but not started within "
+                        f"{resources.max_timeout_start_ms / 1000:g} s (max_timeout_start_ms={resources.max_timeout_start_ms})"
+                    )
+            if reason is None:
+                continue
+            await self.store.mark_cancel_requested([job.id])
+            if job.flow_run_id:
+                await cancel_run(self.client, job.flow_run_id, reason)
+            await self.store.transition(job.id, JobStatus.FAILED, reason=reason, force=True)
+
+
+def unmet_requirement(job: JobRow, capacity: Capacity) -> str | None:
+    """What no live worker offers this job, as 'gpu_count=1', or None when some worker could run it."""
+    if not capacity.workers:
+        return "no kiln worker is online"
+    resources = Resources.model_validate(job.resources)
+    unmet = [resources.unmet_by(w.offers) for w in capacity.workers]
+    return None if any(u is None for u in unmet) else unmet[0]
+
+
+async def pending_reason(store: Store, job: JobRow, capacity: Capacity) -> str:
+    """Why a pending job waits, in words a user can act on."""
+    unmet = unmet_requirement(job, capacity)
+    if unmet == "no kiln worker is online":
+        return "no kiln worker is online; start one with `kiln worker start` (or `kiln up`)"
+    if unmet is not None:
+        return f"no worker offers {unmet}"
+    ahead = await store.jobs_ahead(job)
+    return (
+        f"{ahead} job{'s' if ahead != 1 else ''} ahead at priority ≥ {job.priority}; "
+        f"{min(capacity.busy, capacity.slots)} of {capacity.slots} worker slots busy"
+    )

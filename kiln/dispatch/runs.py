@@ -1,0 +1,173 @@
+"""kiln's side of Prefect: the project applied as pool, queues and deployments; flow runs for jobs; states.
+
+This is the one place that maps Prefect states to job statuses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import WorkPoolCreate, WorkQueueCreate
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Cancelled, Cancelling, Crashed
+from prefect.utilities.callables import parameter_schema
+
+from kiln.deployments.project import DeploymentSpec, load_project
+from kiln.schemas.statuses import JobStatus
+from kiln.store.models import JobRow
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF_STATE = {
+    StateType.SCHEDULED: JobStatus.QUEUED,
+    StateType.PENDING: JobStatus.QUEUED,
+    StateType.RUNNING: JobStatus.RUNNING,
+    # a paused run is still the job's running life (a lab booking waiting for its webhook)
+    StateType.PAUSED: JobStatus.RUNNING,
+    StateType.COMPLETED: JobStatus.COMPLETED,
+    StateType.FAILED: JobStatus.FAILED,
+    StateType.CRASHED: JobStatus.FAILED,
+    StateType.CANCELLED: JobStatus.CANCELLED,
+}
+
+
+def status_of_state(state_type: StateType | str) -> JobStatus | None:
+    """The job status a Prefect state type means; None for Cancelling, which is not an end yet."""
+    return _STATUS_OF_STATE.get(StateType(state_type))
+
+
+def reason_of_state(state_type: StateType | str, message: str | None) -> str | None:
+    """A status_reason a user can act on, from a final Prefect state's message."""
+    state_type = StateType(state_type)
+    if state_type is StateType.CRASHED:
+        return f"crashed: {message or 'the process running the job died'}"
+    if state_type is StateType.FAILED:
+        return message or "the job's flow failed without a message; see its logs in the Prefect UI"
+    if state_type is StateType.CANCELLED:
+        return message or "cancelled"
+    return message
+
+
+def job_tags(job: JobRow) -> list[str]:
+    return ["kiln", f"project:{job.project_id}", f"job:{job.id}", f"type:{job.type}"]
+
+
+def job_of_tags(tags) -> str | None:
+    """The kiln job id in a flow run's tags."""
+    for tag in tags or ():
+        if tag.startswith("job:"):
+            return tag[4:]
+    return None
+
+
+def run_name(job: JobRow) -> str:
+    """What a person sees in the Prefect UI: the type, a short id and the attempt."""
+    name = f"{job.type}-{job.id[:8]}"
+    return name if job.attempt == 1 else f"{name}-try{job.attempt}"
+
+
+def load_flow(spec: DeploymentSpec):
+    return getattr(importlib.import_module(spec.module), spec.function)
+
+
+async def apply_project(client: PrefectClient) -> dict[str, UUID]:
+    """Creates the work pool, the band queues and one deployment per job type; returns type → deployment id."""
+    from kiln.worker.worker import KilnWorker
+
+    project = load_project()
+    try:
+        await client.create_work_pool(
+            WorkPoolCreate(
+                name=project.work_pool,
+                type=KilnWorker.type,
+                base_job_template=KilnWorker.get_default_base_job_template(),
+                description="kiln jobs; each queue is a priority band",
+            )
+        )
+    except ObjectAlreadyExists:
+        pass
+    for band in project.bands:
+        try:
+            await client.create_work_queue(
+                name=band.queue,
+                work_pool_name=project.work_pool,
+                priority=band.prefect_priority,
+                description=f"kiln jobs with priority ≥ {band.min_priority}" if band.min_priority is not None
+                else "kiln jobs below every other band",
+            )
+        except ObjectAlreadyExists:
+            pass
+    deployments: dict[str, UUID] = {}
+    for spec in project.deployments:
+        try:
+            flow = load_flow(spec)
+        except ImportError as exc:
+            # a job type whose libraries are not installed here is simply not offered
+            log.warning("job type of %s not available: %s", spec.entrypoint, exc)
+            continue
+        flow_id = await client.create_flow_from_name(flow.name)
+        deployments[flow.name] = await client.create_deployment(
+            flow_id=flow_id,
+            name=spec.name,
+            entrypoint=spec.entrypoint,
+            description=spec.description,
+            tags=list(spec.tags),
+            work_pool_name=project.work_pool,
+            work_queue_name=spec.work_queue_name,
+            parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+            enforce_parameter_schema=False,
+        )
+    return deployments
+
+
+async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID):
+    """The job's flow run; the idempotency key makes a second release of the same attempt return the first run."""
+    band = load_project().band_for(job.priority)
+    resources = job.resources or {}
+    return await client.create_flow_run_from_deployment(
+        deployment_id,
+        parameters=job.input,
+        name=run_name(job),
+        tags=job_tags(job),
+        idempotency_key=f"kiln:{job.id}:{job.attempt}",
+        work_queue_name=band.queue,
+        job_variables={k: v for k, v in resources.items() if v not in (None, 0, False)},
+    )
+
+
+async def force_state(client: PrefectClient, flow_run_id: str | UUID, state) -> None:
+    try:
+        await client.set_flow_run_state(UUID(str(flow_run_id)), state, force=True)
+    except ObjectNotFound:
+        log.warning("flow run %s vanished before it could be set %s", flow_run_id, state.type)
+
+
+async def cancel_run(client: PrefectClient, flow_run_id: str | UUID, reason: str) -> None:
+    """Cancels a flow run: at once if no worker holds it yet, through its worker (Cancelling) if one does."""
+    flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
+    if flow_run.state is None or flow_run.state.is_final():
+        return
+    if flow_run.state.is_scheduled() or (flow_run.state.is_pending() and not flow_run.infrastructure_pid):
+        await force_state(client, flow_run_id, Cancelled(message=reason))
+    else:
+        await force_state(client, flow_run_id, Cancelling(message=reason))
+
+
+async def crash_run(client: PrefectClient, flow_run_id: str | UUID, reason: str) -> bool:
+    """Marks a flow run crashed unless it already ended; True when it was changed."""
+    flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
+    if flow_run.state is not None and flow_run.state.is_final():
+        return False
+    await force_state(client, flow_run_id, Crashed(message=reason))
+    return True
+
+
+async def run_output(client: PrefectClient, flow_run_id: str | UUID) -> Any:
+    """The completed flow run's return value, from Prefect's result storage."""
+    flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
+    return await flow_run.state.aresult(raise_on_failure=False)

@@ -1,0 +1,88 @@
+"""kiln's exceptions, shared by the service and the SDK.
+
+    KilnError                    every error kiln raises on purpose
+    ├── InvalidRequest  (400)    the request cannot be run as sent
+    │   └── UnknownJobType       the type is not one this platform runs
+    ├── Unauthorized    (401)    no key, or a key that is unknown or revoked
+    ├── NotFound        (404)    no such object in the caller's project
+    ├── Conflict        (409)    the object is in a state that forbids the change
+    ├── InputInvalid    (422)    a field of the input is wrong
+    ├── ServerError     (5xx)    the platform failed; the message says where
+    └── JobFailed                (SDK) a job the caller waited on did not complete
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class KilnError(Exception):
+    """Every error kiln raises on purpose; `status_code` is its HTTP status."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, details: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(KilnError):
+    """The request cannot be run as sent."""
+
+    status_code = 400
+
+
+class UnknownJobType(InvalidRequest):
+    """The job type is not one this platform runs."""
+
+    def __init__(self, job_type: str, available: list[str]):
+        super().__init__(
+            f"type: unknown job type {job_type!r}; available types: {', '.join(sorted(available))}",
+            details={"available_types": sorted(available)},
+        )
+
+
+class Unauthorized(KilnError):
+    """No API key, or one that is unknown or revoked."""
+
+    status_code = 401
+
+
+class NotFound(KilnError):
+    """No such object in the caller's project."""
+
+    status_code = 404
+
+    @classmethod
+    def job(cls, job_id: str) -> "NotFound":
+        return cls(f"job {job_id} not found")
+
+
+class Conflict(KilnError):
+    """The object is in a state that forbids the change."""
+
+    status_code = 409
+
+
+class InputInvalid(KilnError):
+    """A field of the request is wrong."""
+
+    status_code = 422
+
+
+class ServerError(KilnError):
+    """The platform failed; the message says where."""
+
+    status_code = 500
+
+
+class JobFailed(KilnError):
+    """A job the caller waited on ended failed or cancelled."""
+
+    def __init__(self, job: Any):
+        super().__init__(f"job {job.id} ended {job.status.value}: {job.status_reason or 'no reason given'}")
+        self.job = job
+
+
+ERRORS_BY_STATUS = {cls.status_code: cls for cls in (InvalidRequest, Unauthorized, NotFound, Conflict, InputInvalid)}

@@ -1,0 +1,184 @@
+"""The event relay: keeps the job index's status mirror and event log in step with Prefect's events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import StateType
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventFilter, EventNameFilter
+from prefect.events.schemas.events import ReceivedEvent
+
+from kiln.dispatch.dispatcher import Dispatcher
+from kiln.dispatch.runs import crash_run, job_of_tags, reason_of_state, run_output, status_of_state
+from kiln.runtime import PROGRESS_EVENT
+from kiln.schemas.statuses import JobStatus
+from kiln.settings import KilnSettings
+from kiln.store.models import utcnow
+from kiln.store.store import Store
+from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT
+
+log = logging.getLogger("kiln.relay")
+
+FLOW_RUN_PREFIX = "prefect.flow-run."
+
+
+class Relay:
+    def __init__(self, store: Store, client: PrefectClient, dispatcher: Dispatcher, settings: KilnSettings):
+        self.store = store
+        self.client = client
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        """Follows Prefect's event stream for ever, resubscribing and catching up after every outage."""
+        event_filter = EventFilter(event=EventNameFilter(prefix=[FLOW_RUN_PREFIX, "kiln."]))
+        while True:
+            try:
+                async with get_events_subscriber(filter=event_filter, reconnection_attempts=2) as subscriber:
+                    self.connected.set()
+                    await self.reconcile()
+                    async for event in subscriber:
+                        try:
+                            await self.handle(event)
+                        except Exception:  # noqa: BLE001 - one bad event must not stop the relay
+                            log.exception("could not relay event %s %s", event.event, event.resource.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Prefect restarted; resubscribe (Prefect issue 22450)
+                self.connected.clear()
+                log.warning("Prefect event stream lost (%s); resubscribing", exc)
+                await asyncio.sleep(1)
+
+    async def watch(self) -> None:
+        """Periodic safety net: lost workers, and runs whose events were missed."""
+        while True:
+            await asyncio.sleep(min(self.settings.worker_lost_seconds / 4, self.settings.reconcile_interval_seconds))
+            try:
+                await self.crash_runs_of_lost_workers()
+                await self.reconcile(only_stale=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Prefect may be down; next round
+                log.warning("relay watch round failed: %s", exc)
+
+    async def handle(self, event: ReceivedEvent) -> None:
+        name = event.event
+        if name.startswith(FLOW_RUN_PREFIX):
+            state_type = event.resource.get("prefect.state-type")
+            if state_type:
+                tags = [r.id.removeprefix("prefect.tag.") for r in event.related if r.role == "tag"]
+                await self.apply_state(
+                    flow_run_id=event.resource.id.removeprefix(FLOW_RUN_PREFIX),
+                    state_type=state_type,
+                    message=event.resource.get("prefect.state-message") or None,
+                    tags=tags,
+                    at=event.occurred,
+                )
+        elif name == PROGRESS_EVENT:
+            job_id = event.resource.id.removeprefix("kiln.job.")
+            await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
+        elif name == HEARTBEAT_EVENT:
+            payload = event.payload
+            await self.store.worker_heartbeat(
+                event.resource.id.removeprefix("kiln.worker."), payload["slots"], payload["offers"], payload["running"]
+            )
+            self.dispatcher.wake()
+        elif name == STOPPED_EVENT:
+            await self.store.worker_stopped(event.resource.id.removeprefix("kiln.worker."))
+
+    async def apply_state(self, *, flow_run_id: str, state_type: str, message: str | None, tags, at) -> None:
+        """Mirrors one Prefect state of a flow run onto its job."""
+        status = status_of_state(state_type)
+        if status is None:
+            return
+        job = await self.store.job_by_flow_run(flow_run_id)
+        if job is None:
+            job = await self._adopt_child(flow_run_id, tags)
+            if job is None:
+                return
+        if status is JobStatus.COMPLETED:
+            output = await run_output(self.client, flow_run_id)
+            await self.store.transition(job.id, status, output=output, at=at, flow_run_id=flow_run_id)
+        elif status is JobStatus.FAILED:
+            reason = reason_of_state(state_type, message)
+            if job.parent_id is None and await self.store.requeue_for_retry(job.id, flow_run_id, reason):
+                self.dispatcher.wake()
+            else:
+                await self.store.transition(job.id, status, reason=reason, at=at, flow_run_id=flow_run_id)
+        else:
+            await self.store.transition(
+                job.id, status, reason=reason_of_state(state_type, message), at=at, flow_run_id=flow_run_id
+            )
+        if status.is_final and job.parent_id is None:
+            self.dispatcher.wake()
+
+    async def _adopt_child(self, flow_run_id: str, tags):
+        """A subflow run of a kiln job is a child job: enter it in the index under its parent."""
+        parent_id = next((t[7:] for t in tags if t.startswith("parent:")), None)
+        if parent_id is None:
+            return None
+        job_id = job_of_tags([t for t in tags if t != f"job:{parent_id}"])
+        if job_id is None:
+            return None
+        try:
+            return await self.store.get_job(job_id)
+        except Exception:  # noqa: BLE001 - not there yet; create it below
+            pass
+        parent = await self.store.get_job(parent_id)
+        flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+        job_type = next((t[5:] for t in tags if t.startswith("type:")), flow_run.name)
+        try:
+            return await self.store.add_job(
+                job_id=job_id,
+                project_id=parent.project_id,
+                type=job_type,
+                input=flow_run.parameters,
+                resources={},
+                parent_id=parent_id,
+                status=JobStatus.QUEUED,
+                flow_run_id=flow_run_id,
+            )
+        except Exception:  # noqa: BLE001 - two events raced to adopt it
+            return await self.store.get_job(job_id)
+
+    async def reconcile(self, only_stale: bool = False) -> None:
+        """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed."""
+        stale_before = utcnow() - timedelta(seconds=self.settings.reconcile_interval_seconds)
+        for job in await self.store.unfinished_jobs():
+            if only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before:
+                continue
+            flow_run = await self.client.read_flow_run(UUID(job.flow_run_id))
+            if flow_run.state is None:
+                continue
+            await self.apply_state(
+                flow_run_id=job.flow_run_id,
+                state_type=flow_run.state.type.value,
+                message=flow_run.state.message,
+                tags=flow_run.tags,
+                at=flow_run.state.timestamp,
+            )
+
+    async def crash_runs_of_lost_workers(self) -> None:
+        """A worker silent past `worker_lost_seconds` is gone: its runs crash with a reason, and retry per policy."""
+        now = utcnow()
+        for worker in await self.store.workers():
+            if worker.lost or now - worker.last_seen < timedelta(seconds=self.settings.worker_lost_seconds):
+                continue
+            await self.store.mark_worker_lost(worker.name)
+            reason = (
+                f"the kiln worker {worker.name!r} running this job stopped responding "
+                f"(last heartbeat {worker.last_seen:%H:%M:%S} UTC); it was killed or its machine went down"
+            )
+            for flow_run_id in worker.running:
+                if await crash_run(self.client, flow_run_id, reason):
+                    log.warning("crashed flow run %s of lost worker %s", flow_run_id, worker.name)
+                    await self.apply_state(
+                        flow_run_id=flow_run_id, state_type=StateType.CRASHED.value, message=reason, tags=[], at=now
+                    )
+            self.dispatcher.wake()

@@ -1,0 +1,38 @@
+"""The Prefect settings every kiln process shares; set before Prefect is first imported."""
+
+from __future__ import annotations
+
+import os
+
+from kiln.settings import KilnSettings
+
+
+def prefect_env(settings: KilnSettings) -> dict[str, str]:
+    home = settings.home_dir
+    return {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": settings.prefect_api,
+        "PREFECT_UI_URL": settings.prefect_api.removesuffix("/api"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": settings.prefect_db_url,
+        # job outputs: kiln's relay reads them back from here
+        "PREFECT_LOCAL_STORAGE_PATH": str(settings.results_dir),
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        # the kiln worker wakes on events; this poll is only the fallback
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+        "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        "KILN_HOME": str(home),
+    }
+
+
+def configure_prefect(settings: KilnSettings) -> None:
+    """Points this process's Prefect client at kiln's server; must run before `import prefect`."""
+    import sys
+
+    if "prefect" in sys.modules:
+        raise RuntimeError("configure_prefect() must run before prefect is imported")
+    os.environ.update(prefect_env(settings))
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,71 @@
+"""Helpers for code running inside a job's flow: the job it belongs to, progress, child jobs."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from prefect import tags
+from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+from prefect.context import FlowRunContext
+from prefect.events import emit_event
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVENT = "kiln.job.progress"
+
+# flow run id → its progress artifact, so each job shows one bar in the Prefect UI
+_progress_artifacts: dict[str, uuid.UUID] = {}
+
+
+def _tag_value(prefix: str, tag_list) -> str | None:
+    for tag in tag_list or ():
+        if tag.startswith(prefix):
+            return tag[len(prefix):]
+    return None
+
+
+def current_job() -> tuple[str | None, str | None, str | None]:
+    """(job id, project id, flow run id) of the job whose flow is running here."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None, None, None
+    run = context.flow_run
+    return _tag_value("job:", run.tags), _tag_value("project:", run.tags), str(run.id)
+
+
+async def report_progress(percent: float, message: str | None = None) -> None:
+    """Reports how far the job is: a Prefect progress artifact and a kiln progress event.
+
+    Progress is advisory: a failure to report it is logged and never fails the job.
+    """
+    job_id, _, flow_run_id = current_job()
+    if job_id is None:
+        return
+    percent = max(0.0, min(100.0, float(percent)))
+    emit_event(
+        PROGRESS_EVENT,
+        resource={"prefect.resource.id": f"kiln.job.{job_id}"},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
+        payload={"percent": percent, "message": message},
+    )
+    try:
+        artifact_id = _progress_artifacts.get(flow_run_id)
+        if artifact_id is None:
+            _progress_artifacts[flow_run_id] = await acreate_progress_artifact(progress=percent, description=message)
+        else:
+            await aupdate_progress_artifact(artifact_id, progress=percent, description=message)
+    except Exception as exc:  # noqa: BLE001 - progress must never fail the job
+        log.warning("could not update the progress artifact of job %s: %s", job_id, exc)
+    if percent >= 100:
+        _progress_artifacts.pop(flow_run_id, None)
+
+
+async def run_child_job(flow, **parameters: Any) -> Any:
+    """Runs `flow` as a child job of the current one: a subflow in Prefect, a child under the parent in kiln."""
+    parent_id, project_id, _ = current_job()
+    child_id = str(uuid.uuid4())
+    child_tags = ["kiln", f"job:{child_id}", f"parent:{parent_id}", f"project:{project_id}", f"type:{flow.name}"]
+    with tags(*child_tags):
+        return await flow.with_options(flow_run_name=f"{flow.name}-{child_id[:8]}-child")(**parameters)

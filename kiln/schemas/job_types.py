@@ -1,0 +1,45 @@
+"""The job types kiln knows: for each, its input model, its flow and what it needs installed."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from kiln.schemas.sleep import SleepInput
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    description: str
+    input_model: type[BaseModel]
+    # libraries the flow needs beyond kiln's own
+    requires: tuple[str, ...] = field(default=())
+
+    @property
+    def module(self) -> str:
+        """The flow's module; its @flow carries the type's name, and its deployment is in prefect.yaml."""
+        return f"kiln.flows.{self.name}"
+
+    @property
+    def available(self) -> bool:
+        """Whether the flow and the libraries it needs are installed here."""
+        return all(importlib.util.find_spec(name) is not None for name in (self.module, *self.requires))
+
+
+JOB_TYPES: dict[str, JobType] = {
+    jt.name: jt
+    for jt in [
+        JobType(
+            name="sleep",
+            description="Sleeps, reporting progress: the platform's own diagnostic for overhead and failure paths.",
+            input_model=SleepInput,
+        ),
+    ]
+}
+
+
+def available_job_types() -> list[str]:
+    return sorted(name for name, jt in JOB_TYPES.items() if jt.available)

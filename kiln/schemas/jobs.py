@@ -1,0 +1,95 @@
+"""The jobs contract shared by the API and the SDK."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
+
+from kiln.schemas.resources import Resources
+from kiln.schemas.statuses import JobStatus
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 with microseconds, always in UTC."""
+    return value.isoformat(timespec="microseconds") if value else None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="The job type, e.g. 'sleep' or 'ml_predict'.")
+    project_id: str | None = Field(None, description="The project; the API key's project when omitted.")
+    priority: int = Field(0, description="Higher runs first; FIFO among jobs of the same priority.")
+    input: dict[str, Any] = Field(default_factory=dict, description="The job type's input.")
+    resources: Resources | None = Field(None, description="What the job needs, and its timeouts and retries.")
+    compute_target: str | None = Field(None, description="Where to run: 'local' or a registered cluster name.")
+    parent_id: str | None = Field(None, description="The job this one is a child of.")
+    model: str | None = Field(
+        None, description="Shorthand for input.model, as in the SDK call jobs.create(type=…, model=…)."
+    )
+
+
+class JobPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(description="The new priority; only a pending job can change it.")
+
+
+class Job(BaseModel):
+    id: str = Field(description="The job's id.")
+    type: str = Field(description="The job type.")
+    project_id: str = Field(description="The project the job belongs to.")
+    status: JobStatus = Field(description="Where the job is in its life.")
+    priority: int = Field(description="Higher runs first.")
+    input: dict[str, Any] = Field(description="The input as accepted.")
+    resources: Resources = Field(description="What the job needs, and its limits.")
+    compute_target: str | None = Field(None, description="Where the job runs.")
+    parent_id: str | None = Field(None, description="The parent job, for a child job.")
+    output: Any = Field(None, description="The result, once the job completed.")
+    status_reason: str | None = Field(
+        None, description="Why the job is not progressing or did not succeed, in words a user can act on."
+    )
+    attempt: int = Field(1, description="Which run of the job this is (retries count up).")
+    created_at: datetime = Field(description="When the job was submitted.")
+    queued_at: datetime | None = Field(None, description="When it was released to Prefect.")
+    started_at: datetime | None = Field(None, description="When it started running.")
+    completed_at: datetime | None = Field(None, description="When it reached its final status.")
+    flow_run_id: str | None = Field(None, description="The Prefect flow run executing the job.")
+    flow_run_url: str | None = Field(None, description="The flow run in the Prefect UI.")
+
+    @field_serializer("created_at", "queued_at", "started_at", "completed_at")
+    def _iso(self, value: datetime | None) -> str | None:
+        return iso(value)
+
+
+class JobPage(BaseModel):
+    jobs: list[Job] = Field(description="The jobs, newest first.")
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
+
+
+EventKind = Literal["status", "progress", "completed", "failed", "cancelled"]
+
+
+class JobEvent(BaseModel):
+    id: int = Field(description="Increasing event id; send it back as Last-Event-ID to resume.")
+    job_id: str = Field(description="The job the event belongs to.")
+    event: EventKind = Field(description="What happened.")
+    data: dict[str, Any] = Field(description="The event's payload, e.g. {'status': 'running'}.")
+    created_at: datetime = Field(description="When kiln recorded it.")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.event in ("completed", "failed", "cancelled")
+
+    @field_serializer("created_at")
+    def _iso(self, value: datetime) -> str | None:
+        return iso(value)
+
+
+class JobTypeInfo(BaseModel):
+    type: str = Field(description="The job type's name.")
+    description: str = Field(description="What the job type does.")
+    available: bool = Field(description="Whether this installation can run it.")
+    input_schema: dict[str, Any] = Field(description="JSON schema of the job type's input.")

@@ -1,0 +1,25 @@
+"""The job statuses, in one enum, with the groups the rest of kiln asks about."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobStatus(str, Enum):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CACHE_HIT = "cache_hit"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.CACHE_HIT})
+# released to Prefect and holding (or about to hold) a worker slot
+IN_FLIGHT_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+CANCELLABLE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING})

@@ -1,0 +1,90 @@
+"""kiln's settings: one pydantic-settings class read from KILN_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KilnSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    home: Path = Field(
+        Path("~/.kiln"),
+        description="Directory that holds all of kiln's state: databases, results, logs.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL of the job index; a SQLite file under KILN_HOME when unset.",
+    )
+    prefect_database_url: str | None = Field(
+        None,
+        description="Database of the embedded Prefect server (sqlite+aiosqlite:// or postgresql+asyncpg://); "
+        "a SQLite file under KILN_HOME when unset.",
+    )
+    api_host: str = Field("127.0.0.1", description="Address the kiln API listens on.")
+    api_port: int = Field(8000, description="Port the kiln API listens on.")
+    prefect_port: int = Field(4200, description="Port of the embedded Prefect server.")
+    prefect_api_url: str | None = Field(
+        None,
+        description="URL of an external Prefect API (http://host:port/api); the embedded server is used when unset.",
+    )
+    worker_slots: int = Field(2, ge=1, description="Jobs one kiln worker runs at the same time.")
+    dask_scheduler_address: str | None = Field(
+        None,
+        description="tcp:// address of an existing Dask scheduler; a LocalCluster is started when unset.",
+    )
+    dask_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Processes of the worker's LocalCluster; defaults to the number of worker slots.",
+    )
+    api_key: str | None = Field(
+        None, description="API key the CLI sends; read from KILN_HOME/api-key (written by `kiln up`) when unset."
+    )
+    worker_heartbeat_seconds: float = Field(
+        2.0, gt=0, description="How often a kiln worker tells the platform it is alive and what it runs."
+    )
+    worker_lost_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="After this long without a heartbeat a worker is taken as gone and its jobs as crashed.",
+    )
+    dispatch_interval_seconds: float = Field(
+        0.5, gt=0, description="Longest the dispatcher sleeps between passes when nothing wakes it."
+    )
+    reconcile_interval_seconds: float = Field(
+        10.0, gt=0, description="How often the relay re-reads unfinished jobs' flow runs from Prefect."
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def job_index_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.home_dir / 'kiln.db'}"
+
+    @property
+    def prefect_db_url(self) -> str:
+        return self.prefect_database_url or f"sqlite+aiosqlite:///{self.home_dir / 'prefect' / 'prefect.db'}"
+
+    @property
+    def prefect_api(self) -> str:
+        return self.prefect_api_url or f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home_dir / "results"
+
+
+@lru_cache
+def get_settings() -> KilnSettings:
+    return KilnSettings()

@@ -1,0 +1,111 @@
+"""The job index's tables: what Prefect has no place for, and a mirror of job state for fast listing."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """A timestamp stored in UTC and always read back timezone-aware (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the job index")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    # sha256 of the key; the key itself is shown once and never stored
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # the dispatcher's query: pending jobs by priority desc, then submission order
+        Index("ix_jobs_status_priority_seq", "status", "priority", "seq"),
+        Index("ix_jobs_project_seq", "project_id", "seq"),
+    )
+
+    # submission order: FIFO within one priority, and the cursor for listing
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    type: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    resources: Mapped[dict[str, Any]] = mapped_column(JSON)
+    compute_target: Mapped[str | None] = mapped_column(String(200), default=None)
+    parent_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    output: Mapped[Any] = mapped_column(JSON, nullable=True, default=None)
+    status_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    worker_name: Mapped[str | None] = mapped_column(String(200), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    input_hash: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    queued_at: Mapped[datetime | None] = mapped_column(default=None)
+    picked_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+
+    # global and increasing: the SSE event id, and Last-Event-ID's meaning
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WorkerRow(Base):
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    # what the worker's machine offers: cpu_count, gpu_count, ram_gb, …
+    offers: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # flow run ids the worker said it runs at its last heartbeat
+    running: Mapped[list[Any]] = mapped_column(JSON)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    lost: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -1,0 +1,437 @@
+"""The job index's operations: projects and keys, jobs and their transitions, the event log, workers."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Iterable
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from kiln.errors import Conflict, InvalidRequest, NotFound
+from kiln.events.bus import EventBus
+from kiln.schemas.statuses import CANCELLABLE_STATUSES, FINAL_STATUSES, IN_FLIGHT_STATUSES, JobStatus
+from kiln.store.db import make_engine, make_sessionmaker, upgrade_async
+from kiln.store.models import ApiKey, JobEventRow, JobRow, Project, WorkerRow, utcnow
+
+KEY_PREFIX = "kiln_"
+
+# a job only moves forward through these; a late event for an earlier stage is ignored
+_RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2}
+_TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the live workers offer, as the dispatcher last saw it."""
+
+    slots: int
+    busy: int
+    workers: list[WorkerRow]
+
+    @property
+    def free(self) -> int:
+        return max(self.slots - self.busy, 0)
+
+
+class Store:
+    def __init__(self, url: str, bus: EventBus | None = None):
+        self.url = url
+        self.engine = make_engine(url)
+        self.session = make_sessionmaker(self.engine)
+        self.bus = bus or EventBus()
+
+    async def migrate(self) -> None:
+        await upgrade_async(self.url)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # projects and keys
+
+    async def create_key(self, project_name: str) -> str:
+        """A new API key for the project, creating the project if it is new; the key is shown only now."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        async with self.session.begin() as s:
+            project = await s.scalar(select(Project).where(Project.name == project_name))
+            if project is None:
+                project = Project(id=str(uuid.uuid4()), name=project_name)
+                s.add(project)
+                await s.flush()
+            s.add(ApiKey(id=str(uuid.uuid4()), project_id=project.id, key_hash=hash_key(key), prefix=key[:12]))
+        return key
+
+    async def revoke_key(self, key_or_prefix: str) -> int:
+        """Revokes the key (or every key starting with the prefix); returns how many were revoked."""
+        async with self.session.begin() as s:
+            if key_or_prefix.startswith(KEY_PREFIX) and len(key_or_prefix) > 20:
+                condition = ApiKey.key_hash == hash_key(key_or_prefix)
+            else:
+                condition = ApiKey.prefix.startswith(key_or_prefix[:12])
+            result = await s.execute(
+                update(ApiKey).where(condition, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+            )
+            return result.rowcount
+
+    async def project_for_key(self, key: str) -> str | None:
+        async with self.session() as s:
+            return await s.scalar(
+                select(ApiKey.project_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+            )
+
+    async def project_id_by_name(self, name: str) -> str | None:
+        async with self.session() as s:
+            return await s.scalar(select(Project.id).where(Project.name == name))
+
+    # jobs
+
+    async def add_job(
+        self,
+        *,
+        project_id: str,
+        type: str,
+        input: dict[str, Any],
+        resources: dict[str, Any],
+        priority: int = 0,
+        compute_target: str | None = None,
+        parent_id: str | None = None,
+        status: JobStatus = JobStatus.PENDING,
+        job_id: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> JobRow:
+        now = utcnow()
+        row = JobRow(
+            id=job_id or str(uuid.uuid4()),
+            project_id=project_id,
+            type=type,
+            status=status.value,
+            priority=priority,
+            input=input,
+            resources=resources,
+            compute_target=compute_target,
+            parent_id=parent_id,
+            flow_run_id=flow_run_id,
+            created_at=now,
+            queued_at=now if status is not JobStatus.PENDING else None,
+        )
+        async with self.session.begin() as s:
+            if parent_id is not None:
+                parent = await s.scalar(select(JobRow).where(JobRow.id == parent_id, JobRow.project_id == project_id))
+                if parent is None:
+                    raise InvalidRequest(f"parent_id: no job {parent_id} in this project")
+            s.add(row)
+            try:
+                await s.flush()
+            except IntegrityError as exc:
+                if job_id is None:
+                    raise
+                raise Conflict(f"job {job_id} exists already") from exc
+            s.add(JobEventRow(job_id=row.id, event="status", data={"status": status.value}, created_at=now))
+        self.bus.notify([row.id])
+        return row
+
+    async def get_job(self, job_id: str, project_id: str | None = None) -> JobRow:
+        async with self.session() as s:
+            query = select(JobRow).where(JobRow.id == job_id)
+            if project_id is not None:
+                query = query.where(JobRow.project_id == project_id)
+            row = await s.scalar(query)
+        if row is None:
+            raise NotFound.job(job_id)
+        return row
+
+    async def job_by_flow_run(self, flow_run_id: str) -> JobRow | None:
+        async with self.session() as s:
+            return await s.scalar(select(JobRow).where(JobRow.flow_run_id == flow_run_id))
+
+    async def list_jobs(
+        self,
+        project_id: str,
+        *,
+        type: str | None = None,
+        status: JobStatus | None = None,
+        parent_id: str | None = None,
+        limit: int = 50,
+        cursor: int | None = None,
+    ) -> tuple[list[JobRow], int | None]:
+        """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
+        query = select(JobRow).where(JobRow.project_id == project_id)
+        if type is not None:
+            query = query.where(JobRow.type == type)
+        if status is not None:
+            query = query.where(JobRow.status == status.value)
+        if parent_id is not None:
+            query = query.where(JobRow.parent_id == parent_id)
+        if cursor is not None:
+            query = query.where(JobRow.seq < cursor)
+        async with self.session() as s:
+            rows = list(await s.scalars(query.order_by(JobRow.seq.desc()).limit(limit + 1)))
+        next_cursor = rows[limit - 1].seq if len(rows) > limit else None
+        return rows[:limit], next_cursor
+
+    async def unfinished_children(self, job_id: str) -> list[JobRow]:
+        """Every unfinished descendant of the job, children before grandchildren."""
+        found: list[JobRow] = []
+        frontier = [job_id]
+        async with self.session() as s:
+            while frontier:
+                rows = list(await s.scalars(select(JobRow).where(JobRow.parent_id.in_(frontier))))
+                found.extend(r for r in rows if JobStatus(r.status) not in FINAL_STATUSES)
+                frontier = [r.id for r in rows]
+        return found
+
+    async def set_priority(self, job_id: str, project_id: str, priority: int) -> JobRow:
+        async with self.session.begin() as s:
+            row = await s.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.project_id == project_id))
+            if row is None:
+                raise NotFound.job(job_id)
+            if row.status != JobStatus.PENDING.value:
+                raise Conflict(f"priority: job {job_id} is {row.status}; only a pending job can change priority")
+            row.priority = priority
+        return row
+
+    async def cancel_pending(self, job_id: str, reason: str) -> bool:
+        """Cancels the job if it is still pending (it then never runs); False when it was not pending."""
+        now = utcnow()
+        async with self.session.begin() as s:
+            result = await s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == JobStatus.PENDING.value)
+                .values(
+                    status=JobStatus.CANCELLED.value,
+                    status_reason=reason,
+                    completed_at=now,
+                    cancel_requested=True,
+                )
+            )
+            if result.rowcount != 1:
+                return False
+            s.add(JobEventRow(job_id=job_id, event="cancelled", data={"reason": reason}, created_at=now))
+        self.bus.notify([job_id])
+        return True
+
+    async def mark_cancel_requested(self, job_ids: Iterable[str]) -> None:
+        async with self.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id.in_(list(job_ids))).values(cancel_requested=True))
+
+    async def transition(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        reason: str | None = None,
+        output: Any = None,
+        at: datetime | None = None,
+        flow_run_id: str | None = None,
+        worker_name: str | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Moves the job forward to `status` and logs the event; a stale or repeated move is ignored.
+
+        When `flow_run_id` is given the move only applies while the job is still on that flow run,
+        so late events of an earlier attempt change nothing. `force` ends a job kiln itself failed
+        (a timeout) even though a cancel was requested on its way.
+        """
+        at = at or utcnow()
+        async with self.session.begin() as s:
+            query = select(JobRow).where(JobRow.id == job_id)
+            row = await s.scalar(query.with_for_update())
+            if row is None:
+                return False
+            current = JobStatus(row.status)
+            if current in FINAL_STATUSES:
+                return False
+            if flow_run_id is not None and row.flow_run_id not in (None, flow_run_id):
+                return False
+            if status in _RANK and _RANK[status] <= _RANK[current]:
+                if worker_name and status is JobStatus.QUEUED and row.worker_name is None:
+                    row.worker_name, row.picked_at = worker_name, at
+                return False
+            if row.cancel_requested and not force and status in (JobStatus.COMPLETED, JobStatus.FAILED):
+                # a cancelled run may crash on its way down; the cancel is what the user asked for
+                return False
+            row.status = status.value
+            if flow_run_id is not None:
+                row.flow_run_id = flow_run_id
+            if worker_name:
+                row.worker_name = worker_name
+            if status is JobStatus.QUEUED:
+                row.queued_at = row.queued_at or at
+            elif status is JobStatus.RUNNING:
+                row.started_at = at
+                row.picked_at = row.picked_at or at
+                row.status_reason = None
+            else:
+                row.completed_at = at
+                row.status_reason = reason
+                if status is JobStatus.COMPLETED:
+                    row.output = output
+            if status in _TERMINAL_EVENT:
+                data = {"output": output} if status is JobStatus.COMPLETED else {"reason": reason}
+                s.add(JobEventRow(job_id=job_id, event=_TERMINAL_EVENT[status], data=data, created_at=at))
+            else:
+                s.add(JobEventRow(job_id=job_id, event="status", data={"status": status.value}, created_at=at))
+        self.bus.notify([job_id])
+        return True
+
+    async def requeue_for_retry(self, job_id: str, flow_run_id: str, reason: str) -> bool:
+        """Puts a failed attempt back to pending for another run, if its retry policy allows one."""
+        async with self.session.begin() as s:
+            row = await s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if row is None or row.flow_run_id != flow_run_id or row.cancel_requested:
+                return False
+            if JobStatus(row.status) in FINAL_STATUSES:
+                return False
+            allowed = int((row.resources or {}).get("max_retry_count") or 0)
+            if row.attempt > allowed:
+                return False
+            row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
+            row.attempt += 1
+            row.status = JobStatus.PENDING.value
+            row.flow_run_id = None
+            row.worker_name = None
+            row.queued_at = row.picked_at = row.started_at = None
+            s.add(JobEventRow(job_id=job_id, event="status", data={"status": "pending", "reason": row.status_reason}))
+        self.bus.notify([job_id])
+        return True
+
+    async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
+        async with self.session.begin() as s:
+            s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
+        self.bus.notify([job_id])
+
+    async def events_after(self, job_id: str, after: int = 0) -> list[JobEventRow]:
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobEventRow)
+                    .where(JobEventRow.job_id == job_id, JobEventRow.id > after)
+                    .order_by(JobEventRow.id)
+                )
+            )
+
+    async def unfinished_jobs(self) -> list[JobRow]:
+        """Jobs released to Prefect and not final: what the relay keeps in step with Prefect."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(
+                        JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.flow_run_id.is_not(None)
+                    )
+                )
+            )
+
+    # the dispatcher's view
+
+    async def pending_in_order(self, limit: int) -> list[JobRow]:
+        """Pending top-level jobs in the order they must run: priority descending, then submission."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow)
+                    .where(JobRow.status == JobStatus.PENDING.value, JobRow.parent_id.is_(None))
+                    .order_by(JobRow.priority.desc(), JobRow.seq)
+                    .limit(limit)
+                )
+            )
+
+    async def claim_for_release(self, job_id: str) -> bool:
+        """Marks a pending job queued; only one dispatcher ever wins the claim."""
+        async with self.session.begin() as s:
+            result = await s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.status == JobStatus.PENDING.value)
+                .values(status=JobStatus.QUEUED.value, queued_at=utcnow())
+            )
+            return result.rowcount == 1
+
+    async def claimed_without_run(self) -> list[JobRow]:
+        """Queued jobs whose flow run was not recorded (the dispatcher stopped mid-release)."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(
+                        JobRow.status == JobStatus.QUEUED.value,
+                        JobRow.flow_run_id.is_(None),
+                        JobRow.parent_id.is_(None),
+                    )
+                )
+            )
+
+    async def record_release(self, job_id: str, flow_run_id: str) -> None:
+        async with self.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job_id).values(flow_run_id=flow_run_id))
+            s.add(JobEventRow(job_id=job_id, event="status", data={"status": "queued", "flow_run_id": flow_run_id}))
+        self.bus.notify([job_id])
+
+    async def in_flight_count(self) -> int:
+        async with self.session() as s:
+            return await s.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.parent_id.is_(None))
+            )
+
+    async def jobs_ahead(self, row: JobRow) -> int:
+        """Pending jobs that will be released before this one."""
+        async with self.session() as s:
+            return await s.scalar(
+                select(func.count())
+                .select_from(JobRow)
+                .where(
+                    JobRow.status == JobStatus.PENDING.value,
+                    JobRow.parent_id.is_(None),
+                    or_(
+                        JobRow.priority > row.priority,
+                        and_(JobRow.priority == row.priority, JobRow.seq < row.seq),
+                    ),
+                )
+            )
+
+    async def overdue(self, now: datetime) -> list[JobRow]:
+        """Unfinished jobs with a timeout on being picked up or started; the caller checks which ran out."""
+        async with self.session() as s:
+            rows = await s.scalars(
+                select(JobRow).where(JobRow.status.in_([s.value for s in CANCELLABLE_STATUSES - {JobStatus.RUNNING}]))
+            )
+            return [
+                r
+                for r in rows
+                if (r.resources or {}).get("max_timeout_assign_ms") or (r.resources or {}).get("max_timeout_start_ms")
+            ]
+
+    # workers
+
+    async def worker_heartbeat(self, name: str, slots: int, offers: dict, running: list[str]) -> None:
+        async with self.session.begin() as s:
+            row = await s.get(WorkerRow, name)
+            if row is None:
+                s.add(WorkerRow(name=name, slots=slots, offers=offers, running=running, last_seen=utcnow()))
+            else:
+                row.slots, row.offers, row.running, row.last_seen, row.lost = slots, offers, running, utcnow(), False
+
+    async def worker_stopped(self, name: str) -> None:
+        async with self.session.begin() as s:
+            row = await s.get(WorkerRow, name)
+            if row is not None:
+                await s.delete(row)
+
+    async def workers(self) -> list[WorkerRow]:
+        async with self.session() as s:
+            return list(await s.scalars(select(WorkerRow)))
+
+    async def mark_worker_lost(self, name: str) -> None:
+        async with self.session.begin() as s:
+            await s.execute(update(WorkerRow).where(WorkerRow.name == name).values(lost=True))
+
+    async def capacity(self, lost_after: timedelta) -> Capacity:
+        live = [w for w in await self.workers() if not w.lost and utcnow() - w.last_seen < lost_after]
+        return Capacity(slots=sum(w.slots for w in live), busy=await self.in_flight_count(), workers=live)

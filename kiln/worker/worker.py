@@ -1,0 +1,290 @@
+"""The kiln worker: a Prefect worker type that runs flow runs on a Dask cluster in warm processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from typing import Any, Optional
+from uuid import UUID
+
+import anyio
+import psutil
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.events import emit_event
+from prefect.events.clients import get_events_subscriber
+from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+from prefect.states import Cancelled, Crashed
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from pydantic import Field
+
+from kiln.deployments.project import DeploymentSpec
+from kiln.dispatch.runs import force_state
+from kiln.worker import executor
+
+log = logging.getLogger("kiln.worker")
+
+HEARTBEAT_EVENT = "kiln.worker.heartbeat"
+STOPPED_EVENT = "kiln.worker.stopped"
+
+
+class KilnWorkerVariables(BaseVariables):
+    """A job's resources, as job variables of the kiln work pool."""
+
+    cpu_count: int = Field(0, description="CPU cores the job needs.")
+    gpu_count: int = Field(0, description="GPUs the job needs.")
+    gpu_name: Optional[str] = Field(None, description="GPU model the job needs.")
+    min_ram_gb: float = Field(0, description="Memory in GB the job needs.")
+    min_vram_gb: float = Field(0, description="GPU memory in GB the job needs.")
+    min_storage_gb: float = Field(0, description="Disk in GB the job needs.")
+    max_timeout_run_ms: Optional[int] = Field(None, description="Longest the job may run.")
+    max_retry_count: int = Field(0, description="Runs again after a failure (kiln retries them).")
+    max_node_count: int = Field(1, description="Most nodes the job may span.")
+
+
+class KilnJobConfiguration(BaseJobConfiguration):
+    cpu_count: int = Field(0)
+    gpu_count: int = Field(0)
+    gpu_name: Optional[str] = Field(None)
+    min_ram_gb: float = Field(0)
+    min_vram_gb: float = Field(0)
+    min_storage_gb: float = Field(0)
+    max_timeout_run_ms: Optional[int] = Field(None)
+    max_retry_count: int = Field(0)
+    max_node_count: int = Field(1)
+
+
+class KilnWorkerResult(BaseWorkerResult):
+    """How a flow run ended on the Dask cluster."""
+
+
+def describe_dask_failure(exc: BaseException) -> str:
+    """A status_reason for a flow run whose Dask task did not return."""
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return "the Dask worker process running this job died (killed, or out of memory)"
+    if isinstance(exc, (OSError, asyncio.TimeoutError)) or name in ("CommClosedError", "FutureCancelledError"):
+        return f"lost contact with the Dask worker running this job ({name}: {exc})"
+    return f"the kiln executor failed: {name}: {exc}"
+
+
+class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorkerResult]):
+    type = "kiln"
+    job_configuration = KilnJobConfiguration
+    job_configuration_variables = KilnWorkerVariables
+    _description = "Runs kiln jobs on a Dask cluster whose worker processes stay warm between jobs."
+    _documentation_url = "https://github.com/kiln"
+
+    def __init__(
+        self,
+        work_pool_name: str,
+        *,
+        slots: int,
+        scheduler_address: str | None = None,
+        dask_workers: int | None = None,
+        heartbeat_seconds: float = 2.0,
+        **kwargs: Any,
+    ):
+        super().__init__(work_pool_name, limit=slots, create_pool_if_not_found=False, **kwargs)
+        self.slots = slots
+        self._scheduler_address = scheduler_address
+        self._dask_workers = dask_workers or slots
+        self._kiln_heartbeat_seconds = heartbeat_seconds
+        self._cluster = None
+        self._dask = None
+        self._running: dict[str, Any] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._deployments: dict[UUID, DeploymentSpec] = {}
+        self._background: list[asyncio.Task] = []
+        self._poll_now = asyncio.Event()
+
+    # lifecycle
+
+    async def setup(self) -> None:
+        await super().setup()
+        from distributed import Client, LocalCluster
+
+        if self._scheduler_address:
+            self._dask = await Client(self._scheduler_address, asynchronous=True)
+        else:
+            self._cluster = await LocalCluster(
+                n_workers=self._dask_workers,
+                threads_per_worker=1,
+                processes=True,
+                asynchronous=True,
+                dashboard_address=None,
+                host="127.0.0.1",
+            )
+            self._dask = await Client(self._cluster, asynchronous=True)
+        from kiln.deployments.project import load_project
+
+        modules = [spec.module for spec in load_project().deployments]
+        await self._dask.run(executor.warm_up, modules)
+        self._background = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._watch_events()),
+            asyncio.create_task(self._fast_poll_loop()),
+        ]
+
+    async def teardown(self, *exc_info: Any) -> None:
+        for task in self._background:
+            task.cancel()
+        try:
+            emit_event(STOPPED_EVENT, resource={"prefect.resource.id": f"kiln.worker.{self.name}"})
+        except Exception:  # noqa: BLE001 - the API may be gone at shutdown
+            pass
+        if self._dask is not None:
+            await self._dask.close()
+        if self._cluster is not None:
+            await self._cluster.close()
+        await super().teardown(*exc_info)
+
+    # what the platform sees of this worker
+
+    def offers(self) -> dict[str, Any]:
+        home = os.environ.get("KILN_HOME", os.path.expanduser("~"))
+        return {
+            "cpu_count": os.cpu_count() or 1,
+            "gpu_count": 0,
+            "gpu_names": [],
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "vram_gb": 0,
+            "storage_gb": round(shutil.disk_usage(home if os.path.exists(home) else "/").free / 2**30, 1),
+        }
+
+    async def _heartbeat_loop(self) -> None:
+        offers = self.offers()
+        while True:
+            try:
+                emit_event(
+                    HEARTBEAT_EVENT,
+                    resource={"prefect.resource.id": f"kiln.worker.{self.name}"},
+                    payload={"slots": self.slots, "offers": offers, "running": sorted(self._running)},
+                )
+                await self._check_cancelling()
+            except Exception as exc:  # noqa: BLE001 - keep beating through API outages
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self._kiln_heartbeat_seconds)
+
+    async def _watch_events(self) -> None:
+        """Wakes the poll the moment a run is scheduled, and stops runs the moment they are cancelled."""
+        while self._work_pool is None:
+            await asyncio.sleep(0.1)
+        event_filter = EventFilter(
+            event=EventNameFilter(name=["prefect.flow-run.Scheduled", "prefect.flow-run.Cancelling"]),
+            any_resource=EventAnyResourceFilter(id=[f"prefect.work-pool.{self._work_pool.id}"]),
+        )
+        while True:
+            try:
+                async with get_events_subscriber(filter=event_filter) as subscriber:
+                    self._poll_now.set()
+                    async for event in subscriber:
+                        if event.event.endswith(".Scheduled"):
+                            self._poll_now.set()
+                        else:
+                            flow_run_id = event.resource.id.removeprefix("prefect.flow-run.")
+                            await self._cancel_run(UUID(flow_run_id))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Prefect restarts; polling covers the gap
+                log.warning("event subscription lost (%s); resubscribing", exc)
+                await asyncio.sleep(1)
+
+    async def _fast_poll_loop(self) -> None:
+        while True:
+            await self._poll_now.wait()
+            self._poll_now.clear()
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception as exc:  # noqa: BLE001 - the regular poll loop retries
+                log.warning("poll failed: %s", exc)
+
+    async def _check_cancelling(self) -> None:
+        """Catches cancellations whose event was missed (the websocket was down)."""
+        if not self._running:
+            return
+        runs = await self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[UUID(i) for i in self._running]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CANCELLING])),
+            )
+        )
+        for run in runs:
+            await self._cancel_run(run.id)
+
+    # running
+
+    async def _deployment_spec(self, flow_run: FlowRun) -> DeploymentSpec:
+        if flow_run.deployment_id not in self._deployments:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            self._deployments[flow_run.deployment_id] = DeploymentSpec(
+                name=deployment.name,
+                entrypoint=deployment.entrypoint,
+                description=deployment.description or "",
+                tags=tuple(deployment.tags),
+                work_queue_name=deployment.work_queue_name or "",
+            )
+        return self._deployments[flow_run.deployment_id]
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: KilnJobConfiguration,
+        task_status: Optional[anyio.abc.TaskStatus[int]] = None,
+    ) -> KilnWorkerResult:
+        run_id = str(flow_run.id)
+        spec = await self._deployment_spec(flow_run)
+        timeout = configuration.max_timeout_run_ms / 1000 if configuration.max_timeout_run_ms else None
+        future = self._dask.submit(
+            executor.execute_flow_run, run_id, spec.module, spec.function, timeout, key=f"kiln-{run_id}", pure=False
+        )
+        self._running[run_id] = future
+        if task_status is not None:
+            task_status.started(f"dask:{future.key}")
+        status_code = 0
+        try:
+            outcome = await future
+            log.info("flow run %s ended %s", run_id, outcome["state"])
+        except Exception as exc:  # noqa: BLE001 - every way a Dask task can fail ends the run with a reason
+            status_code = 1
+            outcome = {"state": StateType.CRASHED.value, "message": describe_dask_failure(exc)}
+        finally:
+            self._running.pop(run_id, None)
+        await self._settle(flow_run.id, outcome)
+        return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
+
+    async def _settle(self, flow_run_id: UUID, outcome: dict) -> None:
+        """Makes sure the run ends in Prefect with the right final state, retrying through API outages."""
+        reason = self._cancel_reasons.pop(str(flow_run_id), None)
+        for attempt in range(60):
+            try:
+                current = await self.client.read_flow_run(flow_run_id)
+                if reason is not None:
+                    if current.state is None or current.state.type is not StateType.CANCELLED:
+                        await force_state(self.client, flow_run_id, Cancelled(message=reason))
+                elif current.state is None or not current.state.is_final():
+                    message = outcome.get("message") or "the job's process ended without reporting a final state"
+                    await force_state(self.client, flow_run_id, Crashed(message=message))
+                return
+            except Exception as exc:  # noqa: BLE001 - the Prefect API may be restarting
+                log.warning("could not settle flow run %s (attempt %d): %s", flow_run_id, attempt + 1, exc)
+                await asyncio.sleep(min(5, 0.5 * (attempt + 1)))
+
+    async def _cancel_run(self, flow_run_id: UUID) -> None:
+        run_id = str(flow_run_id)
+        if run_id not in self._running:
+            await super()._cancel_run(flow_run_id)
+            return
+        if run_id in self._cancel_reasons:
+            return
+        flow_run = await self.client.read_flow_run(flow_run_id)
+        self._cancel_reasons[run_id] = (flow_run.state.message if flow_run.state else None) or "cancelled"
+        await self._dask.run(executor.cancel_flow_run, run_id)
+
+    async def kill_infrastructure(self, infrastructure_pid: str, configuration, grace_seconds: int = 30) -> None:
+        for run_id, future in list(self._running.items()):
+            if f"dask:{future.key}" == infrastructure_pid:
+                self._cancel_reasons.setdefault(run_id, "cancelled")
+                await self._dask.run(executor.cancel_flow_run, run_id)

@@ -1,0 +1,1 @@
+"""Executor tasks, grouped by domain."""
