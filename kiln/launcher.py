@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from kiln.prefect_env import prefect_env
+from kiln.prefect_env import kiln_env, prefect_env
 from kiln.settings import KilnSettings
 
 
@@ -21,18 +21,18 @@ class Stack:
     def __init__(self, settings: KilnSettings, log=print):
         self.settings = settings
         self.log = log
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.procs: dict[str, subprocess.Popen] = {}
         self.logs_dir = settings.home_dir / "logs"
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, **prefect_env(self.settings)}
+        return {**os.environ, **kiln_env(self.settings), **prefect_env(self.settings)}
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.logs_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.procs.append((name, proc))
+        self.procs[name] = proc
         return proc
 
     def _wait_http(self, name: str, url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -68,12 +68,14 @@ class Stack:
 
     def start_worker(self, name: str = "embedded") -> None:
         proc = self._spawn("worker", [sys.executable, "-m", "kiln.cli", "worker", "start", "--name", name])
+        # the API may still count a worker it has not yet seen go; wait for this one by name
+
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"the kiln worker exited with code {proc.returncode}; see {self.logs_dir / 'worker.log'}")
             health = httpx.get(f"{self.settings.api_url}/healthz", timeout=5).json()
-            if health["slots"] > 0:
+            if name in health["worker_names"]:
                 self.log(f"kiln worker:     {health['slots']} slot(s) on a local Dask cluster")
                 return
             time.sleep(0.3)
@@ -88,24 +90,25 @@ class Stack:
             self.stop()
             raise
 
-    def stop(self, grace: float = 20) -> None:
-        """Stops every process, newest first: SIGTERM, then SIGKILL after the grace period."""
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+    def stop(self, *names: str, grace: float = 20, sig: int = signal.SIGTERM) -> None:
+        """Stops the named parts (all by default), newest first: `sig`, then SIGKILL after the grace period."""
+        chosen = [n for n in reversed(list(self.procs)) if not names or n in names]
+        for name in chosen:
+            if self.procs[name].poll() is None:
+                self.procs[name].send_signal(sig)
         deadline = time.monotonic() + grace
-        for _, proc in reversed(self.procs):
+        for name in chosen:
+            proc = self.procs.pop(name)
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.procs.clear()
 
     def wait(self) -> int:
         """Blocks until a part exits by itself; returns its exit code."""
         while True:
-            for name, proc in self.procs:
+            for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     self.log(f"{name} exited with code {proc.returncode}; see {self.logs_dir / (name + '.log')}")
                     return proc.returncode or 1

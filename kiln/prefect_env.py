@@ -27,6 +27,11 @@ def prefect_env(settings: KilnSettings) -> dict[str, str]:
     }
 
 
+def kiln_env(settings: KilnSettings) -> dict[str, str]:
+    """The settings as KILN_* variables, so the processes a launcher starts share them."""
+    return {f"KILN_{k.upper()}": str(v) for k, v in settings.model_dump(exclude_none=True).items()}
+
+
 def configure_prefect(settings: KilnSettings) -> None:
     """Points this process's Prefect client at kiln's server; must run before `import prefect`."""
     import sys

@@ -91,6 +91,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             "status": "ok",
             "prefect_events": state.relay.connected.is_set(),
             "workers": len(workers.workers),
+            "worker_names": [w.name for w in workers.workers],
             "slots": workers.slots,
             "job_types": sorted(state.dispatcher.deployments),
         }

@@ -125,7 +125,7 @@ class Dispatcher:
             elif resources.max_timeout_start_ms and job.picked_at is not None and job.started_at is None:
                 if now - job.picked_at > timedelta(milliseconds=resources.max_timeout_start_ms):
                     reason = (
-                        f"picked up by worker {job.worker_name or '?'} but not started within "
+                        f"picked up by a worker but not started within "
                         f"{resources.max_timeout_start_ms / 1000:g} s (max_timeout_start_ms={resources.max_timeout_start_ms})"
                     )
             if reason is None:

@@ -85,9 +85,12 @@ class Relay:
             await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
         elif name == HEARTBEAT_EVENT:
             payload = event.payload
-            await self.store.worker_heartbeat(
-                event.resource.id.removeprefix("kiln.worker."), payload["slots"], payload["offers"], payload["running"]
+            worker = event.resource.id.removeprefix("kiln.worker.")
+            orphans = await self.store.worker_heartbeat(
+                worker, payload["instance"], payload["slots"], payload["offers"], payload["running"]
             )
+            if orphans:
+                await self.crash_runs(orphans, f"the kiln worker {worker!r} restarted while running this job")
             self.dispatcher.wake()
         elif name == STOPPED_EVENT:
             await self.store.worker_stopped(event.resource.id.removeprefix("kiln.worker."))
@@ -102,6 +105,8 @@ class Relay:
             job = await self._adopt_child(flow_run_id, tags)
             if job is None:
                 return
+        if state_type == StateType.PENDING.value:
+            await self.store.mark_picked(job.id, flow_run_id, at)
         if status is JobStatus.COMPLETED:
             output = await run_output(self.client, flow_run_id)
             await self.store.transition(job.id, status, output=output, at=at, flow_run_id=flow_run_id)
@@ -175,10 +180,20 @@ class Relay:
                 f"the kiln worker {worker.name!r} running this job stopped responding "
                 f"(last heartbeat {worker.last_seen:%H:%M:%S} UTC); it was killed or its machine went down"
             )
-            for flow_run_id in worker.running:
-                if await crash_run(self.client, flow_run_id, reason):
-                    log.warning("crashed flow run %s of lost worker %s", flow_run_id, worker.name)
-                    await self.apply_state(
-                        flow_run_id=flow_run_id, state_type=StateType.CRASHED.value, message=reason, tags=[], at=now
-                    )
+            await self.crash_runs(worker.running, reason)
             self.dispatcher.wake()
+        # a worker that dies between taking a run and starting it never lists it as running
+        held = {run for w in await self.store.workers() if not w.lost for run in w.running}
+        for job in await self.store.picked_not_started(now - timedelta(seconds=self.settings.worker_lost_seconds)):
+            if job.flow_run_id not in held:
+                await self.crash_runs(
+                    [job.flow_run_id], "a worker took this job but never started it (the worker stopped or restarted)"
+                )
+
+    async def crash_runs(self, flow_run_ids: list[str], reason: str) -> None:
+        for flow_run_id in flow_run_ids:
+            if await crash_run(self.client, flow_run_id, reason):
+                log.warning("crashed flow run %s: %s", flow_run_id, reason)
+                await self.apply_state(
+                    flow_run_id=flow_run_id, state_type=StateType.CRASHED.value, message=reason, tags=[], at=utcnow()
+                )

@@ -77,7 +77,6 @@ class JobRow(Base):
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
-    worker_name: Mapped[str | None] = mapped_column(String(200), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     input_hash: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -102,6 +101,8 @@ class WorkerRow(Base):
     __tablename__ = "workers"
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # changes at every start of the worker process: a new one under the same name is a restart
+    instance: Mapped[str] = mapped_column(String(36))
     slots: Mapped[int] = mapped_column(Integer)
     # what the worker's machine offers: cpu_count, gpu_count, ram_gb, …
     offers: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -231,7 +231,6 @@ class Store:
         output: Any = None,
         at: datetime | None = None,
         flow_run_id: str | None = None,
-        worker_name: str | None = None,
         force: bool = False,
     ) -> bool:
         """Moves the job forward to `status` and logs the event; a stale or repeated move is ignored.
@@ -252,8 +251,6 @@ class Store:
             if flow_run_id is not None and row.flow_run_id not in (None, flow_run_id):
                 return False
             if status in _RANK and _RANK[status] <= _RANK[current]:
-                if worker_name and status is JobStatus.QUEUED and row.worker_name is None:
-                    row.worker_name, row.picked_at = worker_name, at
                 return False
             if row.cancel_requested and not force and status in (JobStatus.COMPLETED, JobStatus.FAILED):
                 # a cancelled run may crash on its way down; the cancel is what the user asked for
@@ -261,8 +258,6 @@ class Store:
             row.status = status.value
             if flow_run_id is not None:
                 row.flow_run_id = flow_run_id
-            if worker_name:
-                row.worker_name = worker_name
             if status is JobStatus.QUEUED:
                 row.queued_at = row.queued_at or at
             elif status is JobStatus.RUNNING:
@@ -282,6 +277,27 @@ class Store:
         self.bus.notify([job_id])
         return True
 
+    async def mark_picked(self, job_id: str, flow_run_id: str, at: datetime) -> None:
+        """A worker took the job's flow run (Prefect state Pending)."""
+        async with self.session.begin() as s:
+            await s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id, JobRow.flow_run_id == flow_run_id, JobRow.picked_at.is_(None))
+                .values(picked_at=at)
+            )
+
+    async def picked_not_started(self, before: datetime) -> list[JobRow]:
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(
+                        JobRow.status == JobStatus.QUEUED.value,
+                        JobRow.picked_at < before,
+                        JobRow.parent_id.is_(None),
+                    )
+                )
+            )
+
     async def requeue_for_retry(self, job_id: str, flow_run_id: str, reason: str) -> bool:
         """Puts a failed attempt back to pending for another run, if its retry policy allows one."""
         async with self.session.begin() as s:
@@ -297,7 +313,6 @@ class Store:
             row.attempt += 1
             row.status = JobStatus.PENDING.value
             row.flow_run_id = None
-            row.worker_name = None
             row.queued_at = row.picked_at = row.started_at = None
             s.add(JobEventRow(job_id=job_id, event="status", data={"status": "pending", "reason": row.status_reason}))
         self.bus.notify([job_id])
@@ -410,13 +425,19 @@ class Store:
 
     # workers
 
-    async def worker_heartbeat(self, name: str, slots: int, offers: dict, running: list[str]) -> None:
+    async def worker_heartbeat(
+        self, name: str, instance: str, slots: int, offers: dict, running: list[str]
+    ) -> list[str]:
+        """Records a heartbeat; returns the runs an earlier instance of a restarted worker left behind."""
         async with self.session.begin() as s:
             row = await s.get(WorkerRow, name)
             if row is None:
-                s.add(WorkerRow(name=name, slots=slots, offers=offers, running=running, last_seen=utcnow()))
-            else:
-                row.slots, row.offers, row.running, row.last_seen, row.lost = slots, offers, running, utcnow(), False
+                s.add(WorkerRow(name=name, instance=instance, slots=slots, offers=offers, running=running))
+                return []
+            orphans = [] if row.instance == instance or row.lost else [r for r in row.running if r not in running]
+            row.instance, row.slots, row.offers, row.running = instance, slots, offers, running
+            row.last_seen, row.lost = utcnow(), False
+            return orphans
 
     async def worker_stopped(self, name: str) -> None:
         async with self.session.begin() as s:

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 from typing import Any, Optional
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 import psutil
@@ -99,6 +99,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._deployments: dict[UUID, DeploymentSpec] = {}
         self._background: list[asyncio.Task] = []
         self._poll_now = asyncio.Event()
+        self.instance = str(uuid4())
 
     # lifecycle
 
@@ -161,7 +162,12 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                 emit_event(
                     HEARTBEAT_EVENT,
                     resource={"prefect.resource.id": f"kiln.worker.{self.name}"},
-                    payload={"slots": self.slots, "offers": offers, "running": sorted(self._running)},
+                    payload={
+                        "instance": self.instance,
+                        "slots": self.slots,
+                        "offers": offers,
+                        "running": sorted(self._running),
+                    },
                 )
                 await self._check_cancelling()
             except Exception as exc:  # noqa: BLE001 - keep beating through API outages

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-22 08:15:32.186009
+Create Date: 2026-11-22
 """
 
 from alembic import op
@@ -37,6 +37,7 @@ def upgrade() -> None:
     )
     op.create_table('workers',
     sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('instance', sa.String(length=36), nullable=False),
     sa.Column('slots', sa.Integer(), nullable=False),
     sa.Column('offers', sa.JSON(), nullable=False),
     sa.Column('running', sa.JSON(), nullable=False),
@@ -73,7 +74,6 @@ def upgrade() -> None:
     sa.Column('status_reason', sa.Text(), nullable=True),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('flow_run_id', sa.String(length=36), nullable=True),
-    sa.Column('worker_name', sa.String(length=200), nullable=True),
     sa.Column('cancel_requested', sa.Boolean(), nullable=False),
     sa.Column('input_hash', sa.String(length=64), nullable=True),
     sa.Column('created_at', kiln.store.models.UTCDateTime(timezone=True), nullable=False),

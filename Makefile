@@ -1,0 +1,32 @@
+# kiln: the two commands of the README, and what they stand on.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export KILN_HOME ?= $(HOME)/.kiln
+
+.PHONY: run test install install-test postgres test-unit test-sqlite test-postgres bench
+
+## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
+run: install
+	kiln up
+
+## make test: install kiln with its test tools, start PostgreSQL, and run every test
+test: install-test postgres
+	$(PYTHON) -m pytest tests/unit -q
+	$(PYTHON) -m pytest tests/integration -q -x
+	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
+
+install:
+	$(PIP) install -q -e .
+
+install-test:
+	$(PIP) install -q -e '.[test]'
+
+# PostgreSQL 15 from Debian, with a superuser role `kiln` the tests create their databases with
+postgres:
+	@command -v pg_ctlcluster >/dev/null || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
+	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | head -1 | cut -d' ' -f1) main start
+	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='kiln'\"" | grep -q 1 || \
+		su postgres -c "psql -qc \"CREATE ROLE kiln LOGIN SUPERUSER PASSWORD 'kiln'\""
+
+bench: install
+	$(PYTHON) bench/latency.py

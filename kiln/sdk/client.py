@@ -1,0 +1,668 @@
+"""kiln's Python SDK: Client and AsyncClient over the /api/v1 endpoints, and handles on the jobs they return."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import anyio
+import httpx
+from pydantic import BaseModel, Field, TypeAdapter
+
+from kiln.errors import ERRORS_BY_STATUS, JobFailed, KilnError, ServerError
+from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
+from kiln.schemas.jobs import EventKind
+from kiln.sdk.sse import ServerSentEvent, SSEParser
+
+T = TypeVar("T")
+H = TypeVar("H", "JobHandle", "AsyncJobHandle")
+
+# the server sends a keepalive every 15 s, so this long without a line means the stream dropped
+STREAM_READ_TIMEOUT = 45.0
+# the pause before each reconnect of a dropped event stream; their count is how many drops in a row are retried
+RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# how often wait() asks for the job when it cannot follow the event stream
+FALLBACK_POLL_SECONDS = 1.0
+
+_TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+_FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
+_SUCCEEDED = frozenset({JobStatus.COMPLETED, JobStatus.CACHE_HIT})
+_JOB_LIST = TypeAdapter(list[Job])
+
+
+class JobStreamEvent(BaseModel):
+    """One of a job's events as its stream delivers it: a JobEvent without created_at, which the stream omits."""
+
+    id: int = Field(description="Increasing event id; pass it as last_event_id to resume after it.")
+    job_id: str = Field(description="The job the event belongs to.")
+    event: EventKind = Field(description="What happened.")
+    data: dict[str, Any] = Field(description="The event's payload, e.g. {'status': 'running'}.")
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the job has ended; a cache hit ends with a status event rather than a terminal one."""
+        return self.event in _TERMINAL_EVENTS or (self.event == "status" and self.data.get("status") in _FINAL_VALUES)
+
+
+# one request/response layer: both clients build their requests and read their answers here
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One request to kiln and how its JSON answer becomes a model."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], T]
+    json: Any = None
+    params: dict[str, Any] | None = None
+
+
+def _http_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
+    return {"base_url": base_url, "headers": {"Authorization": f"Bearer {api_key}"}, "timeout": timeout}
+
+
+def _job_path(job_id: str, suffix: str = "") -> str:
+    return f"/api/v1/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def _unreachable(base_url: str, exc: httpx.TransportError) -> ServerError:
+    return ServerError(f"could not reach kiln at {base_url}: {str(exc) or type(exc).__name__}")
+
+
+def _error_from(response: httpx.Response) -> KilnError:
+    """The kiln exception for a non-2xx response, carrying the server's message; the body must have been read."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    details = body.get("errors") if isinstance(body, dict) else None
+    if isinstance(detail, str):
+        message = detail
+    else:
+        request = response.request
+        message = f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}"
+        # FastAPI's own errors (e.g. an unknown route) put a list or nothing in `detail`
+        details = details if details is not None else detail
+    status = response.status_code
+    cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
+    error = cls(message, details=details)
+    error.status_code = status
+    return error
+
+
+def _answer(response: httpx.Response, call: _Call[T]) -> T:
+    if response.is_error:
+        raise _error_from(response)
+    try:
+        return call.parse(response.json())
+    except ValueError as exc:  # pydantic's ValidationError and JSONDecodeError are both ValueErrors
+        raise ServerError(f"kiln answered {call.method} {call.path} with a body this SDK cannot read: {exc}") from exc
+
+
+class _JobCalls:
+    """The /api/v1/jobs endpoints as calls; Jobs and AsyncJobs send them."""
+
+    @staticmethod
+    def create(
+        type: str,
+        input: dict[str, Any] | None,
+        priority: int,
+        resources: Resources | dict[str, Any] | None,
+        compute_target: str | None,
+        parent_id: str | None,
+        project_id: str | None,
+        model: str | None,
+        input_fields: dict[str, Any],
+    ) -> _Call[Job]:
+        repeated = set(input or {}) & set(input_fields)
+        if repeated:
+            raise TypeError(f"create() got {', '.join(sorted(repeated))} both in input and as a keyword argument")
+        body = {
+            "type": type,
+            "input": {**(input or {}), **input_fields},
+            "priority": priority,
+            "resources": resources.model_dump(mode="json") if isinstance(resources, Resources) else resources,
+            "compute_target": compute_target,
+            "parent_id": parent_id,
+            "project_id": project_id,
+            # top-level: the server puts it into input.model unless the input names one itself
+            "model": model,
+        }
+        body = {key: value for key, value in body.items() if value is not None}
+        return _Call("POST", "/api/v1/jobs", Job.model_validate, json=body)
+
+    @staticmethod
+    def get(job_id: str) -> _Call[Job]:
+        return _Call("GET", _job_path(job_id), Job.model_validate)
+
+    @staticmethod
+    def list(
+        type: str | None, status: JobStatus | str | None, parent_id: str | None, limit: int, cursor: str | None
+    ) -> _Call[JobPage]:
+        params = {
+            "type": type,
+            # str(JobStatus.RUNNING) is 'JobStatus.RUNNING': send the value
+            "status": status.value if isinstance(status, JobStatus) else status,
+            "parent_id": parent_id,
+            "limit": limit,
+            "cursor": cursor,
+        }
+        params = {key: value for key, value in params.items() if value is not None}
+        return _Call("GET", "/api/v1/jobs", JobPage.model_validate, params=params)
+
+    @staticmethod
+    def cancel(job_id: str) -> _Call[Job]:
+        return _Call("POST", _job_path(job_id, "/cancel"), Job.model_validate)
+
+    @staticmethod
+    def children(job_id: str) -> _Call[builtins.list[Job]]:
+        return _Call("GET", _job_path(job_id, "/children"), _JOB_LIST.validate_python)
+
+    @staticmethod
+    def set_priority(job_id: str, priority: int) -> _Call[Job]:
+        return _Call("PATCH", _job_path(job_id), Job.model_validate, json={"priority": priority})
+
+
+class _Deadline:
+    """When a sync wait() gives up."""
+
+    def __init__(self, job_id: str, timeout: float):
+        self.job_id, self.timeout, self.at = job_id, timeout, time.monotonic() + timeout
+
+    def remaining(self) -> float:
+        """Seconds left; raises TimeoutError when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"job {self.job_id} did not finish within {self.timeout:g} s")
+        return left
+
+
+class _EventStream:
+    """Following one job's events across reconnects; both clients drive it from their own I/O loop."""
+
+    def __init__(self, base_url: str, job_id: str, last_event_id: int | None, deadline: _Deadline | None = None):
+        self.base_url, self.job_id, self.last_event_id, self.deadline = base_url, job_id, last_event_id, deadline
+        self.path = _job_path(job_id, "/events")
+        self.ended = False
+        self._drops = 0
+        self._parser = SSEParser()
+
+    def request_options(self, timeout: httpx.Timeout) -> dict[str, Any]:
+        """The headers and timeout of the next connection."""
+        # a partial event from a dropped connection is discarded; the server sends it again after last_event_id
+        self._parser = SSEParser()
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id is not None:
+            headers["Last-Event-ID"] = str(self.last_event_id)
+        read = STREAM_READ_TIMEOUT if self.deadline is None else min(STREAM_READ_TIMEOUT, self.deadline.remaining())
+        return {
+            "headers": headers,
+            "timeout": httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool),
+        }
+
+    def receive(self, line: str) -> JobStreamEvent | None:
+        """The event this line completes, or None; sets `ended` after the job's last event."""
+        if self.deadline is not None:
+            self.deadline.remaining()
+        sse = self._parser.feed(line)
+        if sse is None:
+            return None
+        event = self._read(sse)
+        self.last_event_id, self.ended, self._drops = event.id, event.is_terminal, 0
+        return event
+
+    def dropped(self, error: httpx.TransportError | None) -> float:
+        """Seconds to pause before reconnecting after the stream ended early; raises once it keeps dropping."""
+        if self.deadline is not None:
+            self.deadline.remaining()
+        if self._drops >= len(RECONNECT_DELAYS):
+            why = _unreachable(self.base_url, error).message if error else "the stream closed before the job ended"
+            raise ServerError(
+                f"could not follow the events of job {self.job_id} ({len(RECONNECT_DELAYS)} reconnects failed): {why}"
+            )
+        delay = RECONNECT_DELAYS[self._drops]
+        self._drops += 1
+        return delay if self.deadline is None else min(delay, self.deadline.remaining())
+
+    def _read(self, sse: ServerSentEvent) -> JobStreamEvent:
+        try:
+            data = json.loads(sse.data)
+            return JobStreamEvent(id=sse.id, job_id=self.job_id, event=sse.event, data=data)
+        except ValueError as exc:
+            raise ServerError(f"kiln sent an event for job {self.job_id} this SDK cannot read: {exc}") from exc
+
+
+@dataclass
+class Page(Generic[H]):
+    """One page of jobs.list(): the jobs, newest first, and the cursor of the next page (None on the last)."""
+
+    jobs: builtins.list[H]
+    next_cursor: str | None
+
+
+# handles
+
+
+class _HandleBase:
+    """What both handles share: the Job they wrap, whose fields read as the handle's own."""
+
+    data: Job
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only for names the handle lacks, so its methods win over the job's fields
+        data = self.__dict__.get("data")
+        if data is not None and name in Job.model_fields:
+            return getattr(data, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # set, it would hide the job's field for good: refresh() replaces `data`, not the attribute
+        if name in Job.model_fields:
+            raise AttributeError(f"{name} is the job's own; ask kiln to change it (set_priority, cancel)")
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> builtins.list[str]:
+        return sorted({*super().__dir__(), *Job.model_fields})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.data.id} {self.data.type} {self.data.status.value}>"
+
+    def _outcome(self) -> Any:
+        if self.data.status in _SUCCEEDED:
+            return self.data.output
+        raise JobFailed(self)
+
+
+class JobHandle(_HandleBase):
+    """A job on kiln: its fields (`job.id`, `job.status`, `job.output` …) and what can be done with it."""
+
+    def __init__(self, data: Job, jobs: Jobs):
+        self.data = data
+        self._jobs = jobs
+
+    def refresh(self) -> JobHandle:
+        """Fetches the job again; returns this handle."""
+        self.data = self._jobs.get(self.data.id).data
+        return self
+
+    def wait(self, timeout: float | None = None, poll: float | None = None) -> JobHandle:
+        """Blocks until the job has ended and returns this handle, refreshed; it does not raise if the job failed.
+
+        It follows the job's event stream, or asks for the job every `poll` seconds when given (and when the
+        stream fails). Raises TimeoutError after `timeout` seconds; the deadline is checked as lines arrive,
+        so it can be overrun by up to the server's keepalive interval (15 s).
+        """
+        if self.data.status.is_final:
+            return self
+        deadline = _Deadline(self.data.id, timeout) if timeout is not None else None
+        if poll is None:
+            try:
+                for _ in self._jobs._follow(self.data.id, None, deadline):
+                    pass
+                return self.refresh()
+            except ServerError:
+                poll = FALLBACK_POLL_SECONDS
+        while True:
+            self.refresh()
+            if self.data.status.is_final:
+                return self
+            time.sleep(poll if deadline is None else min(poll, deadline.remaining()))
+
+    @property
+    def result(self) -> Any:
+        """The job's output, waiting (no timeout) until it ends; raises JobFailed if it failed or was cancelled."""
+        if not self.data.status.is_final:
+            self.wait()
+        return self._outcome()
+
+    def events(self, last_event_id: int | None = None) -> Iterator[JobStreamEvent]:
+        """The job's events, from the first (or after `last_event_id`) until its last."""
+        return self._jobs.events(self.data.id, last_event_id)
+
+    def cancel(self) -> JobHandle:
+        """Cancels the job and its children; returns this handle, refreshed."""
+        self.data = self._jobs.cancel(self.data.id).data
+        return self
+
+    def set_priority(self, priority: int) -> JobHandle:
+        """Changes a pending job's priority; returns this handle, refreshed."""
+        self.data = self._jobs.set_priority(self.data.id, priority).data
+        return self
+
+    def children(self) -> builtins.list[JobHandle]:
+        """The job's child jobs, oldest first."""
+        return self._jobs.children(self.data.id)
+
+
+class AsyncJobHandle(_HandleBase):
+    """A job on kiln, for AsyncClient: its fields (`job.id`, `job.status` …) and awaitable methods."""
+
+    def __init__(self, data: Job, jobs: AsyncJobs):
+        self.data = data
+        self._jobs = jobs
+
+    async def refresh(self) -> AsyncJobHandle:
+        """Fetches the job again; returns this handle."""
+        self.data = (await self._jobs.get(self.data.id)).data
+        return self
+
+    async def wait(self, timeout: float | None = None, poll: float | None = None) -> AsyncJobHandle:
+        """Waits until the job has ended and returns this handle, refreshed; it does not raise if the job failed.
+
+        It follows the job's event stream, or asks for the job every `poll` seconds when given (and when the
+        stream fails). Raises TimeoutError after `timeout` seconds.
+        """
+        if self.data.status.is_final:
+            return self
+        try:
+            with anyio.fail_after(timeout):
+                await self._until_final(poll)
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise TimeoutError(f"job {self.data.id} did not finish within {timeout:g} s") from None
+        return self
+
+    async def _until_final(self, poll: float | None) -> None:
+        if poll is None:
+            try:
+                async with aclosing(self._jobs.events(self.data.id)) as events:
+                    async for _ in events:
+                        pass
+                await self.refresh()
+                return
+            except ServerError:
+                poll = FALLBACK_POLL_SECONDS
+        while True:
+            await self.refresh()
+            if self.data.status.is_final:
+                return
+            await anyio.sleep(poll)
+
+    async def result(self) -> Any:
+        """The job's output, waiting (without a timeout) until it ends; raises JobFailed if it failed or was cancelled.
+
+        A method rather than the sync handle's property, since it may have to wait: `await job.result()`.
+        """
+        if not self.data.status.is_final:
+            await self.wait()
+        return self._outcome()
+
+    def events(self, last_event_id: int | None = None) -> AsyncIterator[JobStreamEvent]:
+        """The job's events, from the first (or after `last_event_id`) until its last: `async for`."""
+        return self._jobs.events(self.data.id, last_event_id)
+
+    async def cancel(self) -> AsyncJobHandle:
+        """Cancels the job and its children; returns this handle, refreshed."""
+        self.data = (await self._jobs.cancel(self.data.id)).data
+        return self
+
+    async def set_priority(self, priority: int) -> AsyncJobHandle:
+        """Changes a pending job's priority; returns this handle, refreshed."""
+        self.data = (await self._jobs.set_priority(self.data.id, priority)).data
+        return self
+
+    async def children(self) -> builtins.list[AsyncJobHandle]:
+        """The job's child jobs, oldest first."""
+        return await self._jobs.children(self.data.id)
+
+
+# client.jobs
+
+
+class Jobs:
+    """`client.jobs`: submit, find and control jobs."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def create(
+        self,
+        type: str,
+        input: dict[str, Any] | None = None,
+        priority: int = 0,
+        resources: Resources | dict[str, Any] | None = None,
+        compute_target: str | None = None,
+        parent_id: str | None = None,
+        project_id: str | None = None,
+        model: str | None = None,
+        **input_fields: Any,
+    ) -> JobHandle:
+        """Submits a job; keyword arguments beyond these join its input: `create(type="sleep", seconds=1)`."""
+        call = _JobCalls.create(
+            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields
+        )
+        return JobHandle(self._client._send(call), self)
+
+    def get(self, id: str) -> JobHandle:
+        """The job with this id."""
+        return JobHandle(self._client._send(_JobCalls.get(id)), self)
+
+    def list(
+        self,
+        type: str | None = None,
+        status: JobStatus | str | None = None,
+        parent_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[JobHandle]:
+        """One page of the project's jobs, newest first; pass `next_cursor` as `cursor` for the next."""
+        page = self._client._send(_JobCalls.list(type, status, parent_id, limit, cursor))
+        return Page([JobHandle(job, self) for job in page.jobs], page.next_cursor)
+
+    def iter(
+        self,
+        type: str | None = None,
+        status: JobStatus | str | None = None,
+        parent_id: str | None = None,
+        page_size: int = 50,
+    ) -> Iterator[JobHandle]:
+        """All the project's jobs that match, newest first, fetching page after page as it goes."""
+        cursor = None
+        while True:
+            page = self.list(type, status, parent_id, page_size, cursor)
+            yield from page.jobs
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel(self, id: str) -> JobHandle:
+        """Cancels the job and its children."""
+        return JobHandle(self._client._send(_JobCalls.cancel(id)), self)
+
+    def children(self, id: str) -> builtins.list[JobHandle]:
+        """The job's child jobs, oldest first."""
+        return [JobHandle(job, self) for job in self._client._send(_JobCalls.children(id))]
+
+    def set_priority(self, id: str, priority: int) -> JobHandle:
+        """Changes a pending job's priority."""
+        return JobHandle(self._client._send(_JobCalls.set_priority(id, priority)), self)
+
+    def events(self, id: str, last_event_id: int | None = None) -> Iterator[JobStreamEvent]:
+        """The job's events, from the first (or after `last_event_id`) until its last, reconnecting if dropped."""
+        return self._follow(id, last_event_id)
+
+    def _follow(
+        self, id: str, last_event_id: int | None = None, deadline: _Deadline | None = None
+    ) -> Iterator[JobStreamEvent]:
+        http = self._client._http
+        stream = _EventStream(self._client.base_url, id, last_event_id, deadline)
+        while True:
+            error = None
+            try:
+                with http.stream("GET", stream.path, **stream.request_options(http.timeout)) as response:
+                    if response.is_error:
+                        response.read()
+                        raise _error_from(response)
+                    for line in response.iter_lines():
+                        event = stream.receive(line)
+                        if event is not None:
+                            yield event
+                            if stream.ended:
+                                return
+            except httpx.TransportError as exc:
+                error = exc
+            time.sleep(stream.dropped(error))
+
+
+class AsyncJobs:
+    """`client.jobs` of AsyncClient: submit, find and control jobs."""
+
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def create(
+        self,
+        type: str,
+        input: dict[str, Any] | None = None,
+        priority: int = 0,
+        resources: Resources | dict[str, Any] | None = None,
+        compute_target: str | None = None,
+        parent_id: str | None = None,
+        project_id: str | None = None,
+        model: str | None = None,
+        **input_fields: Any,
+    ) -> AsyncJobHandle:
+        """Submits a job; keyword arguments beyond these join its input: `create(type="sleep", seconds=1)`."""
+        call = _JobCalls.create(
+            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields
+        )
+        return AsyncJobHandle(await self._client._send(call), self)
+
+    async def get(self, id: str) -> AsyncJobHandle:
+        """The job with this id."""
+        return AsyncJobHandle(await self._client._send(_JobCalls.get(id)), self)
+
+    async def list(
+        self,
+        type: str | None = None,
+        status: JobStatus | str | None = None,
+        parent_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page[AsyncJobHandle]:
+        """One page of the project's jobs, newest first; pass `next_cursor` as `cursor` for the next."""
+        page = await self._client._send(_JobCalls.list(type, status, parent_id, limit, cursor))
+        return Page([AsyncJobHandle(job, self) for job in page.jobs], page.next_cursor)
+
+    async def iter(
+        self,
+        type: str | None = None,
+        status: JobStatus | str | None = None,
+        parent_id: str | None = None,
+        page_size: int = 50,
+    ) -> AsyncIterator[AsyncJobHandle]:
+        """All the project's jobs that match, newest first, fetching page after page as it goes: `async for`."""
+        cursor = None
+        while True:
+            page = await self.list(type, status, parent_id, page_size, cursor)
+            for job in page.jobs:
+                yield job
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    async def cancel(self, id: str) -> AsyncJobHandle:
+        """Cancels the job and its children."""
+        return AsyncJobHandle(await self._client._send(_JobCalls.cancel(id)), self)
+
+    async def children(self, id: str) -> builtins.list[AsyncJobHandle]:
+        """The job's child jobs, oldest first."""
+        return [AsyncJobHandle(job, self) for job in await self._client._send(_JobCalls.children(id))]
+
+    async def set_priority(self, id: str, priority: int) -> AsyncJobHandle:
+        """Changes a pending job's priority."""
+        return AsyncJobHandle(await self._client._send(_JobCalls.set_priority(id, priority)), self)
+
+    async def events(self, id: str, last_event_id: int | None = None) -> AsyncIterator[JobStreamEvent]:
+        """The job's events, from the first (or after `last_event_id`) until its last, reconnecting if dropped."""
+        http = self._client._http
+        stream = _EventStream(self._client.base_url, id, last_event_id)
+        while True:
+            error = None
+            try:
+                async with http.stream("GET", stream.path, **stream.request_options(http.timeout)) as response:
+                    if response.is_error:
+                        await response.aread()
+                        raise _error_from(response)
+                    async for line in response.aiter_lines():
+                        event = stream.receive(line)
+                        if event is not None:
+                            yield event
+                            if stream.ended:
+                                return
+            except httpx.TransportError as exc:
+                error = exc
+            await anyio.sleep(stream.dropped(error))
+
+
+# the clients
+
+
+class Client:
+    """kiln's client: `Client(url, key).jobs.create(type="sleep", seconds=1).result`; close it, or use `with`.
+
+    `transport` replaces httpx's network transport, e.g. with an httpx.MockTransport in tests.
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str, timeout: float = 30, *, transport: httpx.BaseTransport | None = None
+    ):
+        self.base_url = base_url
+        self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
+        self.jobs = Jobs(self)
+
+    def _send(self, call: _Call[T]) -> T:
+        try:
+            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.base_url, exc) from exc
+        return _answer(response, call)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """kiln's asyncio client: `await (await AsyncClient(url, key).jobs.create(type="sleep", seconds=1)).result()`.
+
+    Close it with `await client.aclose()`, or use `async with`. `transport` replaces httpx's network
+    transport, e.g. with an httpx.MockTransport in tests.
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str, timeout: float = 30, *, transport: httpx.AsyncBaseTransport | None = None
+    ):
+        self.base_url = base_url
+        self._http = httpx.AsyncClient(transport=transport, **_http_options(base_url, api_key, timeout))
+        self.jobs = AsyncJobs(self)
+
+    async def _send(self, call: _Call[T]) -> T:
+        try:
+            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.base_url, exc) from exc
+        return _answer(response, call)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

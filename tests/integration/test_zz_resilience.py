@@ -1,0 +1,50 @@
+"""Crashes: a worker killed mid-job, and a Prefect server restarted mid-job. Runs last: it restarts parts."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests.integration.conftest import SETTINGS, flow_run_state, wait_until
+
+
+def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack, idle):
+    job = client.jobs.create(type="sleep", input={"seconds": 20})
+    wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+    stack.stop("worker", sig=signal.SIGKILL)
+    job.wait(timeout=60)
+    assert job.status.value == "failed"
+    assert "stopped responding" in job.status_reason or "restarted" in job.status_reason, job.status_reason
+    assert flow_run_state(job.flow_run_id) == "CRASHED"
+    stack.start_worker()
+    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
+
+
+def test_a_killed_job_with_retries_runs_again_on_a_new_worker(client, stack, idle):
+    job = client.jobs.create(type="sleep", input={"seconds": 20}, resources={"max_retry_count": 1})
+    wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+    first_run = client.jobs.get(job.id).flow_run_id
+    stack.stop("worker", sig=signal.SIGKILL)
+    stack.start_worker()
+    wait_until(lambda: client.jobs.get(job.id).attempt == 2, timeout=60, what="the retry")
+    client.jobs.cancel(job.id)
+    job.wait(timeout=30)
+    assert job.status.value == "cancelled"
+    assert flow_run_state(first_run) == "CRASHED"
+
+
+def test_a_prefect_server_restart_mid_job_leaves_no_job_running(client, stack, idle):
+    if SETTINGS.prefect_api_url:
+        return
+    jobs = [client.jobs.create(type="sleep", input={"seconds": 4}) for _ in range(2)]
+    wait_until(lambda: client.jobs.get(jobs[0].id).status.value == "running", what="a job to run")
+    stack.stop("prefect")
+    time.sleep(2)
+    stack.start_prefect()
+    for job in jobs:
+        job.wait(timeout=120)
+        assert job.status.is_final, job.status
+    # the relay resubscribed: a new job's events flow again
+    after = client.jobs.create(type="sleep", input={"seconds": 0.5})
+    kinds = [e.event for e in client.jobs.events(after.id)]
+    assert kinds[-1] == "completed" and "progress" in kinds
