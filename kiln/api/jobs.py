@@ -7,7 +7,7 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from kiln.api.auth import project_of_caller
@@ -169,13 +169,16 @@ async def job_events(
     job_id: str,
     project_id: Project,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     store = request.app.state.store
-    await store.get_job(job_id, project_id)
+    job = await store.get_job(job_id, project_id)
     try:
         after = int(last_event_id) if last_event_id else 0
     except ValueError:
         raise InvalidRequest(f"Last-Event-ID: {last_event_id!r} is not an event id") from None
+    if after and JobStatus(job.status).is_final and not await store.events_after(job_id, after):
+        # resumed after the job's last event: 204 tells an SSE client to stop reconnecting
+        return Response(status_code=204)
 
     async def stream():
         nonlocal after

@@ -499,6 +499,8 @@ class Jobs:
             error = None
             try:
                 with http.stream("GET", stream.path, **stream.request_options(http.timeout)) as response:
+                    if response.status_code == 204:
+                        return  # the job had ended before last_event_id: nothing more will come
                     if response.is_error:
                         response.read()
                         raise _error_from(response)
@@ -590,6 +592,8 @@ class AsyncJobs:
             error = None
             try:
                 async with http.stream("GET", stream.path, **stream.request_options(http.timeout)) as response:
+                    if response.status_code == 204:
+                        return  # the job had ended before last_event_id: nothing more will come
                     if response.is_error:
                         await response.aread()
                         raise _error_from(response)

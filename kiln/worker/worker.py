@@ -11,7 +11,13 @@ from uuid import UUID, uuid4
 
 import anyio
 import psutil
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterParentFlowRunId,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.events import emit_event
 from prefect.events.clients import get_events_subscriber
@@ -270,6 +276,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                 if reason is not None:
                     if current.state is None or current.state.type is not StateType.CANCELLED:
                         await force_state(self.client, flow_run_id, Cancelled(message=reason))
+                    await self._cancel_subflows(flow_run_id, reason)
                 elif current.state is None or not current.state.is_final():
                     message = outcome.get("message") or "the job's process ended without reporting a final state"
                     await force_state(self.client, flow_run_id, Crashed(message=message))
@@ -277,6 +284,18 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             except Exception as exc:  # noqa: BLE001 - the Prefect API may be restarting
                 log.warning("could not settle flow run %s (attempt %d): %s", flow_run_id, attempt + 1, exc)
                 await asyncio.sleep(min(5, 0.5 * (attempt + 1)))
+
+    async def _cancel_subflows(self, flow_run_id: UUID, reason: str) -> None:
+        """Subflows stopped with their parent crash on the way down; they were cancelled, and say so."""
+        parents = [flow_run_id]
+        while parents:
+            children = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents))
+            )
+            for child in children:
+                if child.state is None or child.state.type not in (StateType.CANCELLED, StateType.COMPLETED):
+                    await force_state(self.client, child.id, Cancelled(message=f"its parent job was {reason}"))
+            parents = [child.id for child in children]
 
     async def _cancel_run(self, flow_run_id: UUID) -> None:
         run_id = str(flow_run_id)

@@ -1,56 +1,11 @@
-"""One real kiln stack per test session: Prefect server, kiln API (dispatcher, relay) and a kiln worker.
-
-KILN_TEST_DATABASE=postgresql puts both the job index and Prefect on the local PostgreSQL;
-otherwise both are SQLite files under a temporary KILN_HOME.
-"""
+"""Fixtures of the integration tests: one real kiln stack per session (see support.py)."""
 
 from __future__ import annotations
-
-import os
-import socket
-import tempfile
-import time
-import uuid
 
 import httpx
 import pytest
 
-from kiln.prefect_env import prefect_env
-from kiln.settings import KilnSettings
-
-DATABASE = os.environ.get("KILN_TEST_DATABASE", "sqlite")
-PG_ADMIN = os.environ.get("KILN_TEST_PG_URL", "postgresql://kiln:kiln@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pg_databases() -> tuple[str, str]:
-    suffix = uuid.uuid4().hex[:8]
-    return f"kiln_index_{suffix}", f"kiln_prefect_{suffix}"
-
-
-# Prefect reads its settings at import: fix ports and URLs before any test imports it
-HOME = tempfile.mkdtemp(prefix="kiln-test-")
-PG_DATABASES = _pg_databases() if DATABASE == "postgresql" else ()
-_env = {
-    "KILN_HOME": HOME,
-    "KILN_PREFECT_PORT": str(free_port()),
-    "KILN_API_PORT": str(free_port()),
-    "KILN_WORKER_SLOTS": "1",
-    "KILN_WORKER_LOST_SECONDS": "6",
-    "KILN_RECONCILE_INTERVAL_SECONDS": "5",
-}
-if PG_DATABASES:
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    _env["KILN_DATABASE_URL"] = f"{base}/{PG_DATABASES[0]}"
-    _env["KILN_PREFECT_DATABASE_URL"] = f"{base}/{PG_DATABASES[1]}"
-os.environ.update(_env)
-SETTINGS = KilnSettings()
-os.environ.update(prefect_env(SETTINGS))
+from tests.integration.support import PG_ADMIN, PG_DATABASES, SETTINGS, create_key, wait_until
 
 
 def _pg(statements: list[str]) -> None:
@@ -78,25 +33,14 @@ def stack():
         _pg([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in PG_DATABASES])
 
 
-def _key(project: str) -> str:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-m", "kiln.cli", "keys", "create", "--project", project],
-        capture_output=True, text=True, check=True, env={**os.environ},
-    )
-    return out.stdout.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="session")
 def api_key(stack) -> str:
-    return _key("alpha")
+    return create_key("alpha")
 
 
 @pytest.fixture(scope="session")
 def other_key(stack) -> str:
-    return _key("beta")
+    return create_key("beta")
 
 
 @pytest.fixture(scope="session")
@@ -120,23 +64,6 @@ def http(api_key):
     """Raw HTTP to the kiln API, as curl would send it."""
     with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as h:
         yield h
-
-
-def flow_run_state(flow_run_id: str) -> str:
-    """The flow run's state type as Prefect itself has it."""
-    response = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{flow_run_id}", timeout=10)
-    response.raise_for_status()
-    return response.json()["state"]["type"]
-
-
-def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from kiln.errors import Conflict
-from tests.integration.conftest import flow_run_state, wait_until
+from tests.integration.support import flow_run_state, wait_until
 
 
 def test_a_pending_job_is_cancelled_at_once_and_never_runs(client, idle):

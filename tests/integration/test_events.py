@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from kiln.sdk import AsyncClient
-from tests.integration.conftest import SETTINGS
+from tests.integration.support import SETTINGS
 
 
 def test_events_arrive_status_then_progress_then_completed(client):

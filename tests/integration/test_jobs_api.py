@@ -7,7 +7,10 @@ import re
 import httpx
 import pytest
 
-from tests.integration.conftest import SETTINGS, flow_run_state, wait_until
+import subprocess
+import sys
+
+from tests.integration.support import SETTINGS, create_key, flow_run_state, wait_until
 
 ISO_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
@@ -96,12 +99,7 @@ def test_a_key_never_sees_another_projects_jobs(http, other_key):
 
 
 def test_a_revoked_key_is_refused(stack):
-    import subprocess
-    import sys
-
-    from tests.integration.conftest import _key
-
-    key = _key("gamma")
+    key = create_key("gamma")
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(f"{SETTINGS.api_url}/api/v1/jobs", headers=headers).status_code == 200
     subprocess.run([sys.executable, "-m", "kiln.cli", "keys", "revoke", key], check=True, capture_output=True)

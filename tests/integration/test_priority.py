@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tests.integration.conftest import wait_until
+from tests.integration.support import wait_until
 
 
 def test_thirty_jobs_of_mixed_priorities_run_in_strict_order(client, idle):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.integration.conftest import flow_run_state
+from tests.integration.support import flow_run_state
 
 
 def test_a_job_no_worker_can_take_fails_at_its_assign_timeout_saying_why(client):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.integration.conftest import SETTINGS, flow_run_state, wait_until
+from tests.integration.support import SETTINGS, flow_run_state, wait_until
 
 
 def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack, idle):
