@@ -170,25 +170,24 @@ class Relay:
             )
 
     async def crash_runs_of_lost_workers(self) -> None:
-        """A worker silent past `worker_lost_seconds` is gone: its runs crash with a reason, and retry per policy."""
+        """Jobs no live worker holds crash with a reason, and retry per policy.
+
+        A worker silent past `worker_lost_seconds` is gone. Its runs, and any run taken by a worker
+        that died before reporting it, are then held by no live worker.
+        """
         now = utcnow()
+        lost_after = timedelta(seconds=self.settings.worker_lost_seconds)
         for worker in await self.store.workers():
-            if worker.lost or now - worker.last_seen < timedelta(seconds=self.settings.worker_lost_seconds):
-                continue
-            await self.store.mark_worker_lost(worker.name)
-            reason = (
-                f"the kiln worker {worker.name!r} running this job stopped responding "
-                f"(last heartbeat {worker.last_seen:%H:%M:%S} UTC); it was killed or its machine went down"
-            )
-            await self.crash_runs(worker.running, reason)
-            self.dispatcher.wake()
-        # a worker that dies between taking a run and starting it never lists it as running
+            if not worker.lost and now - worker.last_seen >= lost_after:
+                await self.store.mark_worker_lost(worker.name)
+                log.warning("kiln worker %s is lost (last heartbeat %s)", worker.name, worker.last_seen)
         held = {run for w in await self.store.workers() if not w.lost for run in w.running}
-        for job in await self.store.picked_not_started(now - timedelta(seconds=self.settings.worker_lost_seconds)):
-            if job.flow_run_id not in held:
-                await self.crash_runs(
-                    [job.flow_run_id], "a worker took this job but never started it (the worker stopped or restarted)"
-                )
+        orphans = [job.flow_run_id for job in await self.store.taken_before(now - lost_after) if job.flow_run_id not in held]
+        if orphans:
+            await self.crash_runs(
+                orphans, "the kiln worker running this job stopped responding (it was killed, or its machine went down)"
+            )
+            self.dispatcher.wake()
 
     async def crash_runs(self, flow_run_ids: list[str], reason: str) -> None:
         for flow_run_id in flow_run_ids:

@@ -286,14 +286,16 @@ class Store:
                 .values(picked_at=at)
             )
 
-    async def picked_not_started(self, before: datetime) -> list[JobRow]:
+    async def taken_before(self, before: datetime) -> list[JobRow]:
+        """Top-level jobs a worker took (or started) before `before` and that have not ended."""
         async with self.session() as s:
             return list(
                 await s.scalars(
                     select(JobRow).where(
-                        JobRow.status == JobStatus.QUEUED.value,
-                        JobRow.picked_at < before,
+                        JobRow.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+                        or_(JobRow.picked_at < before, JobRow.started_at < before),
                         JobRow.parent_id.is_(None),
+                        JobRow.flow_run_id.is_not(None),
                     )
                 )
             )

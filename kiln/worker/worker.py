@@ -105,6 +105,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._deployments: dict[UUID, DeploymentSpec] = {}
         self._background: list[asyncio.Task] = []
         self._poll_now = asyncio.Event()
+        # a run that starts is reported at once, so a crash right after still finds its worker
+        self._beat_now = asyncio.Event()
         self.instance = str(uuid4())
 
     # lifecycle
@@ -164,6 +166,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
     async def _heartbeat_loop(self) -> None:
         offers = self.offers()
         while True:
+            self._beat_now.clear()
             try:
                 emit_event(
                     HEARTBEAT_EVENT,
@@ -178,7 +181,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                 await self._check_cancelling()
             except Exception as exc:  # noqa: BLE001 - keep beating through API outages
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self._kiln_heartbeat_seconds)
+            try:
+                await asyncio.wait_for(self._beat_now.wait(), self._kiln_heartbeat_seconds)
+            except asyncio.TimeoutError:
+                pass
 
     async def _watch_events(self) -> None:
         """Wakes the poll the moment a run is scheduled, and stops runs the moment they are cancelled."""
@@ -253,6 +259,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             executor.execute_flow_run, run_id, spec.module, spec.function, timeout, key=f"kiln-{run_id}", pure=False
         )
         self._running[run_id] = future
+        self._beat_now.set()
         if task_status is not None:
             task_status.started(f"dask:{future.key}")
         status_code = 0
