@@ -1,0 +1,102 @@
+"""The pieces every part agrees on: statuses, the Prefect state mapping, resources, bands, job types, settings."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.client.schemas.objects import StateType
+
+from kiln.deployments.project import load_project
+from kiln.dispatch.runs import job_of_tags, reason_of_state, status_of_state
+from kiln.schemas import JOB_TYPES, JobStatus, Resources
+from kiln.schemas.statuses import FINAL_STATUSES
+from kiln.settings import KilnSettings
+
+
+@pytest.mark.parametrize(
+    "state, status",
+    [
+        (StateType.SCHEDULED, JobStatus.QUEUED),
+        (StateType.PENDING, JobStatus.QUEUED),
+        (StateType.RUNNING, JobStatus.RUNNING),
+        (StateType.PAUSED, JobStatus.RUNNING),
+        (StateType.COMPLETED, JobStatus.COMPLETED),
+        (StateType.FAILED, JobStatus.FAILED),
+        (StateType.CRASHED, JobStatus.FAILED),
+        (StateType.CANCELLED, JobStatus.CANCELLED),
+        (StateType.CANCELLING, None),
+    ],
+)
+def test_every_prefect_state_maps_to_one_job_status(state, status):
+    assert status_of_state(state) is status
+    assert status_of_state(state.value) is status
+
+
+def test_every_prefect_state_type_is_mapped_or_deliberately_not():
+    for state in StateType:
+        assert status_of_state(state) is not None or state is StateType.CANCELLING
+
+
+def test_reasons_say_what_happened():
+    assert reason_of_state("CRASHED", "worker died") == "crashed: worker died"
+    assert "Prefect UI" in reason_of_state("FAILED", None)
+    assert reason_of_state("CANCELLED", None) == "cancelled"
+
+
+def test_final_statuses():
+    assert {s for s in JobStatus if s.is_final} == FINAL_STATUSES
+    assert not JobStatus.RUNNING.is_final
+
+
+def test_job_id_is_read_from_tags():
+    assert job_of_tags(["kiln", "project:p", "job:abc"]) == "abc"
+    assert job_of_tags(["kiln"]) is None
+
+
+def test_resources_say_which_requirement_no_worker_meets():
+    offers = {"cpu_count": 2, "gpu_count": 0, "ram_gb": 23.4, "vram_gb": 0, "storage_gb": 50, "gpu_names": []}
+    assert Resources().unmet_by(offers) is None
+    assert Resources(cpu_count=2, min_ram_gb=16).unmet_by(offers) is None
+    assert Resources(gpu_count=1).unmet_by(offers) == "gpu_count=1"
+    assert Resources(cpu_count=4).unmet_by(offers) == "cpu_count=4"
+    assert Resources(min_ram_gb=64).unmet_by(offers) == "min_ram_gb=64"
+    assert Resources(gpu_name="NVIDIA RTX 4090").unmet_by(offers) == "gpu_name='NVIDIA RTX 4090'"
+
+
+def test_resources_refuse_nonsense():
+    with pytest.raises(ValueError):
+        Resources(gpu_count=-1)
+    with pytest.raises(ValueError):
+        Resources(max_timeout_run_ms=10)
+    with pytest.raises(ValueError):
+        Resources(colour="red")
+
+
+@pytest.mark.parametrize("priority, queue", [(1000, "urgent"), (100, "urgent"), (99, "high"), (10, "high"),
+                                             (9, "normal"), (0, "normal"), (-1, "low"), (-10**9, "low")])
+def test_priorities_fall_into_bands(priority, queue):
+    assert load_project().band_for(priority).queue == queue
+
+
+def test_every_job_type_has_a_deployment_and_a_flow_of_its_name():
+    specs = {spec.module: spec for spec in load_project().deployments}
+    for job_type in JOB_TYPES.values():
+        assert job_type.module in specs, f"{job_type.name} has no deployment in prefect.yaml"
+        assert job_type.available
+    assert load_project().deployments[0].module == "kiln.flows.sleep"
+
+
+def test_settings_defaults_and_env(monkeypatch, tmp_path):
+    for name in ("KILN_HOME", "KILN_DATABASE_URL", "KILN_PREFECT_DATABASE_URL", "KILN_API_PORT", "KILN_PREFECT_API_URL"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = KilnSettings()
+    assert str(defaults.home) == "~/.kiln" and defaults.api_port == 8000 and defaults.prefect_port == 4200
+    assert defaults.prefect_api == "http://127.0.0.1:4200/api"
+    monkeypatch.setenv("KILN_HOME", str(tmp_path))
+    monkeypatch.setenv("KILN_API_PORT", "8123")
+    monkeypatch.setenv("KILN_PREFECT_DATABASE_URL", "postgresql+asyncpg://u:p@db/prefect")
+    settings = KilnSettings()
+    assert settings.job_index_url == f"sqlite+aiosqlite:///{tmp_path / 'kiln.db'}"
+    assert settings.prefect_db_url == "postgresql+asyncpg://u:p@db/prefect"
+    assert settings.api_url == "http://127.0.0.1:8123"
+    for name, field in KilnSettings.model_fields.items():
+        assert field.description, f"setting {name} has no description"

@@ -1,0 +1,166 @@
+"""The job index on a real SQLite file: keys, ordering, forward-only transitions, retries, events."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from kiln.errors import Conflict, InvalidRequest, NotFound
+from kiln.schemas import JobStatus
+from kiln.store.models import ApiKey, utcnow
+from kiln.store.store import Store
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'index.db'}")
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+async def add(store, project_id, **kw):
+    defaults = dict(project_id=project_id, type="sleep", input={"seconds": 0}, resources={})
+    return await store.add_job(**{**defaults, **kw})
+
+
+async def project(store, name="p") -> str:
+    key = await store.create_key(name)
+    return await store.project_for_key(key)
+
+
+async def test_keys_are_stored_hashed_and_can_be_revoked(store):
+    key = await store.create_key("alpha")
+    assert key.startswith("kiln_") and len(key) > 40
+    async with store.session() as s:
+        from sqlalchemy import select
+
+        stored = (await s.scalars(select(ApiKey))).all()
+    assert key not in {k.key_hash for k in stored} and len(stored[0].key_hash) == 64
+    assert await store.project_for_key(key) == await store.project_id_by_name("alpha")
+    assert await store.revoke_key(key) == 1
+    assert await store.project_for_key(key) is None
+
+
+async def test_pending_jobs_come_out_by_priority_then_submission(store):
+    pid = await project(store)
+    a = await add(store, pid, priority=0)
+    b = await add(store, pid, priority=5)
+    c = await add(store, pid, priority=0)
+    d = await add(store, pid, priority=5)
+    assert [j.id for j in await store.pending_in_order(10)] == [b.id, d.id, a.id, c.id]
+    assert await store.jobs_ahead(c) == 3 and await store.jobs_ahead(b) == 0
+
+
+async def test_a_claim_is_won_once(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    assert await store.claim_for_release(job.id)
+    assert not await store.claim_for_release(job.id)
+    assert [j.id for j in await store.claimed_without_run()] == [job.id]
+    await store.record_release(job.id, "run-1")
+    assert await store.claimed_without_run() == []
+
+
+async def test_transitions_only_move_forward_and_ignore_earlier_attempts(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    assert await store.transition(job.id, JobStatus.RUNNING, flow_run_id="run-1")
+    assert not await store.transition(job.id, JobStatus.QUEUED, flow_run_id="run-1")
+    assert not await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-0", output={"x": 1})
+    assert await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-1", output={"x": 2})
+    assert not await store.transition(job.id, JobStatus.FAILED, reason="late")
+    done = await store.get_job(job.id)
+    assert done.status == "completed" and done.output == {"x": 2} and done.completed_at >= done.started_at
+    kinds = [(e.event, e.data) for e in await store.events_after(job.id)]
+    assert kinds == [
+        ("status", {"status": "pending"}),
+        ("status", {"status": "queued", "flow_run_id": "run-1"}),
+        ("status", {"status": "running"}),
+        ("completed", {"output": {"x": 2}}),
+    ]
+
+
+async def test_a_failed_attempt_is_requeued_while_retries_remain(store):
+    pid = await project(store)
+    job = await add(store, pid, resources={"max_retry_count": 1})
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    assert await store.requeue_for_retry(job.id, "run-1", "boom")
+    again = await store.get_job(job.id)
+    assert again.status == "pending" and again.attempt == 2 and again.flow_run_id is None
+    assert again.status_reason == "retry 1 of 1 after: boom"
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-2")
+    assert not await store.requeue_for_retry(job.id, "run-2", "boom again")
+
+
+async def test_cancel_pending_only_touches_pending_jobs(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    assert await store.cancel_pending(job.id, "cancelled by request")
+    assert not await store.cancel_pending(job.id, "again")
+    cancelled = await store.get_job(job.id)
+    assert cancelled.status == "cancelled" and cancelled.cancel_requested
+    assert (await store.events_after(job.id))[-1].event == "cancelled"
+
+
+async def test_priority_changes_only_while_pending(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    assert (await store.set_priority(job.id, pid, 9)).priority == 9
+    await store.claim_for_release(job.id)
+    with pytest.raises(Conflict):
+        await store.set_priority(job.id, pid, 1)
+    with pytest.raises(NotFound):
+        await store.set_priority(job.id, "another-project", 1)
+
+
+async def test_a_child_needs_a_parent_in_the_same_project(store):
+    pid = await project(store, "p")
+    other = await project(store, "q")
+    parent = await add(store, pid)
+    await add(store, pid, parent_id=parent.id)
+    with pytest.raises(InvalidRequest, match="parent_id"):
+        await add(store, other, parent_id=parent.id)
+    assert len(await store.unfinished_children(parent.id)) == 1
+
+
+async def test_listing_pages_newest_first(store):
+    pid = await project(store)
+    ids = [(await add(store, pid)).id for _ in range(5)]
+    page, cursor = await store.list_jobs(pid, limit=2)
+    assert [j.id for j in page] == ids[::-1][:2]
+    page2, cursor2 = await store.list_jobs(pid, limit=2, cursor=cursor)
+    assert [j.id for j in page2] == ids[::-1][2:4]
+    page3, cursor3 = await store.list_jobs(pid, limit=2, cursor=cursor2)
+    assert [j.id for j in page3] == ids[:1] and cursor3 is None
+
+
+async def test_capacity_counts_live_workers_and_in_flight_jobs(store):
+    pid = await project(store)
+    await store.worker_heartbeat("w1", "i1", 2, {"cpu_count": 2}, [])
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    capacity = await store.capacity(timedelta(seconds=10))
+    assert (capacity.slots, capacity.busy, capacity.free) == (2, 1, 1)
+    assert (await store.capacity(timedelta(seconds=0))).slots == 0
+
+
+async def test_a_restarted_worker_hands_back_the_runs_of_its_previous_life(store):
+    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"]) == []
+    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"]) == []
+    assert await store.worker_heartbeat("w1", "i2", 1, {}, []) == ["run-a"]
+
+
+async def test_taken_jobs_are_found_for_the_lost_worker_check(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    await store.transition(job.id, JobStatus.RUNNING, flow_run_id="run-1", at=utcnow() - timedelta(seconds=30))
+    assert [j.id for j in await store.taken_before(utcnow() - timedelta(seconds=10))] == [job.id]
+    assert await store.taken_before(utcnow() - timedelta(seconds=60)) == []
