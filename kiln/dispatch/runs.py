@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Any
 from uuid import UUID
 
@@ -14,10 +15,12 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate, WorkQueueCreate
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.filesystems import LocalFileSystem
 from prefect.states import Cancelled, Cancelling, Crashed
 from prefect.utilities.callables import parameter_schema
 
 from kiln.deployments.project import DeploymentSpec, load_project
+from kiln.prefect_env import RESULTS_BLOCK
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobRow
 
@@ -76,7 +79,10 @@ def load_flow(spec: DeploymentSpec):
 
 
 async def apply_project(client: PrefectClient) -> dict[str, UUID]:
-    """Creates the work pool, the band queues and one deployment per job type; returns type → deployment id."""
+    """Creates the results block, the work pool, the band queues and one deployment per job type.
+
+    Returns job type → deployment id.
+    """
     from kiln.worker.worker import KilnWorker
 
     project = load_project()
@@ -102,6 +108,7 @@ async def apply_project(client: PrefectClient) -> dict[str, UUID]:
             )
         except ObjectAlreadyExists:
             pass
+    await LocalFileSystem(basepath=os.environ["PREFECT_LOCAL_STORAGE_PATH"]).save(RESULTS_BLOCK, overwrite=True)
     deployments: dict[str, UUID] = {}
     for spec in project.deployments:
         try:

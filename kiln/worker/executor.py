@@ -37,6 +37,7 @@ def warm_up(modules: list[str]) -> list[str]:
 def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None) -> dict:
     """Runs the pre-created flow run to its end in this process; returns its final state's type and message."""
     from prefect.client.orchestration import get_client
+    from prefect.context import _deployment_id
     from prefect.flow_engine import run_flow_async, run_flow_sync
 
     flow = load_flow(module, function)
@@ -50,6 +51,12 @@ def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_secon
     loop = asyncio.new_event_loop()
     try:
         flow_run = loop.run_until_complete(read_run())
+        # With a deployment id on the run, Prefect's engine opens a websocket observer of external
+        # suspension requests per run and waits for it, about 125 ms of every job's start (measured in
+        # bench/latency.py). kiln suspends no runs from outside; it cancels them through the worker.
+        # The deployment stays on the run in Prefect and in prefect.runtime.deployment.
+        _deployment_id.set(flow_run.deployment_id)
+        flow_run = flow_run.model_copy(update={"deployment_id": None})
         if flow.isasync:
             task = loop.create_task(
                 run_flow_async(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")

@@ -234,6 +234,11 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
 
     # running
 
+    def _release_limit_slot(self, flow_run_id: UUID) -> None:
+        super()._release_limit_slot(flow_run_id)
+        # the dispatcher releases the next job as this one ends; take it now, not at the next poll
+        self._poll_now.set()
+
     async def _deployment_spec(self, flow_run: FlowRun) -> DeploymentSpec:
         if flow_run.deployment_id not in self._deployments:
             deployment = await self.client.read_deployment(flow_run.deployment_id)
