@@ -14,6 +14,7 @@ test: install-test postgres
 	$(PYTHON) -m pytest tests/unit -q
 	$(PYTHON) -m pytest tests/integration -q -x
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
+	$(PYTHON) -m pytest tests/e2e -q -x
 
 install:
 	$(PIP) install -q -e .

@@ -91,16 +91,14 @@ class Stack:
             raise
 
     def stop(self, *names: str, grace: float = 20, sig: int = signal.SIGTERM) -> None:
-        """Stops the named parts (all by default), newest first: `sig`, then SIGKILL after the grace period."""
-        chosen = [n for n in reversed(list(self.procs)) if not names or n in names]
-        for name in chosen:
-            if self.procs[name].poll() is None:
-                self.procs[name].send_signal(sig)
-        deadline = time.monotonic() + grace
-        for name in chosen:
+        """Stops the named parts (all by default) one by one, newest first, so each can still reach
+        the ones it reports to; `sig` first, SIGKILL after the grace period."""
+        for name in [n for n in reversed(list(self.procs)) if not names or n in names]:
             proc = self.procs.pop(name)
+            if proc.poll() is None:
+                proc.send_signal(sig)
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ctypes
 import importlib
 import threading
@@ -34,44 +35,99 @@ def warm_up(modules: list[str]) -> list[str]:
     return modules
 
 
+class _Runner:
+    """This process's event loop for async flows, in a thread of its own, with one Prefect client.
+
+    A loop and a client per run cost about 60 ms of every job's start (two clients, each loading the
+    CA bundle, measured in bench/latency.py); Prefect's engine reuses an AsyncClientContext it finds
+    on the running loop.
+    """
+
+    def __init__(self) -> None:
+        from prefect.context import AsyncClientContext
+
+        self.loop = asyncio.new_event_loop()
+        self.client_context = AsyncClientContext()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.client_context.__aenter__())
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=serve, name="kiln-runner", daemon=True).start()
+        ready.wait()
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+
+_runner: _Runner | None = None
+
+
+def _shared_runner() -> _Runner:
+    global _runner
+    if _runner is None:
+        _runner = _Runner()
+    return _runner
+
+
+def _without_deployment(flow_run):
+    """The run as the engine should see it: with its deployment id in the context, not on the run.
+
+    With a deployment id on the run, Prefect's engine opens a websocket observer of external
+    suspension requests for every run and waits for it: about 125 ms of every job's start
+    (measured in bench/latency.py). kiln suspends no runs from outside; it cancels them through the
+    worker. The run keeps its deployment in Prefect, and prefect.runtime.deployment still reads it.
+    """
+    from prefect.context import _deployment_id
+
+    _deployment_id.set(flow_run.deployment_id)
+    return flow_run.model_copy(update={"deployment_id": None})
+
+
 def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None) -> dict:
     """Runs the pre-created flow run to its end in this process; returns its final state's type and message."""
-    from prefect.client.orchestration import get_client
-    from prefect.context import _deployment_id
-    from prefect.flow_engine import run_flow_async, run_flow_sync
-
     flow = load_flow(module, function)
     if timeout_seconds:
         flow = flow.with_options(timeout_seconds=timeout_seconds)
-
-    async def read_run():
-        async with get_client() as client:
-            return await client.read_flow_run(UUID(flow_run_id))
-
-    loop = asyncio.new_event_loop()
     try:
-        flow_run = loop.run_until_complete(read_run())
-        # With a deployment id on the run, Prefect's engine opens a websocket observer of external
-        # suspension requests per run and waits for it, about 125 ms of every job's start (measured in
-        # bench/latency.py). kiln suspends no runs from outside; it cancels them through the worker.
-        # The deployment stays on the run in Prefect and in prefect.runtime.deployment.
-        _deployment_id.set(flow_run.deployment_id)
-        flow_run = flow_run.model_copy(update={"deployment_id": None})
         if flow.isasync:
-            task = loop.create_task(
-                run_flow_async(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
-            )
-            _RUNNING[flow_run_id] = ("async", loop, task)
-            state = loop.run_until_complete(task)
+            runner = _shared_runner()
+            state = runner.run(_run_async(runner, flow, flow_run_id))
         else:
-            _RUNNING[flow_run_id] = ("sync", threading.get_ident())
-            state = run_flow_sync(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
-    except (asyncio.CancelledError, RunCancelled):
+            state = _run_sync(flow, flow_run_id)
+    except (asyncio.CancelledError, concurrent.futures.CancelledError, RunCancelled):
         return {"state": "CANCELLED", "message": "stopped by the kiln worker"}
+    return {"state": state.type.value, "message": state.message}
+
+
+async def _run_async(runner: _Runner, flow, flow_run_id: str):
+    from prefect.context import AsyncClientContext
+    from prefect.flow_engine import run_flow_async
+
+    # this task's own context: the engine finds the shared client here
+    AsyncClientContext.__var__.set(runner.client_context)
+    flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
+    _RUNNING[flow_run_id] = ("async", runner.loop, asyncio.current_task())
+    try:
+        return await run_flow_async(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
     finally:
         _RUNNING.pop(flow_run_id, None)
-        loop.close()
-    return {"state": state.type.value, "message": state.message}
+
+
+def _run_sync(flow, flow_run_id: str):
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow_sync
+
+    with get_client(sync_client=True) as client:
+        flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
+    _RUNNING[flow_run_id] = ("sync", threading.get_ident())
+    try:
+        return run_flow_sync(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+    finally:
+        _RUNNING.pop(flow_run_id, None)
 
 
 def cancel_flow_run(flow_run_id: str) -> bool:
