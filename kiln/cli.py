@@ -265,12 +265,14 @@ def watch(job_id: str) -> None:
     """Shows a job's progress live until it ends."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from kiln.schemas import JobStatus
+
     with _client() as client:
         job = _run(lambda: client.jobs.get(job_id))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                       TimeElapsedColumn()) as bar:
             task = bar.add_task(f"{job.type} {job.id[:8]} {job.status.value}", total=100)
-            for event in _run(lambda: list_events(client, job_id)):
+            for event in client.jobs.events(job_id):
                 if event.event == "status":
                     bar.update(task, description=f"{job.type} {job.id[:8]} {event.data['status']}")
                 elif event.event == "progress":
@@ -281,13 +283,10 @@ def watch(job_id: str) -> None:
                         bar.update(task, completed=100)
                     bar.update(task, description=f"{job.type} {job.id[:8]} {event.event}")
         job = client.jobs.get(job_id)
-    typer.echo(json.dumps(job.output) if job.status.value == "completed" else f"{job.status.value}: {job.status_reason}")
-    if job.status.value not in ("completed", "cache_hit"):
+    succeeded = job.status in (JobStatus.COMPLETED, JobStatus.CACHE_HIT)
+    typer.echo(json.dumps(job.output) if succeeded else f"{job.status.value}: {job.status_reason}")
+    if not succeeded:
         raise typer.Exit(1)
-
-
-def list_events(client, job_id: str):
-    return client.jobs.events(job_id)
 
 
 @app.command()

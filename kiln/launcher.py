@@ -66,8 +66,8 @@ class Stack:
         self._wait_http("api", f"{self.settings.api_url}/healthz", proc)
         self.log(f"kiln API:        {self.settings.api_url}  (OpenAPI at {self.settings.api_url}/docs)")
 
-    def start_worker(self, name: str = "embedded") -> None:
-        proc = self._spawn("worker", [sys.executable, "-m", "kiln.cli", "worker", "start", "--name", name])
+    def start_worker(self, name: str = "embedded", extra: list[str] = ()) -> None:
+        proc = self._spawn("worker", [sys.executable, "-m", "kiln.cli", "worker", "start", "--name", name, *extra])
         # the API may still count a worker it has not yet seen go; wait for this one by name
 
         deadline = time.monotonic() + 120

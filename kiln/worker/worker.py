@@ -81,7 +81,6 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
     job_configuration = KilnJobConfiguration
     job_configuration_variables = KilnWorkerVariables
     _description = "Runs kiln jobs on a Dask cluster whose worker processes stay warm between jobs."
-    _documentation_url = "https://github.com/kiln"
 
     def __init__(
         self,
