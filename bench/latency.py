@@ -47,6 +47,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=40, help="sleep(0) jobs through kiln")
     parser.add_argument("--baseline-jobs", type=int, default=8, help="runs through the process worker")
     parser.add_argument("--warmup", type=int, default=3, help="kiln jobs run first and not counted")
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="put the job index and Prefect on fresh databases of this server, "
+        "e.g. postgresql://kiln:kiln@127.0.0.1:5432 (as `make postgres` sets up)",
+    )
     args = parser.parse_args()
 
     home = tempfile.mkdtemp(prefix="kiln-bench-")
@@ -58,6 +64,7 @@ def main() -> None:
             "KILN_WORKER_SLOTS": "1",
         }
     )
+    databases = fresh_postgres_databases(args.postgres) if args.postgres else None
     from kiln.prefect_env import configure_prefect
     from kiln.settings import KilnSettings
 
@@ -83,14 +90,44 @@ def main() -> None:
             baseline_worker.wait(timeout=30)
         stack.stop()
 
+    if databases:
+        databases.drop()
     print()
-    print("submit → running, sleep(0), 2-core machine, Prefect 3.8.8 on SQLite, one worker slot")
+    backend = "PostgreSQL" if args.postgres else "SQLite"
+    print(f"submit → running, sleep(0), 2-core machine, Prefect 3.8.8 and the job index on {backend}, one worker slot")
     print(summary("kiln (POST → SSE 'running')", kiln_total))
     print(summary("kiln (created_at → started_at)", kiln_server))
     print(summary("Prefect process worker (create → Running)", baseline))
     ratio = percentile(baseline, 50) / percentile(kiln_total, 50)
     print(f"kiln p50 is {ratio:.1f}× faster than the process worker; goal kiln p50 ≤ 0.3 s: "
           f"{'met' if percentile(kiln_total, 50) <= 0.3 else 'NOT met'}")
+
+
+class fresh_postgres_databases:
+    """Two new databases (job index, Prefect) on the server; their URLs go into KILN_* variables."""
+
+    def __init__(self, url: str):
+        import uuid
+
+        self.admin = f"{url.rstrip('/')}/postgres"
+        self.names = [f"kiln_bench_index_{uuid.uuid4().hex[:8]}", f"kiln_bench_prefect_{uuid.uuid4().hex[:8]}"]
+        self._run([f"CREATE DATABASE {name}" for name in self.names])
+        base = url.rstrip("/").replace("postgresql://", "postgresql+asyncpg://")
+        os.environ["KILN_DATABASE_URL"] = f"{base}/{self.names[0]}"
+        os.environ["KILN_PREFECT_DATABASE_URL"] = f"{base}/{self.names[1]}"
+
+    def _run(self, statements: list[str]) -> None:
+        import psycopg2
+
+        connection = psycopg2.connect(self.admin)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+        connection.close()
+
+    def drop(self) -> None:
+        self._run([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in self.names])
 
 
 def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float], list[float]]:
