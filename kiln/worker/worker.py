@@ -112,7 +112,11 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
 
     async def setup(self) -> None:
         await super().setup()
+        import dask
         from distributed import Client, LocalCluster
+
+        # a job whose process dies is not re-run behind Prefect's back; kiln's retry policy decides
+        dask.config.set({"distributed.scheduler.allowed-failures": 0})
 
         if self._scheduler_address:
             self._dask = await Client(self._scheduler_address, asynchronous=True)

@@ -78,3 +78,22 @@ def test_a_worker_runs_jobs_on_an_existing_dask_scheduler(client, stack, idle):
         dask_worker.wait(timeout=30)
         scheduler.wait(timeout=30)
         stack.start_worker()
+
+
+def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack, idle):
+    import psutil
+
+    job = client.jobs.create(type="sleep", input={"seconds": 20})
+    wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+    worker = psutil.Process(stack.procs["worker"].pid)
+    # the LocalCluster's worker processes, spawned by the nannies inside the kiln worker
+    dask_processes = [p for p in worker.children() if "spawn_main" in " ".join(p.cmdline())]
+    assert dask_processes
+    for process in dask_processes:
+        process.kill()
+    job.wait(timeout=60)
+    assert job.status.value == "failed"
+    assert "Dask worker process running this job died" in job.status_reason, job.status_reason
+    assert flow_run_state(job.flow_run_id) == "CRASHED"
+    # the nanny brings a fresh process up, and the next job runs
+    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
