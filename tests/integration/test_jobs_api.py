@@ -138,3 +138,10 @@ def test_a_pending_job_says_why_it_waits_and_can_change_priority(http, idle):
     wait_final(http, waiting["id"])
     late = http.patch(f"/api/v1/jobs/{waiting['id']}", json={"priority": 1})
     assert late.status_code == 409 and "only a pending job" in late.json()["detail"]
+
+
+def test_job_types_are_listed_with_their_input_schemas(http):
+    types = {t["type"]: t for t in http.get("/api/v1/job-types").json()}
+    assert types["sleep"]["available"] is True
+    assert types["sleep"]["input_schema"]["required"] == ["seconds"]
+    assert http.get("/openapi.json").json()["paths"]["/api/v1/jobs"]["post"]

@@ -97,3 +97,37 @@ def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack
     assert flow_run_state(job.flow_run_id) == "CRASHED"
     # the nanny brings a fresh process up, and the next job runs
     assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
+
+
+def test_no_job_is_released_twice_across_a_dispatcher_restart(client, stack, idle):
+    import httpx
+
+    blocker = client.jobs.create(type="sleep", input={"seconds": 2})
+    jobs = [client.jobs.create(type="sleep", input={"seconds": 0}) for _ in range(6)]
+    stack.stop("api")
+    stack.start_api()
+    for job in [blocker, *jobs]:
+        assert job.wait(timeout=120).status.value == "completed", job.status_reason
+        runs = httpx.post(
+            f"{SETTINGS.prefect_api}/flow_runs/filter",
+            json={"flow_runs": {"tags": {"all_": [f"job:{job.id}"]}, "parent_task_run_id": {"is_null_": True}}},
+        ).json()
+        assert len(runs) == 1, f"job {job.id} has {len(runs)} flow runs"
+
+
+async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(client):
+    from prefect.client.orchestration import get_client
+
+    from kiln.dispatch.runs import create_job_run
+    from kiln.store.store import Store
+
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    store = Store(SETTINGS.job_index_url)
+    try:
+        row = await store.get_job(job.id)
+    finally:
+        await store.close()
+    async with get_client() as prefect:
+        deployment = await prefect.read_deployment_by_name("sleep/kiln")
+        again = await create_job_run(prefect, row, deployment.id)
+    assert str(again.id) == job.flow_run_id
