@@ -321,7 +321,11 @@ class Store:
         return True
 
     async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
+        """Logs a progress event; one that arrives after the job ended is dropped, so the end stays last."""
         async with self.session.begin() as s:
+            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            if status is None or JobStatus(status) in FINAL_STATUSES:
+                return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
         self.bus.notify([job_id])
 

@@ -164,3 +164,12 @@ async def test_taken_jobs_are_found_for_the_lost_worker_check(store):
     await store.transition(job.id, JobStatus.RUNNING, flow_run_id="run-1", at=utcnow() - timedelta(seconds=30))
     assert [j.id for j in await store.taken_before(utcnow() - timedelta(seconds=10))] == [job.id]
     assert await store.taken_before(utcnow() - timedelta(seconds=60)) == []
+
+
+async def test_progress_after_the_end_is_dropped(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.add_progress(job.id, 50, "half")
+    await store.cancel_pending(job.id, "cancelled by request")
+    await store.add_progress(job.id, 100, "late")
+    assert [e.event for e in await store.events_after(job.id)] == ["status", "progress", "cancelled"]
