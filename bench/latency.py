@@ -13,33 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-def summary(name: str, values: list[float]) -> str:
-    return (
-        f"{name:<38} n={len(values):>3}  p50={percentile(values, 50):6.3f} s  p95={percentile(values, 95):6.3f} s"
-        f"  mean={statistics.mean(values):6.3f} s  min={min(values):6.3f} s  max={max(values):6.3f} s"
-    )
+from common import REPO, embedded_stack, percentile, summary
 
 
 def main() -> None:
@@ -55,43 +33,15 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    home = tempfile.mkdtemp(prefix="kiln-bench-")
-    os.environ.update(
-        {
-            "KILN_HOME": home,
-            "KILN_PREFECT_PORT": str(free_port()),
-            "KILN_API_PORT": str(free_port()),
-            "KILN_WORKER_SLOTS": "1",
-        }
-    )
-    databases = fresh_postgres_databases(args.postgres) if args.postgres else None
-    from kiln.prefect_env import configure_prefect
-    from kiln.settings import KilnSettings
-
-    settings = KilnSettings()
-    configure_prefect(settings)
-
-    from kiln.launcher import Stack
-    from kiln.store.store import Store
-
-    stack = Stack(settings, log=print)
-    stack.start()
     baseline_worker = None
-    try:
-        import asyncio
-
-        store = Store(settings.job_index_url)
-        key = asyncio.run(store.create_key("bench"))
-        kiln_total, kiln_server = measure_kiln(settings, key, args.jobs, args.warmup)
-        baseline_worker, baseline = measure_process_worker(settings, home, args.baseline_jobs)
-    finally:
-        if baseline_worker is not None:
-            baseline_worker.terminate()
-            baseline_worker.wait(timeout=30)
-        stack.stop()
-
-    if databases:
-        databases.drop()
+    with embedded_stack(slots=1, postgres=args.postgres) as (settings, _, key):
+        try:
+            kiln_total, kiln_server = measure_kiln(settings, key, args.jobs, args.warmup)
+            baseline_worker, baseline = measure_process_worker(settings, args.baseline_jobs)
+        finally:
+            if baseline_worker is not None:
+                baseline_worker.terminate()
+                baseline_worker.wait(timeout=30)
     print()
     backend = "PostgreSQL" if args.postgres else "SQLite"
     print(f"submit → running, sleep(0), 2-core machine, Prefect 3.8.8 and the job index on {backend}, one worker slot")
@@ -101,33 +51,6 @@ def main() -> None:
     ratio = percentile(baseline, 50) / percentile(kiln_total, 50)
     print(f"kiln p50 is {ratio:.1f}× faster than the process worker; goal kiln p50 ≤ 0.3 s: "
           f"{'met' if percentile(kiln_total, 50) <= 0.3 else 'NOT met'}")
-
-
-class fresh_postgres_databases:
-    """Two new databases (job index, Prefect) on the server; their URLs go into KILN_* variables."""
-
-    def __init__(self, url: str):
-        import uuid
-
-        self.admin = f"{url.rstrip('/')}/postgres"
-        self.names = [f"kiln_bench_index_{uuid.uuid4().hex[:8]}", f"kiln_bench_prefect_{uuid.uuid4().hex[:8]}"]
-        self._run([f"CREATE DATABASE {name}" for name in self.names])
-        base = url.rstrip("/").replace("postgresql://", "postgresql+asyncpg://")
-        os.environ["KILN_DATABASE_URL"] = f"{base}/{self.names[0]}"
-        os.environ["KILN_PREFECT_DATABASE_URL"] = f"{base}/{self.names[1]}"
-
-    def _run(self, statements: list[str]) -> None:
-        import psycopg2
-
-        connection = psycopg2.connect(self.admin)
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            for statement in statements:
-                cursor.execute(statement)
-        connection.close()
-
-    def drop(self) -> None:
-        self._run([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in self.names])
 
 
 def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float], list[float]]:
@@ -149,7 +72,7 @@ def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float
     return total, server
 
 
-def measure_process_worker(settings, home: str, runs: int):
+def measure_process_worker(settings, runs: int):
     """A plain Prefect process worker polling once a second (Prefect's default is every 10 s)."""
     import asyncio
 
@@ -170,7 +93,7 @@ def measure_process_worker(settings, home: str, runs: int):
 
     deployment_id = asyncio.run(deploy())
     env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    log = open(Path(home) / "process-worker.log", "ab")
+    log = open(settings.home_dir / "process-worker.log", "ab")
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench-process", "--type", "process"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,

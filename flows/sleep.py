@@ -6,7 +6,7 @@ import asyncio
 
 from prefect import flow
 
-from kiln.runtime import report_progress, run_child_job
+from kiln.runtime import areport_progress, run_child_job
 
 
 @flow(name="sleep", persist_result=True, result_serializer="json")
@@ -14,7 +14,7 @@ async def sleep(seconds: float, children: int = 0, fail: bool = False) -> dict:
     steps = min(10, max(1, int(seconds * 2))) if seconds > 0 else 0
     for step in range(1, steps + 1):
         await asyncio.sleep(seconds / steps)
-        await report_progress(100 * step / steps, f"slept {seconds * step / steps:.2f} of {seconds:g} s")
+        await areport_progress(100 * step / steps, f"slept {seconds * step / steps:.2f} of {seconds:g} s")
     child_outputs = [await run_child_job(sleep, seconds=seconds) for _ in range(children)]
     if fail:
         raise RuntimeError(f"the sleep job was asked to fail after {seconds:g} s (fail=true)")

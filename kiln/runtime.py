@@ -10,6 +10,7 @@ from prefect import tags
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.events import emit_event
+from prefect.utilities.asyncutils import run_coro_as_sync
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ def current_job() -> tuple[str | None, str | None, str | None]:
     return _tag_value("job:", run.tags), _tag_value("project:", run.tags), str(run.id)
 
 
-async def report_progress(percent: float, message: str | None = None) -> None:
-    """Reports how far the job is: a Prefect progress artifact and a kiln progress event.
+async def areport_progress(percent: float, message: str | None = None) -> None:
+    """Reports how far the job is, from an async flow: a Prefect progress artifact and a kiln progress event.
 
     Progress is advisory: a failure to report it is logged and never fails the job.
     """
@@ -60,6 +61,11 @@ async def report_progress(percent: float, message: str | None = None) -> None:
         log.warning("could not update the progress artifact of job %s: %s", job_id, exc)
     if percent >= 100:
         _progress_artifacts.pop(flow_run_id, None)
+
+
+def report_progress(percent: float, message: str | None = None) -> None:
+    """Reports how far the job is, from a synchronous flow; see areport_progress."""
+    run_coro_as_sync(areport_progress(percent, message))
 
 
 async def run_child_job(flow, **parameters: Any) -> Any:

@@ -59,6 +59,11 @@ class KilnSettings(BaseSettings):
     reconcile_interval_seconds: float = Field(
         10.0, gt=0, description="How often the relay re-reads unfinished jobs' flow runs from Prefect."
     )
+    model_dir: Path | None = Field(
+        None,
+        description="Directory holding the ML model folders (matgl format); KILN_HOME/models when unset. "
+        "Tests point it at ../shared/models.",
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -83,6 +88,10 @@ class KilnSettings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.home_dir / "results"
+
+    @property
+    def models_path(self) -> Path:
+        return (self.model_dir or self.home_dir / "models").expanduser().resolve()
 
 
 @lru_cache

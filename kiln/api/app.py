@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 
 from kiln.api.jobs import error_body
 from kiln.api.jobs import router as jobs_router
+from kiln.api.models import router as models_router
 from kiln.dispatch.dispatcher import Dispatcher
 from kiln.errors import KilnError
 from kiln.events.relay import Relay
@@ -97,4 +98,5 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
         }
 
     app.include_router(jobs_router)
+    app.include_router(models_router)
     return app

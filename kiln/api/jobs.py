@@ -89,9 +89,11 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
     if body.model is not None:
         raw_input.setdefault("model", body.model)
     try:
-        job_input = job_type.input_model.model_validate(raw_input)
+        # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
+        job_input = await asyncio.to_thread(job_type.input_model.model_validate, raw_input)
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
+    job_type.check_input(job_input, state.settings)
     row = await state.store.add_job(
         project_id=project_id,
         type=body.type,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from kiln.schemas.ml_predict import MLPredictInput
 from kiln.schemas.sleep import SleepInput
 
 
@@ -17,6 +18,14 @@ class JobType:
     input_model: type[BaseModel]
     # libraries the flow needs beyond kiln's own
     requires: tuple[str, ...] = field(default=())
+    # "module:function" called with (input, settings) at submission; raises a KilnError when the
+    # input names something this installation does not have (a model, a cluster)
+    check: str | None = None
+
+    def check_input(self, job_input: BaseModel, settings) -> None:
+        if self.check:
+            module, function = self.check.split(":")
+            getattr(importlib.import_module(module), function)(job_input, settings)
 
     @property
     def module(self) -> str:
@@ -36,6 +45,13 @@ JOB_TYPES: dict[str, JobType] = {
             name="sleep",
             description="Sleeps, reporting progress: the platform's own diagnostic for overhead and failure paths.",
             input_model=SleepInput,
+        ),
+        JobType(
+            name="ml_predict",
+            description="Energies, forces, stresses, relaxations and formation energies from a matgl model.",
+            input_model=MLPredictInput,
+            requires=("matgl", "torch", "torch_geometric", "pymatgen", "ase"),
+            check="kiln.tasks.ml.models:require_model",
         ),
     ]
 }

@@ -15,12 +15,14 @@ import sys
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 
 from kiln.prefect_env import prefect_env
 from kiln.settings import KilnSettings
 
+MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"
 DATABASE = os.environ.get("KILN_TEST_DATABASE", "sqlite")
 PG_ADMIN = os.environ.get("KILN_TEST_PG_URL", "postgresql://kiln:kiln@127.0.0.1:5432/postgres")
 
@@ -46,6 +48,9 @@ _env = {
     "KILN_WORKER_SLOTS": "1",
     "KILN_WORKER_LOST_SECONDS": "6",
     "KILN_RECONCILE_INTERVAL_SECONDS": "5",
+    # the shipped weights beside the checkout; nothing is downloaded
+    "KILN_MODEL_DIR": str(MODEL_DIR),
+    "HF_HUB_OFFLINE": "1",
 }
 if PG_DATABASES:
     base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")

@@ -1,0 +1,92 @@
+"""What every benchmark shares: an embedded kiln stack of its own, ports, percentiles, fresh databases."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(name: str, values: list[float]) -> str:
+    return (
+        f"{name:<38} n={len(values):>3}  p50={percentile(values, 50):6.3f} s  p95={percentile(values, 95):6.3f} s"
+        f"  mean={statistics.mean(values):6.3f} s  min={min(values):6.3f} s  max={max(values):6.3f} s"
+    )
+
+
+class fresh_postgres_databases:
+    """Two new databases (job index, Prefect) on the server; their URLs go into KILN_* variables."""
+
+    def __init__(self, url: str):
+        import uuid
+
+        self.admin = f"{url.rstrip('/')}/postgres"
+        self.names = [f"kiln_bench_index_{uuid.uuid4().hex[:8]}", f"kiln_bench_prefect_{uuid.uuid4().hex[:8]}"]
+        self._run([f"CREATE DATABASE {name}" for name in self.names])
+        base = url.rstrip("/").replace("postgresql://", "postgresql+asyncpg://")
+        os.environ["KILN_DATABASE_URL"] = f"{base}/{self.names[0]}"
+        os.environ["KILN_PREFECT_DATABASE_URL"] = f"{base}/{self.names[1]}"
+
+    def _run(self, statements: list[str]) -> None:
+        import psycopg2
+
+        connection = psycopg2.connect(self.admin)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            for statement in statements:
+                cursor.execute(statement)
+        connection.close()
+
+    def drop(self) -> None:
+        self._run([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in self.names])
+
+
+@contextmanager
+def embedded_stack(slots: int = 1, postgres: str | None = None, env: dict[str, str] | None = None):
+    """A kiln stack under a temporary KILN_HOME on free ports; yields (settings, stack, API key)."""
+    home = tempfile.mkdtemp(prefix="kiln-bench-")
+    os.environ.update(
+        {
+            "KILN_HOME": home,
+            "KILN_PREFECT_PORT": str(free_port()),
+            "KILN_API_PORT": str(free_port()),
+            "KILN_WORKER_SLOTS": str(slots),
+            **(env or {}),
+        }
+    )
+    databases = fresh_postgres_databases(postgres) if postgres else None
+    from kiln.prefect_env import configure_prefect
+    from kiln.settings import KilnSettings
+
+    settings = KilnSettings()
+    configure_prefect(settings)
+
+    from kiln.launcher import Stack
+    from kiln.store.store import Store
+
+    stack = Stack(settings, log=print)
+    stack.start()
+    try:
+        store = Store(settings.job_index_url)
+        yield settings, stack, asyncio.run(store.create_key("bench"))
+    finally:
+        stack.stop()
+        if databases:
+            databases.drop()

@@ -1,0 +1,102 @@
+"""The `ml_predict` job: energies, forces, stresses, relaxations and formation energies from a matgl model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from kiln.runtime import report_progress
+from kiln.schemas.ml_predict import MLPredictInput
+from kiln.settings import get_settings
+
+FORCE_PROPERTIES = ("forces", "stress")
+
+
+@flow(name="ml_predict", persist_result=True, result_serializer="json")
+def ml_predict(
+    model: str = "tensornet-matpes-pbe",
+    structure: Any = None,
+    structures: list[Any] | None = None,
+    property: str = "energy",
+    relax: dict | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    from pymatgen.core import Structure
+
+    from kiln.tasks.ml import predict as ml
+    from kiln.tasks.ml.models import MODELS, load_potential
+    from kiln.tasks.ml.structures import domain_report
+
+    request = MLPredictInput(
+        model=model, structure=structure, structures=structures, property=property,
+        **({"relax": relax} if relax else {}), batch_size=batch_size,
+    )
+    info = MODELS[request.model]
+    started = time.perf_counter()
+    loads_before = load_potential.cache_info().misses
+    potential = load_potential(request.model, get_settings().models_path)
+    load_seconds = time.perf_counter() - started if load_potential.cache_info().misses > loads_before else 0.0
+
+    parsed = request.parsed()
+    crystals: list[Structure] = []
+    notes: list[dict] = []
+    for item in parsed:
+        crystal = item.structure
+        note: dict[str, Any] = {}
+        if item.prototype:
+            # a formula names a prototype, not a structure: relax it with the same potential first
+            relaxed = ml.relax(potential, crystal, fmax=0.02, steps=500, relax_cell=True)
+            crystal = Structure.from_dict(relaxed["structure"])
+            note["prototype"] = f"{item.prototype}, relaxed with {info.name}"
+        note.update(domain_report(crystal, set(info.elements)))
+        crystals.append(crystal)
+        notes.append(note)
+
+    def progress(done: int, total: int) -> None:
+        report_progress(100 * done / total, f"{done} of {total} structures")
+
+    predicted = time.perf_counter()
+    if request.property == "relax":
+        results = []
+        for index, crystal in enumerate(crystals):
+            options = request.relax
+            out = ml.relax(potential, crystal, optimizer=options.optimizer, fmax=options.fmax, steps=options.steps,
+                           relax_cell=options.relax_cell)
+            results.append({
+                "energy": out["energy_per_atom"], "unit": "eV/atom",
+                "total_energy": out["total_energy"], "total_energy_unit": "eV",
+                "structure": out["structure"], "steps": out["steps"], "converged": out["converged"],
+            })
+            progress(index + 1, len(crystals))
+    elif request.property == "formation_energy":
+        results = []
+        for index, crystal in enumerate(crystals):
+            out = ml.formation_energy(potential, crystal, request.model, ml.REFERENCE_CACHE)
+            results.append({"formation_energy": out["formation_energy"], "unit": "eV/atom",
+                            "references": out["references"]})
+            progress(index + 1, len(crystals))
+    else:
+        with_forces = request.property in FORCE_PROPERTIES
+        batch = request.batch_size or ml.DEFAULT_BATCH_SIZE["forces" if with_forces else "energy"]
+        results = []
+        for out in ml.predict(potential, crystals, forces=with_forces, stress=with_forces, batch_size=batch,
+                              progress=progress):
+            entry = {"energy": out["energy_per_atom"], "unit": "eV/atom",
+                     "total_energy": out["total_energy"], "total_energy_unit": "eV"}
+            if with_forces:
+                entry.update(forces=out["forces"], forces_unit="eV/Å", stress=out["stress"], stress_unit="GPa")
+            results.append(entry)
+    for entry, note in zip(results, notes):
+        entry.update(note)
+
+    header = {
+        "model": info.name,
+        "model_version": info.version,
+        "property": request.property,
+        "timings": {"model_load_s": round(load_seconds, 4), "predict_s": round(time.perf_counter() - predicted, 4)},
+    }
+    if request.structure is not None:
+        return {**results[0], **header}
+    return {**header, "results": results}

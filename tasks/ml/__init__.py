@@ -1,0 +1,1 @@
+"""Executors for predictions with machine-learned interatomic potentials."""
