@@ -71,10 +71,17 @@ def ml_predict(
             })
             progress(index + 1, len(crystals))
     elif request.property == "formation_energy":
+        # a formation energy is a ground-state quantity: relax the compound as its references were
         results = []
         for index, crystal in enumerate(crystals):
-            out = ml.formation_energy(potential, crystal, request.model, ml.REFERENCE_CACHE)
+            options = request.relax
+            relaxed = ml.relax(potential, crystal, optimizer=options.optimizer, fmax=options.fmax,
+                               steps=options.steps, relax_cell=options.relax_cell)
+            out = ml.formation_energy(potential, Structure.from_dict(relaxed["structure"]), request.model,
+                                      ml.REFERENCE_CACHE)
             results.append({"formation_energy": out["formation_energy"], "unit": "eV/atom",
+                            "energy": relaxed["energy_per_atom"], "energy_unit": "eV/atom",
+                            "relaxed": {"steps": relaxed["steps"], "converged": relaxed["converged"]},
                             "references": out["references"]})
             progress(index + 1, len(crystals))
     else:

@@ -20,6 +20,7 @@ from prefect.states import Cancelled, Cancelling, Crashed
 from prefect.utilities.callables import parameter_schema
 
 from kiln.deployments.project import DeploymentSpec, load_project
+from kiln.job_inputs import flow_parameters
 from kiln.prefect_env import RESULTS_BLOCK
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobRow
@@ -138,7 +139,7 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
     resources = job.resources or {}
     return await client.create_flow_run_from_deployment(
         deployment_id,
-        parameters=job.input,
+        parameters=await flow_parameters(job.id, job.attempt, job.input),
         name=run_name(job),
         tags=job_tags(job),
         idempotency_key=f"kiln:{job.id}:{job.attempt}",

@@ -9,6 +9,8 @@ import importlib
 import threading
 from uuid import UUID
 
+from kiln.job_inputs import resolve_parameters
+
 # (module, function) → flow; the import, and whatever the module loads at import, stays warm
 _FLOWS: dict[tuple[str, str], object] = {}
 # flow run id → how to stop it: ("async", loop, task) or ("sync", thread id)
@@ -110,9 +112,10 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
     # this task's own context: the engine finds the shared client here
     AsyncClientContext.__var__.set(runner.client_context)
     flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
+    parameters = await asyncio.to_thread(resolve_parameters, flow_run.parameters)
     _RUNNING[flow_run_id] = ("async", runner.loop, asyncio.current_task())
     try:
-        return await run_flow_async(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        return await run_flow_async(flow, flow_run=flow_run, parameters=parameters, return_type="state")
     finally:
         _RUNNING.pop(flow_run_id, None)
 
@@ -123,9 +126,10 @@ def _run_sync(flow, flow_run_id: str):
 
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
+    parameters = resolve_parameters(flow_run.parameters)
     _RUNNING[flow_run_id] = ("sync", threading.get_ident())
     try:
-        return run_flow_sync(flow, flow_run=flow_run, parameters=flow_run.parameters, return_type="state")
+        return run_flow_sync(flow, flow_run=flow_run, parameters=parameters, return_type="state")
     finally:
         _RUNNING.pop(flow_run_id, None)
 

@@ -144,12 +144,12 @@ def model_path(name: str, model_dir: Path) -> Path:
 def available_models(model_dir: Path) -> list[ModelInfo]:
     """The models kiln offers whose folders are present in `model_dir`."""
     found = []
-    for name in MODELS:
+    for name, info in MODELS.items():
         try:
             model_path(name, model_dir)
         except ModelNotInstalled:
             continue
-        found.append(MODELS[name])
+        found.append(info)
     return found
 
 
@@ -168,8 +168,9 @@ def load_potential(name: str, model_dir: Path) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _load_folder(folder: Path) -> Any:
-    # torch and matgl take seconds to import: only a process that runs a model pays for it
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torch and matgl take seconds to import: only a process that runs a model pays for it. Weights
+    # come from the folder only; offline, matgl cannot fall back to fetching a model by name.
+    os.environ["HF_HUB_OFFLINE"] = "1"
     import matgl
 
     installed = tuple(int(part) for part in matgl.__version__.split(".")[:3] if part.isdigit())

@@ -17,17 +17,18 @@ from kiln.errors import InputInvalid
 if TYPE_CHECKING:
     from pymatgen.core import Molecule, Structure
 
-# Structures per torch_geometric Batch. Measured on the 2-core machine (torch 2.13.0 CPU,
-# matgl 2.1.2, tensornet-matpes-pbe) with 256 rattled rock-salt/diamond/perovskite/fluorite cells
-# of 2-10 atoms (1,486 atoms); structures per second, best of 2 runs, graph building included:
+# Structures per torch_geometric Batch. Measured on the 2-core machine (torch 2.13.0 CPU, matgl 2.1.2,
+# tensornet-matpes-pbe) with 256 cells rattled by 0.05-0.1 Å: NaCl and SrTiO3/BaTiO3 cubic cells,
+# Si and primitive Ge, MgO, LiF and CaF2 (2-8 atoms, 1,120 in all). Structures per second through
+# predict(), graph building included, best of 4 interleaved runs (single runs scatter by ±20%):
 #
-#   batch size          8     16     32     64    128    (per-structure loop: 47 energy, 33 forces)
-#   energy only       214    240    251    253    252
-#   forces + stress    92     93     91     87     83
+#   batch size          1      8     16     32     64    128
+#   energy only       207    293    303    303    302    308
+#   forces + stress    51     87     88     95     72     24-39
 #
-# Energy only levels off from 32 on: 64 is the plateau's middle, and its memory stays small
-# (tens of MB for cells this size). With forces the autograd graph grows with the batch and
-# 16 is fastest; it also keeps progress reports frequent.
+# Energy only is flat from 16 on; 64 sits in the plateau with little memory. With forces the
+# autograd graph (matgl keeps create_graph=True) grows with the batch and slows beyond 32;
+# 8-32 are equal within the scatter, and 16 also keeps progress reports frequent.
 DEFAULT_BATCH_SIZE: dict[str, int] = {"energy": 64, "forces": 16}
 
 # what `ml_predict` caches: (model name, element) -> the reference phase's entry, see formation_energy
@@ -65,10 +66,9 @@ def predict(
     `progress(done, total)` is called after each batch.
     """
     import torch
+    from matgl.ext.pymatgen import Molecule2Graph, Structure2Graph
     from pymatgen.core import Molecule
     from torch_geometric.data import Batch
-
-    from matgl.ext.pymatgen import Molecule2Graph, Structure2Graph
 
     with_gradients = forces or stress
     batch_size = batch_size or DEFAULT_BATCH_SIZE["forces" if with_gradients else "energy"]
@@ -138,10 +138,9 @@ def relax(
     steps + 1 frames) and `converged`.
     """
     from ase.filters import FrechetCellFilter
+    from matgl.ext.ase import OPTIMIZERS, PESCalculator
     from pymatgen.core import Molecule
     from pymatgen.io.ase import AseAtomsAdaptor
-
-    from matgl.ext.ase import OPTIMIZERS, PESCalculator
 
     try:
         optimizer_class = OPTIMIZERS[optimizer.lower()].value
@@ -174,8 +173,8 @@ def relax(
 # experimental lattice parameters and relaxed with their cell. Elements that are gases or
 # molecular solids (H, N, O, F, Cl, Br, I; S as S8 rings) are taken as the isolated molecule in
 # a 15 Å box, which the 5 Å cutoff makes exactly an isolated molecule: in PBE without dispersion
-# the molecular crystals MP uses (e.g. alpha-O2, solid Cl2) bind their molecules by only a few
-# meV/atom, so the two agree within the model's own error, and a molecule needs no guess at a
+# the molecular crystals MP uses (e.g. alpha-O2, solid Cl2) bind their molecules by a few tens of
+# meV/atom at most, within the model's own error, and a molecule needs no guess at a
 # crystal the model saw little of. The molecule's spin state is whatever the model learned (the
 # network has no spin input). Elements missing here (noble gases, B, lanthanides, actinides,
 # ...) are refused rather than guessed.

@@ -130,3 +130,16 @@ def test_overlapping_atoms_and_huge_cells_are_refused(client):
     huge.make_supercell([12, 12, 9])
     with pytest.raises(InputInvalid, match="1000"):
         client.jobs.create(type="ml_predict", input={"structure": huge.as_dict()})
+
+
+def test_a_large_input_travels_to_the_flow_by_reference(client):
+    import httpx
+
+    from tests.integration.support import SETTINGS
+
+    crystals = [rock_salt(5.4 + 0.001 * i).as_dict() for i in range(120)]
+    job = client.jobs.create(type="ml_predict", input={"structures": crystals}).wait(timeout=300)
+    assert job.status.value == "completed", job.status_reason
+    assert len(job.output["results"]) == 120
+    parameters = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{job.flow_run_id}").json()["parameters"]
+    assert list(parameters) == ["kiln_input"]

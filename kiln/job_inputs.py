@@ -1,0 +1,44 @@
+"""Job inputs too large to travel as Prefect flow-run parameters go by reference, through the results block.
+
+Prefect serialises parameters in the creating process and stores them in its database; a
+1000-structure input (2 MB of JSON) took minutes there and held the API's event loop. Above
+INLINE_LIMIT the input is written to the `kiln-results` block that job outputs use, and the flow run
+carries only its key; the kiln worker's executor reads it back before the flow starts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kiln.prefect_env import RESULTS_BLOCK
+
+INPUT_REFERENCE = "kiln_input"
+INLINE_LIMIT = 64 * 1024
+
+
+def _is_reference(parameters: dict[str, Any]) -> bool:
+    return set(parameters) == {INPUT_REFERENCE}
+
+
+async def flow_parameters(job_id: str, attempt: int, job_input: dict[str, Any]) -> dict[str, Any]:
+    """The flow run's parameters: the input itself, or a reference to it when it is large."""
+    text = json.dumps(job_input)
+    if len(text) <= INLINE_LIMIT:
+        return job_input
+    from prefect.filesystems import LocalFileSystem
+
+    key = f"inputs/{job_id}-{attempt}.json"
+    block = await LocalFileSystem.aload(RESULTS_BLOCK)
+    await block.awrite_path(key, text.encode())
+    return {INPUT_REFERENCE: key}
+
+
+def resolve_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The flow's real parameters, read back from the results block when the run carries a reference."""
+    if not _is_reference(parameters):
+        return parameters
+    from prefect.filesystems import LocalFileSystem
+
+    block = LocalFileSystem.load(RESULTS_BLOCK, _sync=True)
+    return json.loads(block.read_path(parameters[INPUT_REFERENCE], _sync=True))
