@@ -96,7 +96,8 @@ def test_many_structures_report_progress_as_they_go(client):
     job = client.jobs.create(type="ml_predict", input={"structures": crystals, "batch_size": 8})
     events = list(client.jobs.events(job.id))
     progress = [e.data["percent"] for e in events if e.event == "progress"]
-    assert len(progress) >= 4 and progress == sorted(progress)
+    # reports are at most one a second, and the last one always comes
+    assert len(progress) >= 2 and progress == sorted(progress) and progress[-1] == 100.0
     assert len(client.jobs.get(job.id).output["results"]) == 40
 
 
