@@ -118,7 +118,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # a job whose process dies is not re-run behind Prefect's back; kiln's retry policy decides
         dask.config.set({"distributed.scheduler.allowed-failures": 0})
         # Dask's nannies pin numeric libraries to one thread per process; a job owns its process, so
-        # give each process its share of the cores (torch inference runs ~1.6× faster on two than one)
+        # give each process its share of the cores
         threads = str(max(1, (os.cpu_count() or 1) // self._dask_workers))
         dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": threads
                          for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
