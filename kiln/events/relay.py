@@ -87,7 +87,7 @@ class Relay:
             payload = event.payload
             worker = event.resource.id.removeprefix("kiln.worker.")
             orphans = await self.store.worker_heartbeat(
-                worker, payload["instance"], payload["slots"], payload["offers"], payload["running"]
+                worker, payload["instance"], payload["slots"], payload["offers"], payload["running"], event.occurred
             )
             if orphans:
                 await self.crash_runs(orphans, f"the kiln worker {worker!r} restarted while running this job")

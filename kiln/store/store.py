@@ -432,17 +432,23 @@ class Store:
     # workers
 
     async def worker_heartbeat(
-        self, name: str, instance: str, slots: int, offers: dict, running: list[str]
+        self, name: str, instance: str, slots: int, offers: dict, running: list[str], at: datetime
     ) -> list[str]:
-        """Records a heartbeat; returns the runs an earlier instance of a restarted worker left behind."""
+        """Records a heartbeat sent at `at`; returns the runs an earlier instance of a restarted worker left.
+
+        A heartbeat older than the last one recorded is ignored: Prefect may replay recent events to
+        a relay that resubscribes, and an old instance's beat must not look like a restart.
+        """
         async with self.session.begin() as s:
             row = await s.get(WorkerRow, name)
             if row is None:
-                s.add(WorkerRow(name=name, instance=instance, slots=slots, offers=offers, running=running))
+                s.add(WorkerRow(name=name, instance=instance, slots=slots, offers=offers, running=running, last_seen=at))
+                return []
+            if at <= row.last_seen:
                 return []
             orphans = [] if row.instance == instance or row.lost else [r for r in row.running if r not in running]
             row.instance, row.slots, row.offers, row.running = instance, slots, offers, running
-            row.last_seen, row.lost = utcnow(), False
+            row.last_seen, row.lost = at, False
             return orphans
 
     async def worker_stopped(self, name: str) -> None:

@@ -142,7 +142,7 @@ async def test_listing_pages_newest_first(store):
 
 async def test_capacity_counts_live_workers_and_in_flight_jobs(store):
     pid = await project(store)
-    await store.worker_heartbeat("w1", "i1", 2, {"cpu_count": 2}, [])
+    await store.worker_heartbeat("w1", "i1", 2, {"cpu_count": 2}, [], utcnow())
     job = await add(store, pid)
     await store.claim_for_release(job.id)
     capacity = await store.capacity(timedelta(seconds=10))
@@ -151,9 +151,13 @@ async def test_capacity_counts_live_workers_and_in_flight_jobs(store):
 
 
 async def test_a_restarted_worker_hands_back_the_runs_of_its_previous_life(store):
-    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"]) == []
-    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"]) == []
-    assert await store.worker_heartbeat("w1", "i2", 1, {}, []) == ["run-a"]
+    t0 = utcnow()
+    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"], t0) == []
+    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"], t0 + timedelta(seconds=2)) == []
+    assert await store.worker_heartbeat("w1", "i2", 1, {}, ["run-b"], t0 + timedelta(seconds=4)) == ["run-a"]
+    # a replayed beat of the old instance is older than the last one: no restart, nothing handed back
+    assert await store.worker_heartbeat("w1", "i1", 1, {}, ["run-a"], t0 + timedelta(seconds=1)) == []
+    assert await store.worker_heartbeat("w1", "i2", 1, {}, ["run-b"], t0 + timedelta(seconds=6)) == []
 
 
 async def test_taken_jobs_are_found_for_the_lost_worker_check(store):
