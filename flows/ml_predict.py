@@ -80,13 +80,16 @@ def predict_job(
             last_report[0] = now
             report_progress(100 * done / total, f"{done} of {total} structures")
 
+    def relax_as_asked(crystal: Structure) -> dict:
+        options = request.relax
+        return ml.relax(potential, crystal, optimizer=options.optimizer, fmax=options.fmax, steps=options.steps,
+                        relax_cell=options.relax_cell)
+
     predicted = time.perf_counter()
     if request.property == "relax":
         results = []
         for index, crystal in enumerate(crystals):
-            options = request.relax
-            out = ml.relax(potential, crystal, optimizer=options.optimizer, fmax=options.fmax, steps=options.steps,
-                           relax_cell=options.relax_cell)
+            out = relax_as_asked(crystal)
             results.append({
                 "energy": out["energy_per_atom"], "unit": "eV/atom",
                 "total_energy": out["total_energy"], "total_energy_unit": "eV",
@@ -97,9 +100,7 @@ def predict_job(
         # a formation energy is a ground-state quantity: relax the compound as its references were
         results = []
         for index, crystal in enumerate(crystals):
-            options = request.relax
-            relaxed = ml.relax(potential, crystal, optimizer=options.optimizer, fmax=options.fmax,
-                               steps=options.steps, relax_cell=options.relax_cell)
+            relaxed = relax_as_asked(crystal)
             out = ml.formation_energy(potential, Structure.from_dict(relaxed["structure"]), request.model,
                                       ml.REFERENCE_CACHE)
             results.append({"formation_energy": out["formation_energy"], "unit": "eV/atom",

@@ -111,7 +111,7 @@ class Dispatcher:
     async def fail_overdue_jobs(self) -> None:
         """Fails jobs that waited past their assign or start timeout, saying which and why."""
         now = utcnow()
-        for job in await self.store.overdue(now):
+        for job in await self.store.with_wait_timeouts():
             resources = Resources.model_validate(job.resources)
             reason = None
             if resources.max_timeout_assign_ms and job.picked_at is None:

@@ -417,7 +417,7 @@ class Store:
                 )
             )
 
-    async def overdue(self, now: datetime) -> list[JobRow]:
+    async def with_wait_timeouts(self) -> list[JobRow]:
         """Unfinished jobs with a timeout on being picked up or started; the caller checks which ran out."""
         async with self.session() as s:
             rows = await s.scalars(
