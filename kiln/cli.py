@@ -17,8 +17,10 @@ from kiln.settings import KilnSettings, get_settings
 app = typer.Typer(help="kiln: a unified compute-job platform for materials science, on Prefect 3.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys: each belongs to one project.", no_args_is_help=True)
 worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", no_args_is_help=True)
+clusters_app = typer.Typer(help="HPC clusters (Prefect blocks) jobs can name as compute_target.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(worker_app, name="worker")
+app.add_typer(clusters_app, name="clusters")
 
 
 def _prefect_ready(settings: KilnSettings) -> None:
@@ -202,6 +204,72 @@ def keys_revoke(key: str = typer.Argument(..., help="The key, or the first 12 ch
     typer.echo(f"revoked {count} key(s)")
 
 
+# HPC clusters
+
+
+@clusters_app.command("add")
+def clusters_add(
+    name: str = typer.Argument(..., help="The name jobs use as their compute_target."),
+    scheduler: str = typer.Option(..., help="slurm or pbs."),
+    queue: Optional[str] = typer.Option(None, help="Partition (SLURM) or queue (PBS)."),
+    account: Optional[str] = typer.Option(None, help="Account (SLURM) or project (PBS) to charge."),
+    cores: int = typer.Option(1, help="Cores of one batch job (the most cpu_count a job may ask)."),
+    memory: str = typer.Option("2GB", help="Memory of one batch job, e.g. 4GB."),
+    walltime: str = typer.Option("01:00:00", help="Walltime of one batch job, HH:MM:SS."),
+    processes: int = typer.Option(1, help="Dask worker processes per batch job."),
+    max_jobs: int = typer.Option(4, help="Most batch jobs one kiln job holds at once."),
+    directive: list[str] = typer.Option([], help="An extra scheduler directive (repeatable), e.g. --qos=long."),
+    prologue: list[str] = typer.Option([], help="A shell line run before the worker starts (repeatable)."),
+    python: Optional[str] = typer.Option(None, help="The Python on the nodes; this one by default."),
+    scheduler_host: str = typer.Option("127.0.0.1", help="This machine's address as the nodes reach it."),
+    log_directory: Optional[str] = typer.Option(None, help="Where batch jobs write their output."),
+    overwrite: bool = typer.Option(False, help="Replace a cluster already registered under this name."),
+) -> None:
+    """Registers an HPC cluster as a Prefect block."""
+    _prefect_ready(get_settings())
+    from pydantic import ValidationError
+
+    from kiln.blocks.cluster import HpcCluster
+
+    try:
+        cluster = HpcCluster(
+            scheduler=scheduler, queue=queue, account=account, cores=cores, memory=memory, walltime=walltime,
+            processes=processes, max_jobs=max_jobs, job_extra_directives=directive, job_script_prologue=prologue,
+            python=python, scheduler_host=scheduler_host, log_directory=log_directory,
+        )
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+    try:
+        cluster.save(name, overwrite=overwrite)
+    except ValueError as exc:
+        _fail(f"{name}: {exc}; pass --overwrite to replace it")
+    typer.echo(f"cluster {name!r} registered ({scheduler}, queue {queue or 'default'})")
+
+
+@clusters_app.command("list")
+def clusters_list() -> None:
+    """Lists the registered HPC clusters."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.cluster import registered_clusters
+
+    for name, cluster in sorted(asyncio.run(registered_clusters()).items()):
+        typer.echo(f"{name}\t{cluster.scheduler}\tqueue={cluster.queue or '-'}\tcores={cluster.cores}"
+                   f"\tmemory={cluster.memory}\twalltime={cluster.walltime}\tmax_jobs={cluster.max_jobs}")
+
+
+@clusters_app.command("remove")
+def clusters_remove(name: str) -> None:
+    """Removes a registered HPC cluster."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.cluster import HpcCluster
+
+    try:
+        HpcCluster.delete(name)
+    except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
+        _fail(f"{name}: no such cluster ({exc})")
+    typer.echo(f"cluster {name!r} removed")
+
+
 # jobs
 
 
@@ -232,6 +300,7 @@ def submit(
     type: str = typer.Argument(..., help="The job type, e.g. sleep."),
     input: str = typer.Option("{}", "--input", help="The input as JSON, or @file with JSON in it."),
     priority: int = typer.Option(0, help="Higher runs first."),
+    compute_target: Optional[str] = typer.Option(None, "--compute-target", help="'local' or a registered cluster."),
 ) -> None:
     """Submits a job and prints its id."""
     text = Path(input[1:]).read_text() if input.startswith("@") else input
@@ -240,7 +309,8 @@ def submit(
     except json.JSONDecodeError as exc:
         _fail(f"--input: not valid JSON ({exc})")
     with _client() as client:
-        job = _run(lambda: client.jobs.create(type=type, input=payload, priority=priority))
+        job = _run(lambda: client.jobs.create(type=type, input=payload, priority=priority,
+                                                    compute_target=compute_target))
     typer.echo(job.id)
 
 

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prefect.client.orchestration import get_client
 
 from kiln.api.jobs import error_body
+from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import router as jobs_router
 from kiln.api.models import router as models_router
 from kiln.dispatch.dispatcher import Dispatcher
@@ -99,4 +100,5 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     app.include_router(jobs_router)
     app.include_router(models_router)
+    app.include_router(hpc_router)
     return app

@@ -93,7 +93,9 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
         job_input = await asyncio.to_thread(job_type.input_model.model_validate, raw_input)
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
-    job_type.check_input(job_input, state.settings)
+    await job_type.check_job(
+        job_input, state.settings, compute_target=body.compute_target, resources=body.resources or Resources()
+    )
     row = await state.store.add_job(
         project_id=project_id,
         type=body.type,

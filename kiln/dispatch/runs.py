@@ -22,6 +22,7 @@ from prefect.utilities.callables import parameter_schema
 from kiln.deployments.project import DeploymentSpec, load_project
 from kiln.job_inputs import flow_parameters
 from kiln.prefect_env import RESULTS_BLOCK
+from kiln.schemas.job_types import JOB_TYPES
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobRow
 
@@ -40,9 +41,16 @@ _STATUS_OF_STATE = {
 }
 
 
-def status_of_state(state_type: StateType | str) -> JobStatus | None:
-    """The job status a Prefect state type means; None for Cancelling, which is not an end yet."""
-    return _STATUS_OF_STATE.get(StateType(state_type))
+# a Running state of this name: a split job merging its tasks' outputs (kiln.runtime.report_merging)
+MERGING_STATE_NAME = "Merging"
+
+
+def status_of_state(state_type: StateType | str, state_name: str | None = None) -> JobStatus | None:
+    """The job status a Prefect state means; None for Cancelling, which is not an end yet."""
+    state_type = StateType(state_type)
+    if state_type is StateType.RUNNING and state_name == MERGING_STATE_NAME:
+        return JobStatus.MERGING
+    return _STATUS_OF_STATE.get(state_type)
 
 
 def reason_of_state(state_type: StateType | str, message: str | None) -> str | None:
@@ -110,6 +118,10 @@ async def apply_project(client: PrefectClient) -> dict[str, UUID]:
         except ObjectAlreadyExists:
             pass
     await LocalFileSystem(basepath=os.environ["PREFECT_LOCAL_STORAGE_PATH"]).save(RESULTS_BLOCK, overwrite=True)
+    # the cluster block type shows in the Prefect UI (Blocks → add) before any cluster is registered
+    from kiln.blocks.cluster import HpcCluster
+
+    await HpcCluster.aregister_type_and_schema(client=client)
     deployments: dict[str, UUID] = {}
     for spec in project.deployments:
         try:
@@ -137,9 +149,14 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
     """The job's flow run; the idempotency key makes a second release of the same attempt return the first run."""
     band = load_project().band_for(job.priority)
     resources = job.resources or {}
+    job_type = JOB_TYPES.get(job.type)
+    flow_input = job.input
+    if job_type is not None and job_type.runs_on_clusters:
+        flow_input = {**flow_input, "compute_target": job.compute_target, "resources": resources}
+    parameters = await flow_parameters(job.id, job.attempt, flow_input)
     return await client.create_flow_run_from_deployment(
         deployment_id,
-        parameters=await flow_parameters(job.id, job.attempt, job.input),
+        parameters=parameters,
         name=run_name(job),
         tags=job_tags(job),
         idempotency_key=f"kiln:{job.id}:{job.attempt}",

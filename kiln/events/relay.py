@@ -18,6 +18,7 @@ from kiln.dispatch.runs import crash_run, job_of_tags, reason_of_state, run_outp
 from kiln.runtime import PROGRESS_EVENT
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
+from kiln.store.job_tasks import record_task_progress
 from kiln.store.models import utcnow
 from kiln.store.store import Store
 from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT
@@ -76,13 +77,18 @@ class Relay:
                 await self.apply_state(
                     flow_run_id=event.resource.id.removeprefix(FLOW_RUN_PREFIX),
                     state_type=state_type,
+                    state_name=event.resource.get("prefect.state-name"),
                     message=event.resource.get("prefect.state-message") or None,
                     tags=tags,
                     at=event.occurred,
                 )
         elif name == PROGRESS_EVENT:
             job_id = event.resource.id.removeprefix("kiln.job.")
-            await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
+            if event.payload.get("tasks") is not None:
+                # a split job: its tasks' table and the SSE progress event, with the tasks in it
+                await record_task_progress(self.store, job_id, event.payload)
+            else:
+                await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
         elif name == HEARTBEAT_EVENT:
             payload = event.payload
             worker = event.resource.id.removeprefix("kiln.worker.")
@@ -95,9 +101,11 @@ class Relay:
         elif name == STOPPED_EVENT:
             await self.store.worker_stopped(event.resource.id.removeprefix("kiln.worker."))
 
-    async def apply_state(self, *, flow_run_id: str, state_type: str, message: str | None, tags, at) -> None:
+    async def apply_state(
+        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
+    ) -> None:
         """Mirrors one Prefect state of a flow run onto its job."""
-        status = status_of_state(state_type)
+        status = status_of_state(state_type, state_name)
         if status is None:
             return
         job = await self.store.job_by_flow_run(flow_run_id)
@@ -164,6 +172,7 @@ class Relay:
             await self.apply_state(
                 flow_run_id=job.flow_run_id,
                 state_type=flow_run.state.type.value,
+                state_name=flow_run.state.name,
                 message=flow_run.state.message,
                 tags=flow_run.tags,
                 at=flow_run.state.timestamp,

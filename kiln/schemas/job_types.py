@@ -21,11 +21,46 @@ class JobType:
     # "module:function" called with (input, settings) at submission; raises a KilnError when the
     # input names something this installation does not have (a model, a cluster)
     check: str | None = None
+    # the flow takes the job's `compute_target` and `resources` as parameters and may run on a
+    # registered HPC cluster; other types run only on kiln's own workers
+    runs_on_clusters: bool = False
+    # the job must name a registered cluster as its compute_target
+    needs_cluster: bool = False
 
     def check_input(self, job_input: BaseModel, settings) -> None:
         if self.check:
             module, function = self.check.split(":")
             getattr(importlib.import_module(module), function)(job_input, settings)
+
+    async def check_job(self, job_input: BaseModel, settings, *, compute_target: str | None, resources) -> None:
+        """check_input, then whether compute_target names a cluster that can meet the job's resources."""
+        from kiln.errors import InvalidRequest
+
+        self.check_input(job_input, settings)
+        if compute_target in (None, "local"):
+            if self.needs_cluster:
+                raise InvalidRequest(
+                    f"compute_target: a {self.name} job runs on a registered HPC cluster; name one "
+                    "(GET /api/v1/clusters lists them, `kiln clusters add` registers one)"
+                )
+            return
+        if not self.runs_on_clusters:
+            raise InvalidRequest(
+                f"compute_target: {self.name} jobs run only on kiln's own workers ('local'), "
+                f"not on the cluster {compute_target!r}"
+            )
+        from kiln.blocks.cluster import load_cluster, registered_clusters
+
+        cluster = await load_cluster(compute_target)
+        if cluster is None:
+            names = ", ".join(sorted(await registered_clusters())) or "none"
+            raise InvalidRequest(
+                f"compute_target: no cluster named {compute_target!r} is registered (registered: {names}); "
+                "`kiln clusters add` registers one"
+            )
+        unmet = cluster.unmet(resources, compute_target)
+        if unmet:
+            raise InvalidRequest(unmet)
 
     @property
     def module(self) -> str:

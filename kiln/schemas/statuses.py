@@ -9,6 +9,8 @@ class JobStatus(str, Enum):
     PENDING = "pending"
     QUEUED = "queued"
     RUNNING = "running"
+    # a split job whose tasks all finished, while their outputs are merged
+    MERGING = "merging"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -21,5 +23,5 @@ class JobStatus(str, Enum):
 
 FINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.CACHE_HIT})
 # released to Prefect and holding (or about to hold) a worker slot
-IN_FLIGHT_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
-CANCELLABLE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING})
+IN_FLIGHT_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.MERGING})
+CANCELLABLE_STATUSES = frozenset({JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.MERGING})

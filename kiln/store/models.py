@@ -97,6 +97,19 @@ class JobEventRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class JobTaskRow(Base):
+    """One task of a job split into `ntasks` (hpc_submit, simulation): its status and units done."""
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    task_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    done_units: Mapped[int] = mapped_column(Integer, default=0)
+    requested_units: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class WorkerRow(Base):
     __tablename__ = "workers"
 

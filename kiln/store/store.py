@@ -21,7 +21,7 @@ from kiln.store.models import ApiKey, JobEventRow, JobRow, Project, WorkerRow, u
 KEY_PREFIX = "kiln_"
 
 # a job only moves forward through these; a late event for an earlier stage is ignored
-_RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2}
+_RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2, JobStatus.MERGING: 3}
 _TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
 
 
@@ -264,6 +264,8 @@ class Store:
                 row.started_at = at
                 row.picked_at = row.picked_at or at
                 row.status_reason = None
+            elif status is JobStatus.MERGING:
+                row.status_reason = reason
             else:
                 row.completed_at = at
                 row.status_reason = reason
@@ -292,7 +294,7 @@ class Store:
             return list(
                 await s.scalars(
                     select(JobRow).where(
-                        JobRow.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+                        JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]),
                         or_(JobRow.picked_at < before, JobRow.started_at < before),
                         JobRow.parent_id.is_(None),
                         JobRow.flow_run_id.is_not(None),
@@ -421,7 +423,9 @@ class Store:
         """Unfinished jobs with a timeout on being picked up or started; the caller checks which ran out."""
         async with self.session() as s:
             rows = await s.scalars(
-                select(JobRow).where(JobRow.status.in_([s.value for s in CANCELLABLE_STATUSES - {JobStatus.RUNNING}]))
+                select(JobRow).where(
+                    JobRow.status.in_([s.value for s in CANCELLABLE_STATUSES - {JobStatus.RUNNING, JobStatus.MERGING}])
+                )
             )
             return [
                 r

@@ -1,0 +1,1 @@
+"""Executors of simulation jobs: relaxations, molecular dynamics and single points, and merging replicas."""
