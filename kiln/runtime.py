@@ -75,3 +75,40 @@ async def run_child_job(flow, **parameters: Any) -> Any:
     child_tags = ["kiln", f"job:{child_id}", f"parent:{parent_id}", f"project:{project_id}", f"type:{flow.name}"]
     with tags(*child_tags):
         return await flow.with_options(flow_run_name=f"{flow.name}-{child_id[:8]}-child")(**parameters)
+
+
+async def areport_tasks(tasks: list[dict], percent: float, message: str | None = None) -> None:
+    """Reports a split job's tasks ([{task_id, status, done_units, requested_units}, …]) with its overall progress.
+
+    The relay keeps them as the job's task table (GET /api/v1/jobs/{id}/tasks) and as a progress
+    event on the job's SSE stream.
+    """
+    job_id, _, flow_run_id = current_job()
+    if job_id is None:
+        return
+    emit_event(
+        PROGRESS_EVENT,
+        resource={"prefect.resource.id": f"kiln.job.{job_id}"},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
+        payload={"percent": max(0.0, min(100.0, float(percent))), "message": message, "tasks": tasks},
+    )
+
+
+async def areport_merging(message: str) -> None:
+    """Marks the job `merging`: its tasks are done and their outputs are being combined.
+
+    A Running state named Merging, so the Prefect UI shows it too; kiln.dispatch.runs maps it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from kiln.schemas.statuses import MERGING_STATE_NAME
+
+    _, _, flow_run_id = current_job()
+    if flow_run_id is None:
+        return
+    try:
+        async with get_client() as client:
+            await client.set_flow_run_state(flow_run_id, Running(name=MERGING_STATE_NAME, message=message))
+    except Exception as exc:  # noqa: BLE001 - the status is advisory; merging goes on
+        log.warning("could not mark flow run %s merging: %s", flow_run_id, exc)

@@ -23,7 +23,7 @@ from kiln.deployments.project import DeploymentSpec, load_project
 from kiln.job_inputs import flow_parameters
 from kiln.prefect_env import RESULTS_BLOCK
 from kiln.schemas.job_types import JOB_TYPES
-from kiln.schemas.statuses import JobStatus
+from kiln.schemas.statuses import MERGING_STATE_NAME, JobStatus
 from kiln.store.models import JobRow
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ _STATUS_OF_STATE = {
     StateType.CRASHED: JobStatus.FAILED,
     StateType.CANCELLED: JobStatus.CANCELLED,
 }
-
-
-# a Running state of this name: a split job merging its tasks' outputs (kiln.runtime.report_merging)
-MERGING_STATE_NAME = "Merging"
 
 
 def status_of_state(state_type: StateType | str, state_name: str | None = None) -> JobStatus | None:

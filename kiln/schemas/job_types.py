@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from kiln.schemas.hpc_submit import HpcSubmitInput
 from kiln.schemas.ml_predict import MLPredictInput
 from kiln.schemas.sleep import SleepInput
 
@@ -87,6 +88,15 @@ JOB_TYPES: dict[str, JobType] = {
             input_model=MLPredictInput,
             requires=("matgl", "torch", "torch_geometric", "pymatgen", "ase"),
             check="kiln.tasks.ml.models:require_model",
+        ),
+        JobType(
+            name="hpc_submit",
+            description="A registered callable or a command line run as ntasks tasks on a registered SLURM or PBS "
+            "cluster (compute_target), through dask-jobqueue; per-task progress, merged output.",
+            input_model=HpcSubmitInput,
+            requires=("dask_jobqueue",),
+            runs_on_clusters=True,
+            needs_cluster=True,
         ),
     ]
 }

@@ -21,6 +21,9 @@ class JobStatus(str, Enum):
         return self in FINAL_STATUSES
 
 
+# the Prefect state (type Running) of a flow run whose job is merging; kiln.dispatch.runs maps it
+MERGING_STATE_NAME = "Merging"
+
 FINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.CACHE_HIT})
 # released to Prefect and holding (or about to hold) a worker slot
 IN_FLIGHT_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.MERGING})

@@ -1,0 +1,76 @@
+"""The `hpc_submit` job: a callable or command run as `ntasks` tasks on a registered SLURM or PBS cluster."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from kiln.runtime import areport_merging, areport_tasks, current_job
+
+PROGRESS_INTERVAL_SECONDS = 1.0
+
+
+@flow(name="hpc_submit", persist_result=True, result_serializer="json")
+async def hpc_submit(
+    callable: str | None = None,
+    command: list[str] | None = None,
+    args: list | None = None,
+    kwargs: dict | None = None,
+    task_kwargs: list[dict] | None = None,
+    ntasks: int = 1,
+    compute_target: str | None = None,
+    resources: dict | None = None,
+) -> dict:
+    from kiln.blocks.cluster import load_cluster
+    from kiln.schemas.hpc_submit import HpcSubmitInput
+    from kiln.schemas.resources import Resources
+    from kiln.tasks.hpc.runner import merge_outputs, run_split
+
+    request = HpcSubmitInput(
+        callable=callable, command=command, args=args or [], kwargs=kwargs or {}, task_kwargs=task_kwargs,
+        ntasks=ntasks,
+    )
+    job_resources = Resources.model_validate(resources or {})
+    if not compute_target:
+        raise ValueError("compute_target: an hpc_submit job needs a registered cluster")
+    block = await load_cluster(compute_target)
+    if block is None:
+        raise ValueError(f"compute_target: no cluster named {compute_target!r} is registered (it was removed?)")
+    job_id, _, _ = current_job()
+    started = time.perf_counter()
+    last_report = [0.0]
+
+    async def on_progress(split) -> None:
+        # every status change is reported; progress within a task at most once a second
+        now = time.perf_counter()
+        statuses = tuple(t.status for t in split.tasks.values())
+        if statuses != getattr(on_progress, "statuses", None) or now - last_report[0] >= PROGRESS_INTERVAL_SECONDS:
+            on_progress.statuses = statuses
+            last_report[0] = now
+            await areport_tasks(split.table(), split.percent, split.summary())
+
+    outputs, run = await run_split(
+        block,
+        job_resources,
+        job_name=f"kiln-{(job_id or 'local')[:8]}",
+        target=request.target,
+        ntasks=request.ntasks,
+        args=request.command if request.command is not None else request.args,
+        task_kwargs=request.kwargs_of_tasks(),
+        on_progress=on_progress,
+    )
+    await areport_merging(f"all {request.ntasks} tasks finished; merging their outputs")
+    merge_started = time.perf_counter()
+    merged = merge_outputs(outputs)
+    run["timings"]["merge_s"] = round(time.perf_counter() - merge_started, 4)
+    run["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    return {
+        "cluster": compute_target,
+        "scheduler": block.scheduler,
+        "ntasks": request.ntasks,
+        "outputs": outputs,
+        "merged": merged,
+        **run,
+    }
