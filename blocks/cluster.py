@@ -139,14 +139,35 @@ class HpcCluster(Block):
 
     def dask_cluster(self, resources: Resources, *, job_name: str = "kiln", asynchronous: bool = True):
         """A dask-jobqueue cluster (not yet scaled) whose batch jobs fit the job's resources."""
-        from dask_jobqueue import PBSCluster, SLURMCluster
-
+        PBSCluster, SLURMCluster = _dask_jobqueue()
         cluster_class = SLURMCluster if self.scheduler == "slurm" else PBSCluster
         return cluster_class(asynchronous=asynchronous, **self.job_options(resources, job_name))
 
     def summary(self, name: str) -> dict[str, Any]:
         """What GET /api/v1/clusters shows of the cluster."""
         return {"name": name, **self.model_dump(mode="json", exclude={"block_type_slug"})}
+
+
+def _dask_jobqueue():
+    """dask_jobqueue's PBSCluster and SLURMCluster, importable from any thread.
+
+    dask_jobqueue.runner installs a SIGINT handler at import, which Python allows only in the main
+    thread; a flow runs in a kiln worker's thread. The handler serves dask-jobqueue's own runner
+    CLI, which kiln does not use, so it is skipped when imported elsewhere.
+    """
+    import signal
+    import threading
+
+    if "dask_jobqueue" not in sys.modules and threading.current_thread() is not threading.main_thread():
+        original = signal.signal
+        signal.signal = lambda *args, **kwargs: None
+        try:
+            import dask_jobqueue  # noqa: F401
+        finally:
+            signal.signal = original
+    from dask_jobqueue import PBSCluster, SLURMCluster
+
+    return PBSCluster, SLURMCluster
 
 
 async def registered_clusters() -> dict[str, HpcCluster]:
