@@ -3,17 +3,18 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres test-unit test-sqlite test-postgres bench
+.PHONY: run test install install-test postgres slurm test-unit test-sqlite test-postgres bench
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 run: install
 	kiln up
 
-## make test: install kiln with its test tools, start PostgreSQL, and run every test
-test: install-test postgres
+## make test: install kiln with its test tools, start PostgreSQL and a single-node SLURM, and run every test
+test: install-test postgres slurm
 	$(PYTHON) -m pytest tests/unit -q
 	$(PYTHON) -m pytest tests/integration -q -x
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
+	$(PYTHON) -m pytest tests/slurm -q -x
 	$(PYTHON) -m pytest tests/e2e -q -x
 
 install:
@@ -28,6 +29,10 @@ postgres:
 	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | head -1 | cut -d' ' -f1) main start
 	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='kiln'\"" | grep -q 1 || \
 		su postgres -c "psql -qc \"CREATE ROLE kiln LOGIN SUPERUSER PASSWORD 'kiln'\""
+
+# a single-node SLURM on localhost (slurm-wlm and munge from Debian, installed if missing)
+slurm:
+	scripts/slurm-up.sh
 
 bench: install
 	$(PYTHON) bench/latency.py
