@@ -135,6 +135,11 @@ class HpcCluster(Block):
         }
         if self.scheduler == "slurm":
             options["job_extra_directives"].insert(0, "--nodes=1")
+        if self.log_directory is None:
+            # otherwise each batch job leaves its output file in the kiln worker's working directory
+            options["job_extra_directives"][:0] = (
+                ["--output=/dev/null"] if self.scheduler == "slurm" else ["-o /dev/null", "-e /dev/null"]
+            )
         return {key: value for key, value in options.items() if value is not None}
 
     def dask_cluster(self, resources: Resources, *, job_name: str = "kiln", asynchronous: bool = True):
