@@ -56,7 +56,7 @@ def test_slurm_job_script_carries_the_block_and_the_job_resources():
     for line in ("#SBATCH -J kiln-abcd1234", "#SBATCH -p debug", "#SBATCH -A proj", "#SBATCH --cpus-per-task=2",
                  "#SBATCH -t 00:02:00", "#SBATCH --nodes=1", "#SBATCH --qos=long"):
         assert line in text
-    assert "#SBATCH --mem=2861M" in text  # 3 GB as dask-jobqueue writes it (MiB, rounded down)
+    assert "#SBATCH --mem=3G" in text
     assert "/dev/null" not in text
 
 
