@@ -78,6 +78,11 @@ async def run_child_job(flow, **parameters: Any) -> Any:
 
 
 async def areport_tasks(tasks: list[dict], percent: float, message: str | None = None) -> None:
+    """report_tasks, from async code."""
+    report_tasks(tasks, percent, message)
+
+
+def report_tasks(tasks: list[dict], percent: float, message: str | None = None) -> None:
     """Reports a split job's tasks ([{task_id, status, done_units, requested_units}, …]) with its overall progress.
 
     The relay keeps them as the job's task table (GET /api/v1/jobs/{id}/tasks) and as a progress

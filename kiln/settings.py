@@ -59,6 +59,11 @@ class KilnSettings(BaseSettings):
     reconcile_interval_seconds: float = Field(
         10.0, gt=0, description="How often the relay re-reads unfinished jobs' flow runs from Prefect."
     )
+    simulation_cluster: str | None = Field(
+        None,
+        description="The registered HPC cluster a simulation job without a compute_target goes to when its cost "
+        "is above kiln.schemas.simulation.LOCAL_COST_LIMIT; unset, such jobs run locally.",
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory holding the ML model folders (matgl format); KILN_HOME/models when unset. "

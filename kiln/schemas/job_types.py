@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from kiln.schemas.hpc_submit import HpcSubmitInput
 from kiln.schemas.ml_predict import MLPredictInput
+from kiln.schemas.simulation import SimulationInput
 from kiln.schemas.sleep import SleepInput
 
 
@@ -97,6 +98,16 @@ JOB_TYPES: dict[str, JobType] = {
             requires=("dask_jobqueue",),
             runs_on_clusters=True,
             needs_cluster=True,
+        ),
+        JobType(
+            name="simulation",
+            description="Relaxation or molecular dynamics (NVE/NVT/NPT) with a matgl potential, or a molecular "
+            "single point with GFN2-xTB (tblite) or DFT (PySCF); ntasks MD replicas merged; large runs or a "
+            "cluster compute_target go to an hpc_submit child job.",
+            input_model=SimulationInput,
+            requires=("matgl", "torch", "ase", "pymatgen", "tblite", "pyscf", "dask_jobqueue"),
+            check="kiln.tasks.simulation.replicas:require_model",
+            runs_on_clusters=True,
         ),
     ]
 }
