@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
+from prefect.states import Cancelled
 
 from kiln.runtime import areport_merging, areport_tasks, current_job
 
@@ -26,7 +28,7 @@ async def hpc_submit(
     from kiln.blocks.cluster import load_cluster
     from kiln.schemas.hpc_submit import HpcSubmitInput
     from kiln.schemas.resources import Resources
-    from kiln.tasks.hpc.runner import merge_outputs, run_split
+    from kiln.tasks.hpc.runner import RunStopped, merge_outputs, run_split
 
     request = HpcSubmitInput(
         callable=callable, command=command, args=args or [], kwargs=kwargs or {}, task_kwargs=task_kwargs,
@@ -38,7 +40,7 @@ async def hpc_submit(
     block = await load_cluster(compute_target)
     if block is None:
         raise ValueError(f"compute_target: no cluster named {compute_target!r} is registered (it was removed?)")
-    job_id, _, _ = current_job()
+    job_id, _, flow_run_id = current_job()
     started = time.perf_counter()
     last_report = [0.0]
 
@@ -51,16 +53,33 @@ async def hpc_submit(
             last_report[0] = now
             await areport_tasks(split.table(), split.percent, split.summary())
 
-    outputs, run = await run_split(
-        block,
-        job_resources,
-        job_name=f"kiln-{(job_id or 'local')[:8]}",
-        target=request.target,
-        ntasks=request.ntasks,
-        args=request.command if request.command is not None else request.args,
-        task_kwargs=request.kwargs_of_tasks(),
-        on_progress=on_progress,
-    )
+    async def stop_reason() -> str | None:
+        # a child job cancelled on its own: its parent's task is not cancelled, so look at the run itself
+        from prefect.client.orchestration import get_client
+
+        if flow_run_id is None:
+            return None
+        async with get_client() as client:
+            state = (await client.read_flow_run(UUID(flow_run_id))).state
+        if state is not None and (state.is_cancelling() or state.is_cancelled()):
+            return f"cancelled while its tasks ran: {state.message or 'by request'}"
+        return None
+
+    try:
+        outputs, run = await run_split(
+            block,
+            job_resources,
+            job_name=f"kiln-{(job_id or 'local')[:8]}",
+            target=request.target,
+            ntasks=request.ntasks,
+            args=request.command if request.command is not None else request.args,
+            task_kwargs=request.kwargs_of_tasks(),
+            on_progress=on_progress,
+            stop_reason=stop_reason,
+        )
+    except RunStopped as stopped:
+        # the run ends Cancelled, as asked, with its batch jobs gone (run_split removed them)
+        return Cancelled(message=str(stopped))
     await areport_merging(f"all {request.ntasks} tasks finished; merging their outputs")
     merge_started = time.perf_counter()
     merged = merge_outputs(outputs)

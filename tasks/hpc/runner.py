@@ -29,6 +29,10 @@ class TaskFailed(RuntimeError):
     """A task's own code raised; the message names the task and its error."""
 
 
+class RunStopped(RuntimeError):
+    """The job was cancelled from outside while its tasks ran (a child job cancelled on its own)."""
+
+
 @dataclass
 class TaskView:
     """One task as GET /api/v1/jobs/{id}/tasks shows it."""
@@ -100,10 +104,12 @@ async def run_split(
     args: list,
     task_kwargs: list[dict],
     on_progress: ProgressCallback,
+    stop_reason: Callable[[], Awaitable[str | None]] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """Runs task i (1-based) with task_kwargs[i-1] on the cluster's batch jobs; returns outputs in task order.
 
-    Raises BatchJobFailed or TaskFailed with a message naming the cause. However it ends — finished,
+    Raises BatchJobFailed or TaskFailed with a message naming the cause, RunStopped when
+    `stop_reason` (asked every WATCH_INTERVAL_SECONDS) gives one. However it ends — finished,
     failed or cancelled — the batch jobs are removed from the queue before it returns.
     """
     from distributed import Client
@@ -152,6 +158,8 @@ async def run_split(
                 raise TaskFailed(f"task {task_id} failed: {type(value).__name__}: {value}")
             if time.perf_counter() - last_watch >= WATCH_INTERVAL_SECONDS:
                 last_watch = time.perf_counter()
+                if stop_reason is not None and (why := await stop_reason()):
+                    raise RunStopped(why)
                 reason = await _batch_failure(block, options, cluster, split, job_ids)
                 if reason:
                     running = [t.task_id for t in split.tasks.values() if t.status not in ("completed",)]
