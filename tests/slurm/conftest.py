@@ -26,6 +26,13 @@ def squeue(name: str) -> list[str]:
     return out.stdout.split()
 
 
+def sacct(name: str) -> dict[str, str]:
+    """SLURM's accounting record of the batch jobs under this job name: job id → state."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--name", name, "-o", "jobid,state", "-S", "now-1hour"],
+                         capture_output=True, text=True, check=True)
+    return dict(line.split("|", 1) for line in out.stdout.splitlines() if line)
+
+
 def kiln_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True,
                           env={**os.environ}, check=check)

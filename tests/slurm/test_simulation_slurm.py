@@ -8,7 +8,7 @@ import time
 import httpx
 
 from tests.integration.support import SETTINGS, wait_until
-from tests.slurm.conftest import squeue
+from tests.slurm.conftest import sacct, squeue
 from tests.slurm.test_hpc_submit import collect_events, job, wait_final
 
 
@@ -53,9 +53,9 @@ def test_md_replicas_on_slurm_run_as_a_child_job_and_merge(http, api_key, cluste
     assert child_run["parent_task_run_id"] is not None
     parent_task = httpx.get(f"{SETTINGS.prefect_api}/task_runs/{child_run['parent_task_run_id']}", timeout=10).json()
     assert parent_task["flow_run_id"] == done["flow_run_id"]
-    with open("/var/log/slurm/jobcomp.log") as log:
-        names = [line for line in log if f"Name=kiln-{child_id[:8]} " in line]
-    assert len(names) == 4
+    accounted = wait_until(lambda: len(sacct(f"kiln-{child_id[:8]}")) == 4 and sacct(f"kiln-{child_id[:8]}"),
+                           timeout=30, interval=0.5, what="four batch jobs in sacct")
+    assert set(accounted) == set(out["batch_jobs"])
 
 
 def _running_on_slurm(http, steps: int, cluster: str) -> tuple[str, str, str]:
