@@ -155,6 +155,13 @@ async def run_split(
                 reason = await _batch_failure(block, options, cluster, split, job_ids)
                 if reason:
                     raise BatchJobFailed(f"task {task_id}: {reason}")
+                if type(value).__name__ == "KilledWorker":
+                    # the batch job lives on, but Dask's nanny killed its worker: past its memory limit
+                    where = f"batch job {task.batch_job}" if task.batch_job else "its batch job"
+                    raise BatchJobFailed(
+                        f"task {task_id}: the Dask worker on {where} was killed for using more than its memory "
+                        f"({options['memory']} per batch job); ask for more min_ram_gb"
+                    )
                 raise TaskFailed(f"task {task_id} failed: {type(value).__name__}: {value}")
             if time.perf_counter() - last_watch >= WATCH_INTERVAL_SECONDS:
                 last_watch = time.perf_counter()

@@ -153,3 +153,22 @@ def test_a_walltime_kill_fails_the_job_with_a_reason_saying_so(http, short_clust
     assert "walltime (00:01:00)" in done["status_reason"]
     assert "TIMEOUT" in sacct(f"kiln-{created['id'][:8]}").values()
     assert squeue(f"kiln-{created['id'][:8]}") == []
+
+
+def test_a_task_over_its_memory_fails_the_job_with_a_reason_saying_so(http, cluster, idle):
+    # the cluster gives 1GB per batch job; Dask's nanny stops a worker at 95 % of it
+    created = submit(http, "hpc_submit", {"callable": "allocate", "kwargs": {"gigabytes": 2.5, "hold_seconds": 30}},
+                     compute_target=cluster)
+    done = wait_final(http, created["id"], timeout=120)
+    assert done["status"] == "failed"
+    assert "more than its memory (1GB per batch job)" in done["status_reason"]
+    assert "min_ram_gb" in done["status_reason"]
+    assert squeue(f"kiln-{created['id'][:8]}") == []
+
+
+def test_a_failing_task_names_itself_and_its_error(http, cluster, idle):
+    created = submit(http, "hpc_submit", {"command": ["sh", "-c", "test $KILN_TASK_ID != 2 || exit 3"], "ntasks": 2},
+                     compute_target=cluster)
+    done = wait_final(http, created["id"], timeout=120)
+    assert done["status"] == "failed"
+    assert "task 2" in done["status_reason"] and "exited with 3" in done["status_reason"]
