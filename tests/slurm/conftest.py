@@ -9,8 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import api_key, client, http, idle, stack  # noqa: F401 - the shared stack
-from tests.integration.support import SETTINGS  # noqa: F401 - sets the environment before Prefect loads
+# simulations above the local cost limit go to this cluster (registered by the `cluster` fixture);
+# set before the session's settings are read
+os.environ["KILN_SIMULATION_CLUSTER"] = "slurm-local"
+
+from tests.integration.conftest import api_key, client, http, idle, stack  # noqa: E402,F401 - the shared stack
+from tests.integration.support import SETTINGS  # noqa: E402,F401 - sets the environment before Prefect loads
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -92,3 +92,32 @@ def test_cancelling_the_child_alone_removes_its_batch_jobs_within_ten_seconds(ht
     assert job(http, child_id)["status"] == "cancelled"
     parent = wait_final(http, parent_id, timeout=60)
     assert parent["status"] == "failed" and "cancelled" in parent["status_reason"]
+
+
+def test_a_simulation_above_the_cost_limit_goes_to_the_configured_cluster(http, cluster, idle):
+    from kiln.schemas.simulation import LOCAL_COST_LIMIT
+
+    steps = LOCAL_COST_LIMIT // (64 * 2) + 1  # 64 atoms × 2 replicas: just above the limit
+    created = http.post("/api/v1/jobs", json={
+        "type": "simulation",
+        "input": {"calculation": "md", "structure": "Si", "supercell": [2, 2, 2], "ntasks": 2, "md": {"steps": steps}},
+    })
+    assert created.status_code == 202, created.text
+    parent_id = created.json()["id"]
+    children = wait_until(lambda: http.get(f"/api/v1/jobs/{parent_id}/children").json(), timeout=60,
+                          interval=0.5, what="the hpc_submit child job")
+    assert children[0]["type"] == "hpc_submit" and children[0]["input"]["compute_target"] == cluster
+    name = f"kiln-{children[0]['id'][:8]}"
+    wait_until(lambda: len(squeue(name)) == 2, timeout=60, interval=0.2, what="two batch jobs in squeue")
+    assert http.post(f"/api/v1/jobs/{parent_id}/cancel").status_code == 200
+    wait_until(lambda: squeue(name) == [], timeout=10, interval=0.2, what="squeue to list none of the batch jobs")
+
+
+def test_a_small_simulation_without_compute_target_stays_local(http, cluster, idle):
+    created = http.post("/api/v1/jobs", json={
+        "type": "simulation", "input": {"calculation": "single_point", "molecule": "H2O"}})
+    assert created.status_code == 202, created.text
+    done = wait_final(http, created.json()["id"], timeout=120)
+    assert done["status"] == "completed", done["status_reason"]
+    assert done["output"]["where"] == "local" and "within the local limit" in done["output"]["placement"]
+    assert http.get(f"/api/v1/jobs/{done['id']}/children").json() == []
