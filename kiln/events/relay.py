@@ -152,7 +152,9 @@ class Relay:
                 project_id=parent.project_id,
                 type=job_type,
                 input=flow_run.parameters,
-                resources={},
+                # a child that runs on a cluster (hpc_submit under a simulation) says which
+                resources=flow_run.parameters.get("resources") or {},
+                compute_target=flow_run.parameters.get("compute_target"),
                 parent_id=parent_id,
                 status=JobStatus.QUEUED,
                 flow_run_id=flow_run_id,
