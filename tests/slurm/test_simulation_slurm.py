@@ -47,6 +47,7 @@ def test_md_replicas_on_slurm_run_as_a_child_job_and_merge(http, api_key, cluste
 
     child = job(http, child_id)
     assert child["status"] == "completed" and child["parent_id"] == parent_id
+    assert child["compute_target"] == cluster
     assert [t["status"] for t in http.get(f"/api/v1/jobs/{child_id}/tasks").json()] == ["completed"] * 4
     # in Prefect the child is a subflow of the parent's flow run
     child_run = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{child['flow_run_id']}", timeout=10).json()
