@@ -51,7 +51,7 @@ async def hpc_submit(
         if statuses != getattr(on_progress, "statuses", None) or now - last_report[0] >= PROGRESS_INTERVAL_SECONDS:
             on_progress.statuses = statuses
             last_report[0] = now
-            await areport_tasks(split.table(), split.percent, split.summary())
+            await areport_tasks(split.table(), split.percent, split.summary(), mirror_to_parent=True)
 
     async def stop_reason() -> str | None:
         # a child job cancelled on its own: its parent's task is not cancelled, so look at the run itself

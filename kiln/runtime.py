@@ -77,26 +77,37 @@ async def run_child_job(flow, **parameters: Any) -> Any:
         return await flow.with_options(flow_run_name=f"{flow.name}-{child_id[:8]}-child")(**parameters)
 
 
-async def areport_tasks(tasks: list[dict], percent: float, message: str | None = None) -> None:
+async def areport_tasks(
+    tasks: list[dict], percent: float, message: str | None = None, *, mirror_to_parent: bool = False
+) -> None:
     """report_tasks, from async code."""
-    report_tasks(tasks, percent, message)
+    report_tasks(tasks, percent, message, mirror_to_parent=mirror_to_parent)
 
 
-def report_tasks(tasks: list[dict], percent: float, message: str | None = None) -> None:
+def report_tasks(
+    tasks: list[dict], percent: float, message: str | None = None, *, mirror_to_parent: bool = False
+) -> None:
     """Reports a split job's tasks ([{task_id, status, done_units, requested_units}, …]) with its overall progress.
 
     The relay keeps them as the job's task table (GET /api/v1/jobs/{id}/tasks) and as a progress
-    event on the job's SSE stream.
+    event on the job's SSE stream. With `mirror_to_parent` the parent job gets the same: a child
+    that runs its parent's tasks (hpc_submit under a simulation) shows them on the parent too.
     """
     job_id, _, flow_run_id = current_job()
     if job_id is None:
         return
-    emit_event(
-        PROGRESS_EVENT,
-        resource={"prefect.resource.id": f"kiln.job.{job_id}"},
-        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
-        payload={"percent": max(0.0, min(100.0, float(percent))), "message": message, "tasks": tasks},
-    )
+    job_ids = [job_id]
+    if mirror_to_parent:
+        context = FlowRunContext.get()
+        parent_id = _tag_value("parent:", context.flow_run.tags) if context and context.flow_run else None
+        job_ids += [parent_id] if parent_id else []
+    for target in job_ids:
+        emit_event(
+            PROGRESS_EVENT,
+            resource={"prefect.resource.id": f"kiln.job.{target}"},
+            related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
+            payload={"percent": max(0.0, min(100.0, float(percent))), "message": message, "tasks": tasks},
+        )
 
 
 async def areport_merging(message: str) -> None:

@@ -28,9 +28,11 @@ def test_md_replicas_on_slurm_run_as_a_child_job_and_merge(http, api_key, cluste
     assert len(children) == 1 and children[0]["type"] == "hpc_submit"
     child_id = children[0]["id"]
 
-    # the child's tasks are visible while they run
+    # the child's tasks are visible while they run, on the child and on the parent
     wait_until(lambda: len(http.get(f"/api/v1/jobs/{child_id}/tasks").json()) == 4, timeout=120, interval=0.5,
                what="the child's four tasks")
+    wait_until(lambda: len(http.get(f"/api/v1/jobs/{parent_id}/tasks").json()) == 4, timeout=60, interval=0.5,
+               what="the four tasks on the parent")
 
     done = wait_final(http, parent_id, timeout=400)
     reader.join(timeout=30)
@@ -49,6 +51,8 @@ def test_md_replicas_on_slurm_run_as_a_child_job_and_merge(http, api_key, cluste
     assert child["status"] == "completed" and child["parent_id"] == parent_id
     assert child["compute_target"] == cluster
     assert [t["status"] for t in http.get(f"/api/v1/jobs/{child_id}/tasks").json()] == ["completed"] * 4
+    assert [t["status"] for t in http.get(f"/api/v1/jobs/{parent_id}/tasks").json()] == ["completed"] * 4
+    assert any(data.get("tasks") for event, data in events if event == "progress")
     # in Prefect the child is a subflow of the parent's flow run
     child_run = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{child['flow_run_id']}", timeout=10).json()
     assert child_run["parent_task_run_id"] is not None
