@@ -140,6 +140,9 @@ def unmet_requirement(job: JobRow, capacity: Capacity) -> str | None:
     """What no live worker offers this job, as 'gpu_count=1', or None when some worker could run it."""
     if not capacity.workers:
         return "no kiln worker is online"
+    if job.compute_target not in (None, "local"):
+        # a cluster job's resources size its batch jobs, not the kiln worker; checked at submission
+        return None
     resources = Resources.model_validate(job.resources)
     unmet = [resources.unmet_by(w.offers) for w in capacity.workers]
     return None if any(u is None for u in unmet) else unmet[0]
