@@ -172,3 +172,11 @@ def test_a_failing_task_names_itself_and_its_error(http, cluster, idle):
     done = wait_final(http, created["id"], timeout=120)
     assert done["status"] == "failed"
     assert "task 2" in done["status_reason"] and "exited with 3" in done["status_reason"]
+
+
+def test_a_failed_hpc_job_is_retried_as_its_max_retry_count_allows(http, cluster, idle):
+    created = submit(http, "hpc_submit", {"command": ["sh", "-c", "exit 5"]}, compute_target=cluster,
+                     resources={"max_retry_count": 1})
+    done = wait_final(http, created["id"], timeout=180)
+    assert done["status"] == "failed" and done["attempt"] == 2
+    assert "task 1" in done["status_reason"] and "exited with 5" in done["status_reason"]
