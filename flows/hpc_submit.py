@@ -42,15 +42,14 @@ async def hpc_submit(
         raise ValueError(f"compute_target: no cluster named {compute_target!r} is registered (it was removed?)")
     job_id, _, flow_run_id = current_job()
     started = time.perf_counter()
-    last_report = [0.0]
+    reported: dict[str, Any] = {"at": 0.0, "statuses": None}
 
     async def on_progress(split) -> None:
         # every status change is reported; progress within a task at most once a second
         now = time.perf_counter()
         statuses = tuple(t.status for t in split.tasks.values())
-        if statuses != getattr(on_progress, "statuses", None) or now - last_report[0] >= PROGRESS_INTERVAL_SECONDS:
-            on_progress.statuses = statuses
-            last_report[0] = now
+        if statuses != reported["statuses"] or now - reported["at"] >= PROGRESS_INTERVAL_SECONDS:
+            reported.update(at=now, statuses=statuses)
             await areport_tasks(split.table(), split.percent, split.summary(), mirror_to_parent=True)
 
     async def stop_reason() -> str | None:
