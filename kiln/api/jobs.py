@@ -111,7 +111,7 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
 
 @router.get("/jobs/{job_id}", response_model=Job, summary="A job, with its status and output")
 async def get_job(request: Request, job_id: str, project_id: Project) -> Job:
-    return await job_view(request, await request.app.state.store.get_job(job_id, project_id))
+    return await job_view(request, await request.app.state.store.get_job(job_id, project_id, documents=True))
 
 
 @router.get("/jobs", response_model=JobPage, summary="The project's jobs, newest first")
@@ -151,7 +151,7 @@ async def cancel_job(request: Request, job_id: str, project_id: Project) -> Job:
     if JobStatus(row.status).is_final:
         raise Conflict(f"job {job_id} is already {row.status}; only an unfinished job can be cancelled")
     await request.app.state.dispatcher.cancel(row, "cancelled by request")
-    return await job_view(request, await store.get_job(job_id, project_id))
+    return await job_view(request, await store.get_job(job_id, project_id, documents=True))
 
 
 @router.get("/jobs/{job_id}/children", response_model=list[Job], summary="The job's child jobs")

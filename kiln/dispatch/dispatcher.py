@@ -84,6 +84,7 @@ class Dispatcher:
         return len(jobs)
 
     async def _create_run(self, job: JobRow) -> None:
+        job = await self.store.get_job(job.id, documents=True)  # the choosing left the input unread
         flow_run = await create_job_run(self.client, job, self.deployments[job.type])
         await self.store.record_release(job.id, str(flow_run.id))
         if (await self.store.get_job(job.id)).cancel_requested:

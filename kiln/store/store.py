@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import undefer
 
 from kiln.errors import Conflict, InvalidRequest, NotFound
 from kiln.events.bus import EventBus
@@ -22,6 +23,8 @@ KEY_PREFIX = "kiln_"
 
 # a job only moves forward through these; a late event for an earlier stage is ignored
 _RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2, JobStatus.MERGING: 3}
+# the loader options for a job's input and output, which the hot paths (relay, dispatcher, heartbeats) never read
+DOCUMENTS = (undefer(JobRow.input), undefer(JobRow.output))
 _TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
 
 
@@ -115,6 +118,7 @@ class Store:
             status=status.value,
             priority=priority,
             input=input,
+            output=None,
             resources=resources,
             compute_target=compute_target,
             parent_id=parent_id,
@@ -138,9 +142,10 @@ class Store:
         self.bus.notify([row.id])
         return row
 
-    async def get_job(self, job_id: str, project_id: str | None = None) -> JobRow:
+    async def get_job(self, job_id: str, project_id: str | None = None, *, documents: bool = False) -> JobRow:
+        """The job (in that project, when given); with its input and output only when `documents`."""
         async with self.session() as s:
-            query = select(JobRow).where(JobRow.id == job_id)
+            query = select(JobRow).options(*(DOCUMENTS if documents else ())).where(JobRow.id == job_id)
             if project_id is not None:
                 query = query.where(JobRow.project_id == project_id)
             row = await s.scalar(query)
@@ -163,7 +168,7 @@ class Store:
         cursor: int | None = None,
     ) -> tuple[list[JobRow], int | None]:
         """A page of jobs, newest first, and the cursor of the next page (None on the last)."""
-        query = select(JobRow).where(JobRow.project_id == project_id)
+        query = select(JobRow).options(*DOCUMENTS).where(JobRow.project_id == project_id)
         if type is not None:
             query = query.where(JobRow.type == type)
         if status is not None:
@@ -190,7 +195,8 @@ class Store:
 
     async def set_priority(self, job_id: str, project_id: str, priority: int) -> JobRow:
         async with self.session.begin() as s:
-            row = await s.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.project_id == project_id))
+            query = select(JobRow).options(*DOCUMENTS).where(JobRow.id == job_id, JobRow.project_id == project_id)
+            row = await s.scalar(query)
             if row is None:
                 raise NotFound.job(job_id)
             if row.status != JobStatus.PENDING.value:

@@ -124,7 +124,7 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
     job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
     store = Store(SETTINGS.job_index_url)
     try:
-        row = await store.get_job(job.id)
+        row = await store.get_job(job.id, documents=True)
     finally:
         await store.close()
     async with get_client() as prefect:

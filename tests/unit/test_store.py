@@ -73,7 +73,7 @@ async def test_transitions_only_move_forward_and_ignore_earlier_attempts(store):
     assert not await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-0", output={"x": 1})
     assert await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-1", output={"x": 2})
     assert not await store.transition(job.id, JobStatus.FAILED, reason="late")
-    done = await store.get_job(job.id)
+    done = await store.get_job(job.id, documents=True)
     assert done.status == "completed" and done.output == {"x": 2} and done.completed_at >= done.started_at
     kinds = [(e.event, e.data) for e in await store.events_after(job.id)]
     assert kinds == [
