@@ -63,6 +63,13 @@ def test_clusters_are_registered_with_the_cli_and_listed(http, cluster):
     assert "walltime" in bad.stderr
     assert "broken" not in {c["name"] for c in http.get("/api/v1/clusters").json()}
 
+    kiln_cli("clusters", "add", "pbs-site", "--scheduler", "pbs", "--queue", "workq", "--account", "matsci")
+    again = kiln_cli("clusters", "add", "pbs-site", "--scheduler", "pbs", check=False)
+    assert again.returncode != 0 and "--overwrite" in again.stderr
+    assert "pbs-site\tpbs\tqueue=workq" in kiln_cli("clusters", "list").stdout
+    kiln_cli("clusters", "remove", "pbs-site")
+    assert "pbs-site" not in {c["name"] for c in http.get("/api/v1/clusters").json()}
+
 
 def test_what_a_cluster_cannot_meet_is_refused_at_submission(http, cluster):
     spin = {"callable": "spin", "kwargs": {"seconds": 1}}
