@@ -57,7 +57,9 @@ class HpcCluster(Block):
     queue: str | None = Field(None, description="Partition (SLURM) or queue (PBS) the batch jobs go to.")
     account: str | None = Field(None, description="Account (SLURM) or project (PBS) the batch jobs are charged to.")
     cores: int = Field(1, ge=1, description="Cores of one batch job; also the most cpu_count a job may ask for.")
-    memory: str = Field("2GB", description="Memory of one batch job, e.g. '4GB'; also the most min_ram_gb a job may ask.")
+    memory: str = Field(
+        "2GB", description="Memory of one batch job, e.g. '4GB'; also the most min_ram_gb a job may ask."
+    )
     walltime: str = Field(
         "01:00:00", description="Walltime of one batch job (HH:MM:SS); also the longest max_timeout_run_ms allowed."
     )
@@ -73,9 +75,12 @@ class HpcCluster(Block):
     )
     python: str | None = Field(None, description="The Python that runs the workers on the nodes; this one by default.")
     scheduler_host: str = Field(
-        "127.0.0.1", description="Address of the kiln worker's machine as the nodes reach it (the Dask scheduler's host)."
+        "127.0.0.1",
+        description="Address of the kiln worker's machine as the nodes reach it (the Dask scheduler's host).",
     )
-    log_directory: str | None = Field(None, description="Where the batch jobs write their output; none kept by default.")
+    log_directory: str | None = Field(
+        None, description="Where the batch jobs write their output; none kept by default."
+    )
 
     @field_validator("walltime")
     @classmethod

@@ -20,7 +20,9 @@ async def list_clusters(project_id: Annotated[str, Depends(project_of_caller)]) 
 
 
 @router.get("/jobs/{job_id}/tasks", summary="Per-task status of a job split into ntasks")
-async def list_tasks(request: Request, job_id: str, project_id: Annotated[str, Depends(project_of_caller)]) -> list[dict]:
+async def list_tasks(
+    request: Request, job_id: str, project_id: Annotated[str, Depends(project_of_caller)]
+) -> list[dict]:
     from kiln.store.job_tasks import job_tasks
 
     store = request.app.state.store

@@ -44,9 +44,13 @@ class HpcSubmitInput(BaseModel):
     @model_validator(mode="after")
     def _one_payload(self) -> HpcSubmitInput:
         if (self.callable is None) == (self.command is None):
-            raise ValueError("give exactly one of `callable` (a registered Python callable) or `command` (an argv list)")
+            raise ValueError(
+                "give exactly one of `callable` (a registered Python callable) or `command` (an argv list)"
+            )
         if self.task_kwargs is not None and len(self.task_kwargs) != self.ntasks:
-            raise ValueError(f"task_kwargs has {len(self.task_kwargs)} entries; give one per task (ntasks={self.ntasks})")
+            raise ValueError(
+                f"task_kwargs has {len(self.task_kwargs)} entries; give one per task (ntasks={self.ntasks})"
+            )
         return self
 
     @property

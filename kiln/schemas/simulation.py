@@ -1,4 +1,4 @@
-"""Input of the `simulation` job: a relaxation or molecular dynamics with a matgl potential, or a molecular single point."""
+"""Input of the `simulation` job: relax or MD with a matgl potential, or a molecular single point."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ class MDOptions(BaseModel):
     pressure_GPa: float = Field(0.0001, ge=-10, le=1000, description="Pressure (GPa) for NPT; 1 bar by default.")
     friction_per_fs: float = Field(0.01, gt=0, le=1, description="Langevin friction (1/fs) for NVT.")
     sample_interval: int = Field(10, ge=1, description="Energies are recorded every this many steps.")
-    trajectory_interval: int = Field(10, ge=1, description="A frame is written to the trajectory every this many steps.")
+    trajectory_interval: int = Field(
+        10, ge=1, description="A frame is written to the trajectory every this many steps."
+    )
     seed: int = Field(0, description="Seed of the initial velocities (and Langevin noise); replica i uses seed + i.")
 
 

@@ -31,11 +31,15 @@ def parse_molecule(value: str | dict):
             try:
                 return AseAtomsAdaptor.get_atoms(Molecule.from_dict(value))
             except Exception as exc:  # noqa: BLE001 - pymatgen raises many kinds
-                raise MoleculeError(f"molecule: not a readable pymatgen Molecule dict ({exc}); {SEND_INSTEAD}") from None
+                raise MoleculeError(
+                    f"molecule: not a readable pymatgen Molecule dict ({exc}); {SEND_INSTEAD}"
+                ) from None
         try:
             atoms = Atoms(symbols=value["symbols"], positions=value["positions"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise MoleculeError(f"molecule: a dict needs `symbols` and `positions` (Å) ({exc}); {SEND_INSTEAD}") from None
+            raise MoleculeError(
+                f"molecule: a dict needs `symbols` and `positions` (Å) ({exc}); {SEND_INSTEAD}"
+            ) from None
         return atoms
     if not isinstance(value, str) or not value.strip():
         raise MoleculeError(f"molecule: empty; {SEND_INSTEAD}")

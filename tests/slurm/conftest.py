@@ -50,7 +50,7 @@ def slurm():
 
 
 @pytest.fixture(scope="session")
-def cluster(stack, slurm) -> str:
+def cluster(stack, slurm) -> str:  # noqa: F811 - the shared stack fixture
     """A SLURM cluster registered the way an operator would, with the CLI."""
     kiln_cli("clusters", "add", "slurm-local", "--scheduler", "slurm", "--queue", slurm, "--cores", "1",
              "--memory", "1GB", "--walltime", "00:10:00", "--max-jobs", "4", "--overwrite")
@@ -58,7 +58,7 @@ def cluster(stack, slurm) -> str:
 
 
 @pytest.fixture(scope="session")
-def short_cluster(stack, slurm) -> str:
+def short_cluster(stack, slurm) -> str:  # noqa: F811 - the shared stack fixture
     """The same SLURM with a one-minute walltime, for the walltime-kill test."""
     kiln_cli("clusters", "add", "slurm-1min", "--scheduler", "slurm", "--queue", slurm, "--cores", "1",
              "--memory", "1GB", "--walltime", "00:01:00", "--max-jobs", "2", "--overwrite")

@@ -7,7 +7,6 @@ import threading
 import time
 
 import httpx
-import pytest
 
 from tests.integration.support import SETTINGS, wait_until
 from tests.slurm.conftest import kiln_cli, sacct, squeue

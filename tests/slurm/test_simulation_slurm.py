@@ -1,4 +1,4 @@
-"""A simulation with a SLURM compute_target: an hpc_submit child (a Prefect subflow) runs 4 MD replicas as batch jobs."""
+"""A simulation with a SLURM compute_target: an hpc_submit child (a Prefect subflow) runs MD replicas as batch jobs."""
 
 from __future__ import annotations
 
