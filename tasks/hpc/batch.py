@@ -113,11 +113,18 @@ def failure_reason(scheduler: str, state: BatchState, *, walltime: str, memory: 
     )
 
 
-async def remove_batch_jobs(scheduler: str, job_ids: list[str]) -> None:
-    """scancel / qdel: the batch jobs leave the queue at once, whatever Dask's own shutdown does."""
-    if not job_ids:
+async def remove_batch_jobs(scheduler: str, job_ids: list[str], job_name: str | None = None) -> None:
+    """scancel / qdel: the batch jobs leave the queue at once, whatever Dask's own shutdown does.
+
+    On SLURM by the job name kiln gave them (scancel ANDs a name with ids, so the name alone): it
+    catches too a batch job whose sbatch had not yet answered with its id.
+    """
+    if scheduler == "slurm" and job_name:
+        command = ["scancel", f"--name={job_name}"]
+    elif job_ids:
+        command = ["scancel", *job_ids] if scheduler == "slurm" else ["qdel", "-W", "force", *job_ids]
+    else:
         return
-    command = ["scancel", *job_ids] if scheduler == "slurm" else ["qdel", "-W", "force", *job_ids]
     try:
         await _run(*command)
     except Exception as exc:  # noqa: BLE001 - jobs that already ended make scancel/qdel complain

@@ -185,7 +185,7 @@ async def run_split(
         }
     finally:
         _collect_job_ids(cluster, split, job_ids)
-        await _shut_down(block, cluster, client, job_ids)
+        await _shut_down(block, cluster, client, job_ids, job_name)
 
 
 def _for_job(event, job_name: str, split: SplitRun) -> None:
@@ -226,9 +226,9 @@ async def _batch_failure(
     return None
 
 
-async def _shut_down(block: HpcCluster, cluster, client, job_ids: set[str]) -> None:
+async def _shut_down(block: HpcCluster, cluster, client, job_ids: set[str], job_name: str) -> None:
     """Removes the batch jobs first (scancel/qdel, at once), then lets Dask close what it holds."""
-    await remove_batch_jobs(block.scheduler, sorted(job_ids))
+    await remove_batch_jobs(block.scheduler, sorted(job_ids), job_name)
     for closing in (client.close() if client is not None else None, cluster.close()):
         if closing is None:
             continue
