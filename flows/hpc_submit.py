@@ -45,9 +45,9 @@ async def hpc_submit(
     reported: dict[str, Any] = {"at": 0.0, "statuses": None}
 
     async def on_progress(split) -> None:
-        # every status change is reported; progress within a task at most once a second
+        # every change of a status (or of why batch jobs wait) is reported; units done at most once a second
         now = time.perf_counter()
-        statuses = tuple(t.status for t in split.tasks.values())
+        statuses = (tuple(t.status for t in split.tasks.values()), split.queue_note)
         if statuses != reported["statuses"] or now - reported["at"] >= PROGRESS_INTERVAL_SECONDS:
             reported.update(at=now, statuses=statuses)
             await areport_tasks(split.table(), split.percent, split.summary(), mirror_to_parent=True)

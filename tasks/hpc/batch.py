@@ -39,6 +39,12 @@ class BatchState:
     state: str
     node: str = ""
     exit_code: str = ""
+    # why a queued job waits, as the scheduler says it (SLURM: Priority, Resources, BeginTime, …)
+    reason: str = ""
+
+    @property
+    def waiting(self) -> bool:
+        return self.state in ("PENDING", "Q", "H")
 
 
 async def _run(*argv: str, timeout: float = 15) -> str:
@@ -61,7 +67,9 @@ def parse_squeue(text: str) -> dict[str, BatchState]:
     for line in text.splitlines():
         parts = line.strip().split("|")
         if len(parts) >= 2:
-            states[parts[0]] = BatchState(parts[0], parts[1], parts[2] if len(parts) > 2 else "")
+            states[parts[0]] = BatchState(
+                parts[0], parts[1], parts[2] if len(parts) > 2 else "", reason=parts[3] if len(parts) > 3 else ""
+            )
     return states
 
 

@@ -57,6 +57,8 @@ class SplitRun:
     tasks: dict[int, TaskView] = field(init=False)
     batch_jobs: dict[str, str] = field(default_factory=dict)  # Dask worker name → batch job id
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # "2 batch jobs waiting in the queue (Priority)" while the scheduler has not started them
+    queue_note: str | None = None
 
     def __post_init__(self) -> None:
         self.tasks = {i: TaskView(i) for i in range(1, self.ntasks + 1)}
@@ -77,7 +79,8 @@ class SplitRun:
         counts: dict[str, int] = {}
         for task in self.tasks.values():
             counts[task.status] = counts.get(task.status, 0) + 1
-        return f"{self.ntasks} tasks: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        text = f"{self.ntasks} tasks: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        return f"{text}; {self.queue_note}" if self.queue_note else text
 
     def on_event(self, event) -> None:
         _, message = event
@@ -219,6 +222,12 @@ async def _batch_failure(
     except Exception as exc:  # noqa: BLE001 - a slow scheduler is not the job's failure; look again
         log.warning("could not read the states of batch jobs %s: %s", sorted(job_ids), exc)
         return None
+    waiting = [state for state in states.values() if state.waiting]
+    reasons = ", ".join(sorted({state.reason for state in waiting if state.reason}))
+    note = f"{len(waiting)} batch job(s) waiting in the queue" + (f" ({reasons})" if reasons else "") if waiting else None
+    if note != split.queue_note:
+        split.queue_note = note
+        split.changed.set()
     for state in states.values():
         reason = failure_reason(block.scheduler, state, walltime=options["walltime"], memory=options["memory"])
         if reason:

@@ -188,12 +188,19 @@ def test_a_failed_hpc_job_is_retried_as_its_max_retry_count_allows(http, cluster
     assert "task 1" in done["status_reason"] and "exited with 5" in done["status_reason"]
 
 
-def test_cancelling_while_the_batch_jobs_still_wait_in_the_queue_removes_them(http, stack, slurm, idle):
+def test_cancelling_while_the_batch_jobs_still_wait_in_the_queue_removes_them(http, api_key, stack, slurm, idle):
     kiln_cli("clusters", "add", "slurm-later", "--scheduler", "slurm", "--queue", slurm, "--memory", "1GB",
              "--directive=--begin=now+3600", "--overwrite")
     created = submit(http, "hpc_submit", {"callable": "spin", "ntasks": 2}, compute_target="slurm-later")
+    events: list = []
+    reader = collect_events(api_key, created["id"], events)
     name = f"kiln-{created['id'][:8]}"
     wait_until(lambda: len(squeue(name)) == 2, timeout=60, interval=0.2, what="two batch jobs waiting in squeue")
+    # the job's progress says why nothing runs yet, in the scheduler's words
+    wait_until(lambda: any("waiting in the queue (BeginTime)" in (data.get("message") or "")
+                           for event, data in events if event == "progress"),
+               timeout=30, interval=0.2, what="a progress message saying the batch jobs wait")
     assert http.post(f"/api/v1/jobs/{created['id']}/cancel").status_code == 200
     wait_until(lambda: squeue(name) == [], timeout=10, interval=0.2, what="squeue to list none of the batch jobs")
     assert wait_final(http, created["id"], timeout=30)["status"] == "cancelled"
+    reader.join(timeout=30)
