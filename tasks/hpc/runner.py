@@ -224,7 +224,9 @@ async def _batch_failure(
         return None
     waiting = [state for state in states.values() if state.waiting]
     reasons = ", ".join(sorted({state.reason for state in waiting if state.reason}))
-    note = f"{len(waiting)} batch job(s) waiting in the queue" + (f" ({reasons})" if reasons else "") if waiting else None
+    note = None
+    if waiting:
+        note = f"{len(waiting)} batch job(s) waiting in the queue" + (f" ({reasons})" if reasons else "")
     if note != split.queue_note:
         split.queue_note = note
         split.changed.set()
