@@ -46,10 +46,10 @@ def predict_job(
     from kiln.tasks.ml.models import MODELS, load_potential
     from kiln.tasks.ml.structures import domain_report
 
-    request = MLPredictInput(
-        model=model, structure=structure, structures=structures, property=property,
-        **({"relax": relax} if relax else {}), batch_size=batch_size,
-    )
+    request = MLPredictInput.read({
+        "model": model, "structure": structure, "structures": structures, "property": property,
+        **({"relax": relax} if relax else {}), "batch_size": batch_size,
+    })
     info = MODELS[request.model]
     started = time.perf_counter()
     loads_before = load_potential.cache_info().misses

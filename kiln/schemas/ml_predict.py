@@ -4,15 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kiln.tasks.ml.structures import MAX_ATOMS, ParsedStructure, parse_structure
 
 
-def _readable(value: str | dict | None) -> str | dict | None:
-    """Fails validation with parse_structure's message, keeping the value as sent (the input is stored as JSON)."""
+def _readable(value: str | dict | None, info: ValidationInfo) -> str | dict | None:
+    """Fails validation with parse_structure's message, keeping the value as sent (the input is stored as JSON).
+
+    What was read is kept in the validation context's "parsed" list, when there is one (`MLPredictInput.read`).
+    """
     if value is not None:
-        parse_structure(value)
+        parsed = parse_structure(value)
+        if info.context is not None:
+            info.context["parsed"].append(parsed)
     return value
 
 
@@ -85,6 +99,14 @@ class MLPredictInput(BaseModel):
                 f"give exactly one of `structure` (one structure) or `structures` (a list of them); got {got}"
             )
         return self
+
+    @classmethod
+    def read(cls, data: dict) -> MLPredictInput:
+        """The validated input with its structures read once, for the job that runs it."""
+        context: dict[str, list[ParsedStructure]] = {"parsed": []}
+        request = cls.model_validate(data, context=context)
+        request._parsed = context["parsed"]
+        return request
 
     def parsed(self) -> list[ParsedStructure]:
         """The structures read into pymatgen, in the order sent (one for `structure`)."""

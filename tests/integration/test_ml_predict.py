@@ -26,8 +26,9 @@ def matgl_direct():
     def answer(structure):
         atoms = AseAtomsAdaptor.get_atoms(structure)
         atoms.calc = calculator
-        return atoms.get_potential_energy(), atoms.get_forces()
+        return atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
 
+    answer.potential = potential
     return answer
 
 
@@ -62,7 +63,7 @@ def test_energies_equal_matgl_called_directly(client, matgl_direct):
     ).wait(timeout=300)
     assert job.status.value == "completed", job.status_reason
     for crystal, result in zip(crystals, job.output["results"]):
-        energy, forces = matgl_direct(crystal)
+        energy, forces, _ = matgl_direct(crystal)
         assert result["total_energy"] == pytest.approx(energy, rel=1e-6)
         assert result["energy"] == pytest.approx(energy / len(crystal), rel=1e-6)
         assert result["unit"] == "eV/atom" and result["forces_unit"] == "eV/Å"
@@ -72,6 +73,79 @@ def test_energies_equal_matgl_called_directly(client, matgl_direct):
     assert job.output["results"][0]["energy"] == pytest.approx(-3.35765, abs=1e-4)
     assert job.output["results"][1]["energy"] == pytest.approx(-5.24389, abs=1e-4)
     assert job.output["model"] == MODEL and job.output["property"] == "forces" and job.output["model_version"]
+
+
+def test_stresses_equal_matgl_called_directly(client, matgl_direct):
+    import numpy as np
+
+    squeezed, stretched = rock_salt(5.4), diamond_si(5.6)
+    job = client.jobs.create(
+        type="ml_predict", input={"structures": [squeezed.as_dict(), stretched.as_dict()], "property": "stress"}
+    ).wait(timeout=300)
+    assert job.status.value == "completed", job.status_reason
+    for crystal, result in zip([squeezed, stretched], job.output["results"]):
+        energy, _, stress = matgl_direct(crystal)
+        assert result["total_energy"] == pytest.approx(energy, rel=1e-6)
+        assert result["stress_unit"] == "GPa"
+        np.testing.assert_allclose(result["stress"], stress, rtol=1e-5, atol=1e-5)
+    # matgl's sign: a squeezed cell pushes outwards, negative stress
+    assert np.trace(job.output["results"][0]["stress"]) < 0 < np.trace(job.output["results"][1]["stress"])
+
+
+def test_the_reference_molecule_gives_matgls_published_energy_through_a_job(client):
+    from tests.unit.test_ml_predict import ACALA3NHME_COORDS, ACALA3NHME_SPECIES
+
+    # kiln takes periodic structures: the molecule goes in a 30 Å box, whose images lie far beyond the
+    # model's 5 Å cutoff, so the energy is the isolated molecule's
+    shift = 15.0
+    boxed = {
+        "symbols": ACALA3NHME_SPECIES,
+        "positions": [[x + shift for x in xyz] for xyz in ACALA3NHME_COORDS],
+        "cell": [30.0, 30.0, 30.0],
+        "pbc": True,
+    }
+    job = client.jobs.create(type="ml_predict", input={"structure": boxed}).wait(timeout=300)
+    assert job.status.value == "completed", job.status_reason
+    assert job.output["total_energy"] == pytest.approx(-247.286789, abs=1e-3)  # matgl's test value, tolerance
+    assert job.output["total_energy"] == pytest.approx(-247.286758, abs=1e-4)  # what matgl 2.1.2 gives here
+
+
+def test_mos_relaxes_through_a_job_as_in_matgls_tests(client, matgl_direct):
+    from matgl.ext.ase import Relaxer
+    from pymatgen.core import Lattice, Structure
+
+    mos = Structure(Lattice.cubic(4.0), ["Mo", "S"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    job = client.jobs.create(
+        type="ml_predict", input={"structure": mos.as_dict(), "property": "relax", "relax": {"fmax": 0.05}}
+    ).wait(timeout=300)
+    assert job.status.value == "completed", job.status_reason
+    out = job.output
+    final = Structure.from_dict(out["structure"])
+    assert final.lattice.a < 3.5  # matgl's test
+    direct = Relaxer(matgl_direct.potential).relax(mos, fmax=0.05, steps=500)
+    assert final.lattice.a == pytest.approx(direct["final_structure"].lattice.a, rel=1e-6)
+    assert out["total_energy"] == pytest.approx(float(direct["trajectory"].energies[-1]), rel=1e-6)
+    assert out["energy"] < matgl_direct(mos)[0] / 2 and out["unit"] == "eV/atom"
+    # matgl's TrajectoryObserver also records the starting frame when it is attached
+    assert out["converged"] is True and 0 < out["steps"] < len(direct["trajectory"].energies)
+
+
+def test_a_formation_energy_through_a_job_states_its_references(client, matgl_direct):
+    from tests.unit.test_ml_predict import FORMATION_TOLERANCE, PUBLISHED_PBE
+
+    job = client.jobs.create(
+        type="ml_predict", input={"structure": rock_salt(5.64).as_dict(), "property": "formation_energy"}
+    ).wait(timeout=600)
+    assert job.status.value == "completed", job.status_reason
+    out = job.output
+    assert out["unit"] == "eV/atom" and out["property"] == "formation_energy"
+    assert out["formation_energy"] == pytest.approx(PUBLISHED_PBE["NaCl"], abs=FORMATION_TOLERANCE)
+    assert out["references"]["Na"]["phase"] == "bcc"
+    assert out["references"]["Cl"]["phase"].startswith("Cl2 molecule")
+    assert all(ref["how"] == f"relaxed with {MODEL}" for ref in out["references"].values())
+    # E_f from the job's own numbers: the compound's energy less its references'
+    by_hand = out["energy"] - (out["references"]["Na"]["energy_per_atom"] + out["references"]["Cl"]["energy_per_atom"]) / 2
+    assert out["formation_energy"] == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_the_model_is_loaded_once_per_worker_process(client):
