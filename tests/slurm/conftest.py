@@ -46,7 +46,12 @@ def kiln_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def slurm():
     """A running SLURM on localhost; started (and installed) by the same script `make test` runs."""
     subprocess.run([str(ROOT / "scripts" / "slurm-up.sh")], check=True, capture_output=True)
-    return "debug"
+    yield "debug"
+    # a test that failed half-way may leave batch jobs of a job it never cancelled: not in the next run
+    out = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, check=True).stdout
+    leftover = [line.split()[0] for line in out.splitlines() if line.split()[1].startswith("kiln-")]
+    if leftover:
+        subprocess.run(["scancel", *leftover], check=False)
 
 
 @pytest.fixture(scope="session")
