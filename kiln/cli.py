@@ -18,7 +18,9 @@ app = typer.Typer(help="kiln: a unified compute-job platform for materials scien
 keys_app = typer.Typer(help="API keys: each belongs to one project.", no_args_is_help=True)
 worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", no_args_is_help=True)
 clusters_app = typer.Typer(help="HPC clusters (Prefect blocks) jobs can name as compute_target.", no_args_is_help=True)
+projects_app = typer.Typer(help="Projects: their core-hour budgets.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(projects_app, name="projects")
 app.add_typer(worker_app, name="worker")
 app.add_typer(clusters_app, name="clusters")
 
@@ -183,6 +185,34 @@ def keys_create(project: str = typer.Option(..., "--project", help="The project 
     key = asyncio.run(_create_key(get_settings(), project))
     typer.echo(f"new API key for project {project!r}; it is shown only now:")
     typer.echo(key)
+
+
+@projects_app.command("budget")
+def projects_budget(
+    project: str = typer.Argument(..., help="The project's name."),
+    core_hours: float = typer.Option(
+        None, "--core-hours", min=0, help="The budget in core-hours; leave out to remove the limit."
+    ),
+) -> None:
+    """Sets a project's core-hour budget: a batch that would exceed it is refused (402), nothing submitted."""
+    from kiln.errors import KilnError
+    from kiln.store.batches import set_budget
+    from kiln.store.store import Store
+
+    async def main() -> None:
+        store = Store(get_settings().job_index_url)
+        try:
+            await store.migrate()
+            await set_budget(store, project, core_hours)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    except KilnError as exc:
+        _fail(exc.message)
+        raise typer.Exit(1) from None
+    typer.echo(f"project {project!r}: " + (f"budget {core_hours:g} core-hours" if core_hours is not None else "no limit"))
 
 
 @keys_app.command("revoke")

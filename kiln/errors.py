@@ -4,9 +4,12 @@
     ├── InvalidRequest  (400)    the request cannot be run as sent
     │   └── UnknownJobType       the type is not one this platform runs
     ├── Unauthorized    (401)    no key, or a key that is unknown or revoked
+    ├── QuotaExceeded   (402)    the project's core-hour budget cannot cover the request
     ├── NotFound        (404)    no such object in the caller's project
     ├── Conflict        (409)    the object is in a state that forbids the change
+    ├── TooLarge        (413)    more entries than one request may carry
     ├── InputInvalid    (422)    a field of the input is wrong
+    ├── RateLimited     (429)    too many requests; `retry_after` seconds until the next is taken
     ├── ServerError     (5xx)    the platform failed; the message says where
     └── JobFailed                (SDK) a job the caller waited on did not complete
 """
@@ -49,13 +52,19 @@ class Unauthorized(KilnError):
     status_code = 401
 
 
+class QuotaExceeded(KilnError):
+    """The project's core-hour budget cannot cover the request."""
+
+    status_code = 402
+
+
 class NotFound(KilnError):
     """No such object in the caller's project."""
 
     status_code = 404
 
     @classmethod
-    def job(cls, job_id: str) -> "NotFound":
+    def job(cls, job_id: str) -> NotFound:
         return cls(f"job {job_id} not found")
 
 
@@ -69,6 +78,22 @@ class InputInvalid(KilnError):
     """A field of the request is wrong."""
 
     status_code = 422
+
+
+class TooLarge(KilnError):
+    """More entries than one request may carry."""
+
+    status_code = 413
+
+
+class RateLimited(KilnError):
+    """Too many requests of one kind from one key; the next is taken after `retry_after` seconds."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *, retry_after: int = 1, details: Any = None):
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
 
 
 class ServerError(KilnError):
@@ -85,4 +110,7 @@ class JobFailed(KilnError):
         self.job = job
 
 
-ERRORS_BY_STATUS = {cls.status_code: cls for cls in (InvalidRequest, Unauthorized, NotFound, Conflict, InputInvalid)}
+ERRORS_BY_STATUS = {
+    cls.status_code: cls
+    for cls in (InvalidRequest, Unauthorized, QuotaExceeded, NotFound, Conflict, TooLarge, InputInvalid, RateLimited)
+}

@@ -64,6 +64,13 @@ class KilnSettings(BaseSettings):
         description="The registered HPC cluster a simulation job without a compute_target goes to when its cost "
         "is above kiln.schemas.simulation.LOCAL_COST_LIMIT; unset, such jobs run locally.",
     )
+    batch_max_jobs: int = Field(1000, ge=1, description="Most entries one POST /api/v1/jobs/submit-batch takes.")
+    batch_rate_per_minute: int = Field(
+        2, ge=1, description="Batch submissions one API key may make per minute; more get a 429 with Retry-After."
+    )
+    submit_rate_per_minute: int = Field(
+        600, ge=1, description="Single job submissions one API key may make per minute; more get a 429."
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory holding the ML model folders (matgl format); KILN_HOME/models when unset. "

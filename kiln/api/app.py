@@ -12,12 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prefect.client.orchestration import get_client
 
-from kiln.api.jobs import error_body
+from kiln.api.batches import router as batches_router
 from kiln.api.hpc import router as hpc_router
+from kiln.api.jobs import error_body
 from kiln.api.jobs import router as jobs_router
 from kiln.api.models import router as models_router
+from kiln.api.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RateLimited
 from kiln.events.relay import Relay
 from kiln.settings import KilnSettings, get_settings
 from kiln.store.store import Store
@@ -50,6 +52,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             dispatcher = Dispatcher(store, client, settings)
             await dispatcher.start()
             relay = Relay(store, client, dispatcher, settings)
+            app.state.rate_limiter = RateLimiter()
             app.state.settings, app.state.store, app.state.dispatcher, app.state.relay = (
                 settings,
                 store,
@@ -74,7 +77,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=exc.status_code)
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
+        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,6 +102,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             "job_types": sorted(state.dispatcher.deployments),
         }
 
+    app.include_router(batches_router)
     app.include_router(jobs_router)
     app.include_router(models_router)
     app.include_router(hpc_router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from kiln.errors import Unauthorized
+from kiln.store.store import hash_key
 
 
 async def project_of_caller(request: Request) -> str:
@@ -15,4 +16,5 @@ async def project_of_caller(request: Request) -> str:
     project_id = await request.app.state.store.project_for_key(key.strip())
     if project_id is None:
         raise Unauthorized("Authorization: the API key is unknown or revoked")
+    request.state.key_hash = hash_key(key.strip())  # what rate limits count by
     return project_id

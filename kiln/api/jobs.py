@@ -8,13 +8,22 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
 
 from kiln.api.auth import project_of_caller
+from kiln.api.submission import read_job
 from kiln.dispatch.dispatcher import pending_reason
-from kiln.errors import Conflict, InputInvalid, InvalidRequest, NotFound, UnknownJobType
-from kiln.schemas import JOB_TYPES, Job, JobCreate, JobPage, JobPatch, JobStatus, JobTypeInfo, Resources
-from kiln.schemas.job_types import available_job_types
+from kiln.errors import Conflict, InvalidRequest
+from kiln.schemas import (
+    JOB_TYPES,
+    Job,
+    JobCreate,
+    JobPage,
+    JobPatch,
+    JobStatus,
+    JobTypeInfo,
+    Resources,
+)
+from kiln.store.batches import add_jobs
 from kiln.store.models import JobRow
 
 router = APIRouter(prefix="/api/v1")
@@ -22,15 +31,6 @@ router = APIRouter(prefix="/api/v1")
 Project = Annotated[str, Depends(project_of_caller)]
 
 SSE_KEEPALIVE_SECONDS = 15
-
-
-def field_errors(exc: ValidationError, prefix: str) -> str:
-    """'input.seconds: Input should be greater than or equal to 0; …' from a pydantic error."""
-    parts = []
-    for error in exc.errors():
-        location = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
-        parts.append(f"{location}: {error['msg']}")
-    return "; ".join(parts)
 
 
 async def job_view(request: Request, row: JobRow, *, with_reason: bool = True) -> Job:
@@ -79,34 +79,12 @@ async def list_job_types(project_id: Project) -> list[JobTypeInfo]:
 @router.post("/jobs", status_code=202, response_model=Job, summary="Submit a job")
 async def create_job(request: Request, body: JobCreate, project_id: Project) -> Job:
     state = request.app.state
-    if body.project_id is not None and body.project_id != project_id:
-        raise NotFound(f"project {body.project_id} not found")
-    job_type = JOB_TYPES.get(body.type)
-    if job_type is None or body.type not in state.dispatcher.deployments:
-        available = [t for t in available_job_types() if t in state.dispatcher.deployments]
-        raise UnknownJobType(body.type, available)
-    raw_input = dict(body.input)
-    if body.model is not None:
-        raw_input.setdefault("model", body.model)
-    try:
-        # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
-        job_input = await asyncio.to_thread(job_type.input_model.model_validate, raw_input)
-    except ValidationError as exc:
-        raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
-    await job_type.check_job(
-        job_input, state.settings, compute_target=body.compute_target, resources=body.resources or Resources()
-    )
-    row = await state.store.add_job(
-        project_id=project_id,
-        type=body.type,
-        input=job_input.model_dump(mode="json"),
-        resources=(body.resources or Resources()).model_dump(mode="json"),
-        priority=body.priority,
-        compute_target=body.compute_target,
-        parent_id=body.parent_id,
-    )
-    state.dispatcher.wake()
-    return await job_view(request, row)
+    state.rate_limiter.take(request.state.key_hash, "job submissions", state.settings.submit_rate_per_minute)
+    new_job = await read_job(state, project_id, body)
+    _, (stored,) = await add_jobs(state.store, project_id, [new_job])
+    if stored.status is JobStatus.PENDING:
+        state.dispatcher.wake()
+    return await job_view(request, await state.store.get_job(stored.job_id, documents=True))
 
 
 @router.get("/jobs/{job_id}", response_model=Job, summary="A job, with its status and output")
@@ -199,7 +177,7 @@ async def job_events(
                 try:
                     # the relay may run in another process: look again now and then even unnotified
                     await asyncio.wait_for(flag.wait(), SSE_KEEPALIVE_SECONDS)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield ": keepalive\n\n"
         finally:
             store.bus.unsubscribe(job_id, flag)

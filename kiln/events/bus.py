@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
+# subscribed to under this name, a flag is set by every job's event (a batch's stream counts them)
+ANY_JOB = "*"
+
 
 class EventBus:
     def __init__(self) -> None:
@@ -26,3 +29,5 @@ class EventBus:
         for job_id in job_ids:
             for flag in self._waiters.get(job_id, ()):
                 flag.set()
+        for flag in self._waiters.get(ANY_JOB, ()):
+            flag.set()

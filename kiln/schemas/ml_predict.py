@@ -30,6 +30,17 @@ def _readable(value: str | dict | None, info: ValidationInfo) -> str | dict | No
     return value
 
 
+def _canonical_structure(structure) -> dict:
+    """Lattice vectors and (species, fractional coordinates in [0, 1)) sorted, to 1e-6: CIF, POSCAR and a
+    pymatgen dict of one crystal agree, whatever their site order, labels or float formatting."""
+    def wrapped(x: float) -> float:
+        value = round(x % 1.0, 6)
+        return 0.0 if value == 1.0 else value
+
+    sites = sorted((site.species_string, [wrapped(x) for x in site.frac_coords]) for site in structure)
+    return {"lattice": [[round(x, 6) for x in row] for row in structure.lattice.matrix.tolist()], "sites": sites}
+
+
 # Most structures one job takes; more belong in several jobs.
 MAX_STRUCTURES = 10000
 
@@ -107,6 +118,21 @@ class MLPredictInput(BaseModel):
         request = cls.model_validate(data, context=context)
         request._parsed = context["parsed"]
         return request
+
+    def canonical(self) -> dict:
+        """The input as the cache compares it: each structure as its lattice and sorted sites, whatever form
+        it came in, and the model's version beside its name."""
+        from kiln.tasks.ml.models import MODELS
+
+        data = self.model_dump(mode="json", exclude={"structure", "structures"})
+        # a formula's prototype is relaxed before predicting: not the same calculation as that structure sent
+        structures = [{**_canonical_structure(item.structure), "prototype": item.prototype} for item in self.parsed()]
+        data["structure" if self.structure is not None else "structures"] = (
+            structures[0] if self.structure is not None else structures
+        )
+        model = MODELS.get(self.model)
+        data["model_version"] = model.version if model is not None else None
+        return data
 
     def parsed(self) -> list[ParsedStructure]:
         """The structures read into pymatgen, in the order sent (one for `structure`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -15,8 +15,9 @@ import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ERRORS_BY_STATUS, JobFailed, KilnError, ServerError
+from kiln.errors import ERRORS_BY_STATUS, JobFailed, KilnError, RateLimited, ServerError
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
+from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.jobs import EventKind
 from kiln.sdk.sse import ServerSentEvent, SSEParser
 
@@ -34,6 +35,7 @@ _TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 _FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 _SUCCEEDED = frozenset({JobStatus.COMPLETED, JobStatus.CACHE_HIT})
 _JOB_LIST = TypeAdapter(list[Job])
+_BATCH_LIST = TypeAdapter(list[Batch])
 
 
 class JobStreamEvent(BaseModel):
@@ -95,12 +97,16 @@ def _error_from(response: httpx.Response) -> KilnError:
     cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
     error = cls(message, details=details)
     error.status_code = status
+    if isinstance(error, RateLimited):
+        error.retry_after = int(response.headers.get("retry-after", "1"))
     return error
 
 
 def _answer(response: httpx.Response, call: _Call[T]) -> T:
     if response.is_error:
         raise _error_from(response)
+    if response.status_code == 204:
+        return call.parse(None)
     try:
         return call.parse(response.json())
     except ValueError as exc:  # pydantic's ValidationError and JSONDecodeError are both ValueErrors
@@ -169,6 +175,42 @@ class _JobCalls:
     @staticmethod
     def set_priority(job_id: str, priority: int) -> _Call[Job]:
         return _Call("PATCH", _job_path(job_id), Job.model_validate, json={"priority": priority})
+
+
+class _BatchCalls:
+    """The HTTP calls behind the batch methods of Client and AsyncClient."""
+
+    @staticmethod
+    def submit(payloads: Iterable[dict[str, Any]], hardware: dict[str, Any] | None) -> _Call[BatchResult]:
+        # a payload is an entry {job, compute_target, refresh} or just the job {type, input, ...}
+        entries = [p if "job" in p else {"job": p} for p in payloads]
+        body: dict[str, Any] = {"jobs": entries}
+        if hardware is not None:
+            body["hardware"] = hardware
+        return _Call("POST", "/api/v1/jobs/submit-batch", BatchResult.model_validate, json=body)
+
+    @staticmethod
+    def get(batch_id: str) -> _Call[Batch]:
+        return _Call("GET", f"/api/v1/batches/{quote(batch_id, safe='')}", Batch.model_validate)
+
+    @staticmethod
+    def list() -> _Call[builtins.list[Batch]]:
+        return _Call("GET", "/api/v1/batches", _BATCH_LIST.validate_python)
+
+    @staticmethod
+    def delete(batch_id: str) -> _Call[None]:
+        return _Call("DELETE", f"/api/v1/batches/{quote(batch_id, safe='')}", lambda _: None)
+
+
+def _chunks(payloads: Iterable[dict[str, Any]], chunk: int) -> Iterator[builtins.list[dict[str, Any]]]:
+    batch: builtins.list[dict[str, Any]] = []
+    for payload in payloads:
+        batch.append(payload)
+        if len(batch) == chunk:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class _Deadline:
@@ -631,6 +673,35 @@ class Client:
             raise _unreachable(self.base_url, exc) from exc
         return _answer(response, call)
 
+    def submit_batch(self, payloads: Iterable[dict[str, Any]], hardware: dict[str, Any] | None = None) -> BatchResult:
+        """Submits up to 1000 jobs in one request; one line per job in the result, in order."""
+        return self._send(_BatchCalls.submit(payloads, hardware))
+
+    def submit_batches(
+        self, payloads: Iterable[dict[str, Any]], chunk: int = 1000, hardware: dict[str, Any] | None = None
+    ) -> builtins.list[BatchResult]:
+        """Submits any number of jobs as batches of `chunk`, waiting out the rate limit between them."""
+        results = []
+        for part in _chunks(payloads, chunk):
+            while True:
+                try:
+                    results.append(self.submit_batch(part, hardware))
+                    break
+                except RateLimited as exc:
+                    time.sleep(exc.retry_after)
+        return results
+
+    def batch(self, batch_id: str) -> Batch:
+        """The batch with its jobs counted by status."""
+        return self._send(_BatchCalls.get(batch_id))
+
+    def batches(self) -> builtins.list[Batch]:
+        return self._send(_BatchCalls.list())
+
+    def delete_batch(self, batch_id: str) -> None:
+        """Cancels the batch's unfinished jobs, then deletes it."""
+        self._send(_BatchCalls.delete(batch_id))
+
     def close(self) -> None:
         self._http.close()
 
@@ -661,6 +732,35 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise _unreachable(self.base_url, exc) from exc
         return _answer(response, call)
+
+    async def submit_batch(
+        self, payloads: Iterable[dict[str, Any]], hardware: dict[str, Any] | None = None
+    ) -> BatchResult:
+        """Submits up to 1000 jobs in one request; one line per job in the result, in order."""
+        return await self._send(_BatchCalls.submit(payloads, hardware))
+
+    async def submit_batches(
+        self, payloads: Iterable[dict[str, Any]], chunk: int = 1000, hardware: dict[str, Any] | None = None
+    ) -> builtins.list[BatchResult]:
+        """Submits any number of jobs as batches of `chunk`, waiting out the rate limit between them."""
+        results = []
+        for part in _chunks(payloads, chunk):
+            while True:
+                try:
+                    results.append(await self.submit_batch(part, hardware))
+                    break
+                except RateLimited as exc:
+                    await anyio.sleep(exc.retry_after)
+        return results
+
+    async def batch(self, batch_id: str) -> Batch:
+        return await self._send(_BatchCalls.get(batch_id))
+
+    async def batches(self) -> builtins.list[Batch]:
+        return await self._send(_BatchCalls.list())
+
+    async def delete_batch(self, batch_id: str) -> None:
+        await self._send(_BatchCalls.delete(batch_id))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -22,11 +33,11 @@ class UTCDateTime(TypeDecorator):
     def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("naive datetime given to the job index")
-        return value.astimezone(timezone.utc) if value is not None else None
+        return value.astimezone(UTC) if value is not None else None
 
     def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
+            return value.replace(tzinfo=UTC)
         return value
 
 
@@ -40,6 +51,9 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # core-hours the project may use; None is no limit. Usage is charged from jobs' real run time.
+    budget_core_hours: Mapped[float | None] = mapped_column(Float, default=None)
+    used_core_hours: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class ApiKey(Base):
@@ -80,11 +94,40 @@ class JobRow(Base):
     flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     input_hash: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    batch_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
     picked_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     completed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class BatchRow(Base):
+    """Jobs submitted together in one request; `rejected` counts the entries refused at submission."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    size: Mapped[int] = mapped_column(Integer)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    # cpu, memory, filesystems applied to the batch's jobs
+    hardware: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
+    # the job that submitted it, for a scheduled batch run
+    parent_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CacheEntryRow(Base):
+    """A completed job whose result answers later jobs with the same type, canonical input and code version."""
+
+    __tablename__ = "cache_entries"
+
+    project_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    input_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobEventRow(Base):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Iterable
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +16,13 @@ from sqlalchemy.orm import undefer
 
 from kiln.errors import Conflict, InvalidRequest, NotFound
 from kiln.events.bus import EventBus
-from kiln.schemas.statuses import CANCELLABLE_STATUSES, FINAL_STATUSES, IN_FLIGHT_STATUSES, JobStatus
+from kiln.schemas.statuses import (
+    CANCELLABLE_STATUSES,
+    FINAL_STATUSES,
+    IN_FLIGHT_STATUSES,
+    JobStatus,
+)
+from kiln.store.batches import record_finish
 from kiln.store.db import make_engine, make_sessionmaker, upgrade_async
 from kiln.store.models import ApiKey, JobEventRow, JobRow, Project, WorkerRow, utcnow
 
@@ -164,6 +171,7 @@ class Store:
         type: str | None = None,
         status: JobStatus | None = None,
         parent_id: str | None = None,
+        batch_id: str | None = None,
         limit: int = 50,
         cursor: int | None = None,
     ) -> tuple[list[JobRow], int | None]:
@@ -175,6 +183,8 @@ class Store:
             query = query.where(JobRow.status == status.value)
         if parent_id is not None:
             query = query.where(JobRow.parent_id == parent_id)
+        if batch_id is not None:
+            query = query.where(JobRow.batch_id == batch_id)
         if cursor is not None:
             query = query.where(JobRow.seq < cursor)
         async with self.session() as s:
@@ -277,6 +287,7 @@ class Store:
                 row.status_reason = reason
                 if status is JobStatus.COMPLETED:
                     row.output = output
+                await record_finish(s, row, status, at)
             if status in _TERMINAL_EVENT:
                 data = {"output": output} if status is JobStatus.COMPLETED else {"reason": reason}
                 s.add(JobEventRow(job_id=job_id, event=_TERMINAL_EVENT[status], data=data, created_at=at))

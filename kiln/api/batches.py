@@ -1,0 +1,244 @@
+"""Batches: POST /api/v1/jobs/submit-batch, the /api/v1/batches views, and the cache and quota they rest on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from kiln.api.auth import project_of_caller
+from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, job_view
+from kiln.api.submission import field_errors, read_job
+from kiln.errors import InvalidRequest, KilnError, TooLarge
+from kiln.events.bus import ANY_JOB
+from kiln.schemas import JobCreate, JobPage, Resources
+from kiln.schemas.batches import (
+    Batch,
+    BatchCreate,
+    BatchEntry,
+    BatchEntryResult,
+    BatchResult,
+    Hardware,
+)
+from kiln.schemas.statuses import FINAL_STATUSES, JobStatus
+from kiln.store import batches as store_batches
+from kiln.store.batches import NewJob
+
+router = APIRouter(prefix="/api/v1")
+
+Project = Annotated[str, Depends(project_of_caller)]
+
+# names a batch entry's compute_target may take besides a registered cluster
+KILN_CHOOSES = ("managed", "local")
+UNFINISHED = ("pending", "queued", "running", "merging")
+# the batch stream sends counts at most this often (seconds)
+BATCH_EVENTS_INTERVAL = 0.25
+
+
+def _with_hardware(job: JobCreate, hardware: Hardware | None) -> JobCreate:
+    if hardware is None:
+        return job
+    resources = (job.resources or Resources()).model_copy()
+    if hardware.cpu is not None:
+        resources.cpu_count = hardware.cpu
+    if hardware.memory_gb is not None:
+        resources.min_ram_gb = hardware.memory_gb
+    return job.model_copy(update={"resources": resources})
+
+
+@router.post("/jobs/submit-batch", status_code=202, response_model=BatchResult, summary="Submit up to 1000 jobs")
+async def submit_batch(request: Request, body: BatchCreate, project_id: Project) -> BatchResult:
+    """Each entry is read on its own: a bad one fails alone, with its index and field, and the rest go on.
+
+    An entry whose finished twin exists (same type, canonical input and code version) is a cache hit,
+    answered at once. A named compute target takes entries up to its free slots, counted through the
+    batch. The whole batch is refused (402, nothing stored) when the project's budget cannot cover it.
+    """
+    state = request.app.state
+    limit = state.settings.batch_max_jobs
+    if len(body.jobs) > limit:
+        raise TooLarge(f"jobs: {len(body.jobs)} entries; a batch takes at most {limit}, send the rest in more batches")
+    state.rate_limiter.take(request.state.key_hash, "batch submissions", state.settings.batch_rate_per_minute)
+
+    errors: dict[int, str] = {}
+    accepted: list[tuple[int, NewJob]] = []
+    free_slots: dict[str, int] = {}
+    for index, raw in enumerate(body.jobs):
+        prefix = f"jobs.{index}."
+        try:
+            entry = BatchEntry.model_validate(raw)
+        except ValidationError as exc:
+            errors[index] = field_errors(exc, f"jobs.{index}")
+            continue
+        target = entry.compute_target if entry.compute_target is not None else entry.job.compute_target
+        job = _with_hardware(entry.job, body.hardware)
+        job = job.model_copy(update={"compute_target": None if target in KILN_CHOOSES else target})
+        try:
+            new_job = await read_job(state, project_id, job, prefix=prefix + "job.", refresh=entry.refresh,
+                                     validate_in_thread=False)  # fmt: skip
+            if new_job.compute_target is not None:
+                await _take_slot(state, new_job.compute_target, free_slots, prefix)
+        except KilnError as exc:
+            errors[index] = exc.message
+            continue
+        accepted.append((index, new_job))
+
+    batch_id, stored = await store_batches.add_jobs(
+        state.store, project_id, [job for _, job in accepted], batch_size=len(body.jobs),
+        hardware=body.hardware.model_dump(mode="json") if body.hardware else None,
+    )  # fmt: skip
+    if any(item.status is JobStatus.PENDING for item in stored):
+        state.dispatcher.wake()
+    lines: list[BatchEntryResult | None] = [None] * len(body.jobs)
+    for (index, _), item in zip(accepted, stored):
+        hit = item.status is JobStatus.CACHE_HIT
+        lines[index] = BatchEntryResult(job_id=item.job_id, status="cache_hit" if hit else "submitted",
+                                        state=item.status.value)  # fmt: skip
+    for index, error in errors.items():
+        lines[index] = BatchEntryResult(status="failed", error=error)
+    hits = sum(1 for item in stored if item.status is JobStatus.CACHE_HIT)
+    return BatchResult(batch_id=batch_id, total=len(body.jobs), submitted=len(stored) - hits, cache_hits=hits,
+                       failed=len(errors), jobs=lines)  # fmt: skip
+
+
+async def _take_slot(state, target: str, free_slots: dict[str, int], prefix: str) -> None:
+    """One of the target's free slots for this entry; counted through the batch, from what is unfinished there."""
+    if target not in free_slots:
+        from kiln.blocks.cluster import load_cluster
+
+        cluster = await load_cluster(target)
+        free_slots[target] = cluster.max_jobs - await state.store.unfinished_on_target(target)
+    if free_slots[target] <= 0:
+        raise InvalidRequest(
+            f"{prefix}compute_target: {target!r} has no free slot left for this entry "
+            f"(free slots when the batch arrived: {_free_at_start(free_slots, target)})"
+        )
+    free_slots[target] -= 1
+    free_slots[f"taken:{target}"] = free_slots.get(f"taken:{target}", 0) + 1
+
+
+def _free_at_start(free_slots: dict[str, int], target: str) -> int:
+    return free_slots[target] + free_slots.get(f"taken:{target}", 0)
+
+
+def _batch_view(batch, counts: dict[str, int] | None = None) -> Batch:
+    return Batch(id=batch.id, size=batch.size, submitted=batch.size - batch.rejected,
+                 hardware=Hardware.model_validate(batch.hardware) if batch.hardware else None,
+                 parent_id=batch.parent_id, created_at=batch.created_at, counts=counts)  # fmt: skip
+
+
+@router.get("/batches", response_model=list[Batch], summary="The caller's batches, newest first")
+async def list_batches(request: Request, project_id: Project) -> list[Batch]:
+    return [_batch_view(b) for b in await store_batches.list_batches(request.app.state.store, project_id)]
+
+
+@router.get("/batches/{batch_id}", response_model=Batch, summary="A batch with its jobs counted by status")
+async def get_batch(request: Request, batch_id: str, project_id: Project) -> Batch:
+    store = request.app.state.store
+    batch = await store_batches.get_batch(store, project_id, batch_id)
+    return _batch_view(batch, await store_batches.batch_counts(store, batch))
+
+
+@router.get("/batches/{batch_id}/jobs", response_model=JobPage, summary="A batch's jobs, newest first")
+async def list_batch_jobs(
+    request: Request,
+    batch_id: str,
+    project_id: Project,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> JobPage:
+    store = request.app.state.store
+    await store_batches.get_batch(store, project_id, batch_id)
+    try:
+        position = int(cursor) if cursor is not None else None
+    except ValueError:
+        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
+    rows, next_cursor = await store.list_jobs(project_id, status=status, batch_id=batch_id, limit=limit,
+                                              cursor=position)  # fmt: skip
+    return JobPage(
+        jobs=[await job_view(request, r, with_reason=False) for r in rows],
+        next_cursor=str(next_cursor) if next_cursor is not None else None,
+    )
+
+
+@router.get("/batches/{batch_id}/events", summary="The batch's counts as they change (Server-Sent Events)")
+async def batch_events(request: Request, batch_id: str, project_id: Project) -> StreamingResponse:
+    """`event: counts` with the batch's counts whenever one of its jobs moves; the stream ends once all are final."""
+    state = request.app.state
+    batch = await store_batches.get_batch(state.store, project_id, batch_id)
+
+    async def stream():
+        last = None
+        wake = state.store.bus.subscribe(ANY_JOB)
+        try:
+            while True:
+                wake.clear()
+                counts = await store_batches.batch_counts(state.store, batch)
+                if counts != last:
+                    last = counts
+                    yield f"event: counts\ndata: {json.dumps(counts)}\n\n"
+                if not any(counts[k] for k in UNFINISHED):
+                    return
+                try:
+                    await asyncio.wait_for(wake.wait(), SSE_KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                await asyncio.sleep(BATCH_EVENTS_INTERVAL)  # a thousand moves in a second make one message
+        finally:
+            state.store.bus.unsubscribe(ANY_JOB, wake)
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def _cancel_and_delete(request: Request, batch_ids: list[str], project_id: str) -> None:
+    state = request.app.state
+    for batch_id in batch_ids:
+        rows, cursor = [], None
+        while True:
+            page, cursor = await state.store.list_jobs(project_id, batch_id=batch_id, limit=1000, cursor=cursor)
+            rows.extend(page)
+            if cursor is None:
+                break
+        for row in rows:
+            if JobStatus(row.status) not in FINAL_STATUSES:
+                await state.dispatcher.cancel(row, "cancelled with its batch")
+    await store_batches.delete_batches(state.store, batch_ids)
+
+
+@router.delete("/batches/{batch_id}", status_code=204, summary="Cancel a batch's unfinished jobs, then delete it")
+async def delete_batch(request: Request, batch_id: str, project_id: Project) -> Response:
+    await store_batches.get_batch(request.app.state.store, project_id, batch_id)
+    await _cancel_and_delete(request, [batch_id], project_id)
+    return Response(status_code=204)
+
+
+@router.delete("/batches", status_code=204, summary="Cancel and delete all of the caller's batches")
+async def delete_all_batches(request: Request, project_id: Project) -> Response:
+    batches = await store_batches.list_batches(request.app.state.store, project_id)
+    await _cancel_and_delete(request, [b.id for b in batches], project_id)
+    return Response(status_code=204)
+
+
+@router.get("/cache", summary="Cache entries: which finished job answers which input")
+async def list_cache(
+    request: Request, project_id: Project, type: str | None = None, input_hash: str | None = None
+) -> list[dict]:
+    entries = await store_batches.cache_entries(request.app.state.store, project_id, type, input_hash)
+    return [{"type": e.type, "input_hash": e.input_hash, "job_id": e.job_id, "created_at": e.created_at.isoformat()}
+            for e in entries]  # fmt: skip
+
+
+@router.delete("/cache", status_code=204, summary="Invalidate one cache entry; its input runs again next time")
+async def invalidate_cache(request: Request, project_id: Project, input_hash: str) -> Response:
+    await store_batches.invalidate_cache_entry(request.app.state.store, project_id, input_hash)
+    return Response(status_code=204)
+
+
+@router.get("/quota", summary="The project's core-hour budget and what it has used")
+async def quota(request: Request, project_id: Project) -> dict:
+    return await store_batches.usage(request.app.state.store, project_id)

@@ -1,0 +1,157 @@
+"""Reading submitted jobs: validated against their type, hashed for the cache, priced for the quota, rate-limited.
+
+One path serves POST /api/v1/jobs (one job; its error is the response) and POST
+/api/v1/jobs/submit-batch (many; an entry's error is that entry's line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import time
+from collections import defaultdict, deque
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from kiln.errors import (
+    InputInvalid,
+    InvalidRequest,
+    KilnError,
+    NotFound,
+    RateLimited,
+    UnknownJobType,
+)
+from kiln.schemas import JOB_TYPES, JobCreate, Resources
+from kiln.schemas.job_types import available_job_types
+from kiln.store.batches import NewJob
+
+# what a job is estimated to cost when its type gives no better estimate: one hour on each of its cores
+DEFAULT_ESTIMATE_HOURS = 1.0
+
+
+def field_errors(exc: ValidationError, prefix: str) -> str:
+    """'input.seconds: Input should be greater than or equal to 0; …' from a pydantic error."""
+    parts = []
+    for error in exc.errors():
+        location = ".".join(str(p) for p in (prefix, *error["loc"]) if p != "")
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """kiln's version: part of every cache key, so a new release never reuses an old release's results."""
+    try:
+        return version("kiln")
+    except PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
+
+
+def _normal(value: Any) -> Any:
+    """JSON with floats written one way: 12 significant digits, so 1.0, 1.00000000000001 and 1e0 agree."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {str(k): _normal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def input_hash(job_type: str, job_input: BaseModel) -> str:
+    """sha256 of the type, the canonical input and the code version.
+
+    The canonical input is the validated input with its defaults filled in (`canonical()` where the
+    input model has one: ml_predict writes every structure encoding as one pymatgen dict and adds the
+    model's version), keys sorted and floats normalised.
+    """
+    canonical = job_input.canonical() if hasattr(job_input, "canonical") else job_input.model_dump(mode="json")
+    text = json.dumps({"type": job_type, "input": _normal(canonical), "code": code_version()}, sort_keys=True,
+                      separators=(",", ":"))  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def core_hours(job_input: BaseModel, resources: Resources) -> float:
+    """A conservative estimate of what the job will cost: the input model's own, or an hour per core."""
+    cores = max(resources.cpu_count, 1)
+    if hasattr(job_input, "estimated_hours"):
+        return job_input.estimated_hours() * cores
+    return DEFAULT_ESTIMATE_HOURS * cores
+
+
+async def read_job(
+    state, project_id: str, body: JobCreate, *, prefix: str = "", refresh: bool = False, validate_in_thread=True
+) -> NewJob:
+    """The job checked as the API takes it, or a KilnError whose message starts with `prefix` and the field."""
+    try:
+        return await _read_job(state, project_id, body, refresh, validate_in_thread)
+    except KilnError as exc:
+        if prefix:
+            exc.message = f"{prefix}{exc.message}"
+            exc.args = (exc.message,)
+        raise
+
+
+async def _read_job(state, project_id: str, body: JobCreate, refresh: bool, in_thread: bool) -> NewJob:
+    if body.project_id is not None and body.project_id != project_id:
+        raise NotFound(f"project_id: project {body.project_id} not found")
+    job_type = JOB_TYPES.get(body.type)
+    if job_type is None or body.type not in state.dispatcher.deployments:
+        available = [t for t in available_job_types() if t in state.dispatcher.deployments]
+        raise UnknownJobType(body.type, available)
+    raw_input = dict(body.input)
+    if body.model is not None:
+        raw_input.setdefault("model", body.model)
+    try:
+        if in_thread:
+            # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
+            job_input = await asyncio.to_thread(job_type.input_model.model_validate, raw_input)
+        else:
+            job_input = job_type.input_model.model_validate(raw_input)
+    except ValidationError as exc:
+        raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
+    resources = body.resources or Resources()
+    await job_type.check_job(job_input, state.settings, compute_target=body.compute_target, resources=resources)
+    if body.parent_id is not None:
+        try:
+            await state.store.get_job(body.parent_id, project_id)
+        except NotFound:
+            raise InvalidRequest(f"parent_id: no job {body.parent_id} in this project") from None
+    return NewJob(
+        type=body.type,
+        input=job_input.model_dump(mode="json"),
+        resources=resources.model_dump(mode="json"),
+        input_hash=input_hash(body.type, job_input),
+        core_hours=core_hours(job_input, resources),
+        priority=body.priority,
+        compute_target=body.compute_target,
+        parent_id=body.parent_id,
+        refresh=refresh,
+    )
+
+
+class RateLimiter:
+    """Requests of one kind per API key in any 60 s; the one over the limit gets a 429 with Retry-After."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+
+    def take(self, key: str, kind: str, per_minute: int) -> None:
+        now = time.monotonic()
+        seen = self._seen[(key, kind)]
+        while seen and now - seen[0] >= self.WINDOW:
+            seen.popleft()
+        if len(seen) >= per_minute:
+            retry_after = max(1, math.ceil(self.WINDOW - (now - seen[0])))
+            raise RateLimited(
+                f"{kind}: at most {per_minute} per minute per API key; try again in {retry_after} s",
+                retry_after=retry_after,
+            )
+        seen.append(now)
