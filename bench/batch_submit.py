@@ -1,0 +1,180 @@
+"""Batch submission: kiln accepting 1000 jobs against Prefect creating 1000 flow runs, and end-to-end throughput.
+
+Starts its own embedded kiln (two worker slots) under a temporary KILN_HOME, by default with the job
+index and Prefect on fresh PostgreSQL databases (ARCHITECTURE.md's 90 s for 1000 runs is PostgreSQL).
+  (a) acceptance: POST /api/v1/jobs/submit-batch with 1000 sleep(0) jobs, timed from just before the
+      POST to its answer, p50 over --batches batches (each deleted right after, so none runs);
+      beside it, on the same Prefect server, 1000 runs made one by one with
+      `create_flow_run_from_deployment` on a pool no worker serves.
+  (b) throughput: 1000 sleep(0) jobs through kiln in one batch, POST → the last one completed, in jobs/s;
+      beside it the Prefect-only path: runs made one by one and run by a plain Prefect process worker
+      limited to as many at once as kiln has slots, create of the first → the last one final.
+
+    python bench/batch_submit.py [--postgres URL | --sqlite] [--batches 5] [--jobs 1000] [--baseline-runs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+from common import REPO, embedded_stack, percentile, summary
+
+SLOTS = 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--postgres", default="postgresql://kiln:kiln@127.0.0.1:5432", metavar="URL")
+    parser.add_argument("--sqlite", action="store_true", help="both databases on SQLite instead")
+    parser.add_argument("--batches", type=int, default=5, help="batches timed for (a)")
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs per batch")
+    parser.add_argument("--create-runs", type=int, default=1000, help="runs Prefect creates one by one for (a)")
+    parser.add_argument("--baseline-runs", type=int, default=200, help="runs through the process worker for (b)")
+    args = parser.parse_args()
+
+    # the default of two batches per key per minute would hold the benchmark, not kiln
+    env = {"KILN_BATCH_RATE_PER_MINUTE": "1000"}
+    postgres = None if args.sqlite else args.postgres
+    worker = None
+    with embedded_stack(slots=SLOTS, postgres=postgres, env=env) as (settings, _, key):
+        try:
+            accept = kiln_accept(settings, key, args.batches, args.jobs)
+            kiln_rate, kiln_seconds = kiln_throughput(settings, key, args.jobs)
+            deployment_id = asyncio.run(deploy_process_pool())
+            create_seconds = asyncio.run(create_runs(deployment_id, args.create_runs, {"seconds": 0}))
+            asyncio.run(cancel_all_scheduled(deployment_id))
+            worker = start_process_worker(settings)
+            prefect_rate, prefect_seconds = asyncio.run(prefect_throughput(deployment_id, args.baseline_runs))
+        finally:
+            if worker is not None:
+                worker.terminate()
+                worker.wait(timeout=30)
+
+    backend = "SQLite" if args.sqlite else "PostgreSQL"
+    print()
+    print(f"batch submission, 2-core machine, Prefect 3.8.8 and the job index on {backend}, {SLOTS} worker slots")
+    print(summary(f"(a) kiln accepts {args.jobs} jobs", accept))
+    per_run = create_seconds / args.create_runs
+    print(f"(a) Prefect create_flow_run_from_deployment × {args.create_runs}, one by one: {create_seconds:.1f} s "
+          f"({1 / per_run:.1f} runs/s; {per_run * args.jobs:.1f} s for {args.jobs})")
+    print(f"    kiln p50 {percentile(accept, 50):.3f} s is {per_run * args.jobs / percentile(accept, 50):.0f}× faster; "
+          f"goal ≤ 0.5 s: {'met' if percentile(accept, 50) <= 0.5 else 'NOT met'}")
+    print(f"(b) kiln, {args.jobs} sleep(0) jobs end to end: {kiln_seconds:.1f} s, {kiln_rate:.2f} jobs/s")
+    print(f"(b) Prefect process worker (concurrency {SLOTS}), {args.baseline_runs} runs end to end: "
+          f"{prefect_seconds:.1f} s, {prefect_rate:.2f} jobs/s")
+    print(f"    kiln's throughput is {kiln_rate / prefect_rate:.1f}× the Prefect-only path's")
+
+
+def sleep_jobs(count: int, offset: float) -> list[dict]:
+    # distinct inputs, so none is a cache hit of another
+    return [{"type": "sleep", "input": {"seconds": offset + i * 1e-7}} for i in range(count)]
+
+
+def kiln_accept(settings, key: str, batches: int, jobs: int) -> list[float]:
+    from kiln.sdk import Client
+
+    times = []
+    with Client(settings.api_url, key, timeout=120) as client:
+        client.submit_batch(sleep_jobs(10, 0.5))  # warm the API's code paths
+        for b in range(batches):
+            payload = sleep_jobs(jobs, 1.0 + b)
+            started = time.perf_counter()
+            result = client.submit_batch(payload)
+            times.append(time.perf_counter() - started)
+            assert result.submitted == jobs, result.failed
+            client.delete_batch(result.batch_id)
+        for batch in client.batches():
+            client.delete_batch(batch.id)
+    return times
+
+
+def kiln_throughput(settings, key: str, jobs: int) -> tuple[float, float]:
+    from kiln.sdk import Client
+
+    with Client(settings.api_url, key, timeout=120) as client:
+        started = time.perf_counter()
+        result = client.submit_batch(sleep_jobs(jobs, 0.0))
+        while client.batch(result.batch_id).counts["succeeded"] < jobs:
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - started
+    return jobs / elapsed, elapsed
+
+
+async def deploy_process_pool():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name="bench-process", type="process", concurrency_limit=SLOTS))
+        flow_id = await client.create_flow_from_name("sleep")
+        return await client.create_deployment(
+            flow_id=flow_id, name="bench-process", entrypoint="flows/sleep.py:sleep", path=str(REPO),
+            work_pool_name="bench-process",
+        )  # fmt: skip
+
+
+async def create_runs(deployment_id, count: int, parameters: dict) -> float:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        started = time.perf_counter()
+        for _ in range(count):
+            await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        return time.perf_counter() - started
+
+
+async def cancel_all_scheduled(deployment_id) -> None:
+    """(a)'s runs must not run in (b): deleted before the worker starts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async with get_client() as client:
+        while True:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])), limit=200
+            )
+            if not runs:
+                return
+            for run in runs:
+                await client.delete_flow_run(run.id)
+
+
+def start_process_worker(settings) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log = open(settings.home_dir / "process-worker.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "bench-process", "--type", "process"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+
+
+async def prefect_throughput(deployment_id, runs: int) -> tuple[float, float]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    async with get_client() as client:
+        started = time.perf_counter()
+        for _ in range(runs):
+            await client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": 0})
+        final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
+        while True:
+            done = await client.count_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=final))),
+            )
+            if done >= runs:
+                break
+            await asyncio.sleep(0.5)
+        elapsed = time.perf_counter() - started
+    return runs / elapsed, elapsed
+
+
+if __name__ == "__main__":
+    main()
