@@ -28,21 +28,25 @@ def small_structures(count: int, seed: int = 11):
     from pymatgen.core import Lattice, Structure
 
     rng = random.Random(seed)
-    makers = [
-        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(rng.uniform(5.4, 5.9)), ["Na", "Cl"],
-                                          [[0, 0, 0], [0.5, 0.5, 0.5]]).get_primitive_structure(),
-        lambda: Structure.from_spacegroup("F-43m", Lattice.cubic(rng.uniform(5.5, 5.8)), ["Ga", "As"],
-                                          [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure(),
-        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(rng.uniform(5.3, 5.6)), ["Ca", "F"],
-                                          [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure(),
-        lambda: Structure(Lattice.cubic(rng.uniform(3.9, 4.1)), ["Ba", "Ti", "O", "O", "O"],
-                          [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]),
-        lambda: Structure.from_spacegroup("Fd-3m", Lattice.cubic(rng.uniform(5.4, 5.5)), ["Si"], [[0, 0, 0]]),
-        lambda: Structure.from_spacegroup("Fm-3m", Lattice.cubic(rng.uniform(3.55, 3.7)), ["Cu"], [[0, 0, 0]]),
-    ]
+    # each prototype built once (pymatgen's space-group set-up takes ~0.2 s), at a = 1 Å scaled to 5 Å so its
+    # primitive cell is found with pymatgen's length tolerances, and scaled into its lattice-constant range
+    prototypes = [
+        (Structure.from_spacegroup("Fm-3m", Lattice.cubic(5), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+         .get_primitive_structure(), (5.4, 5.9)),
+        (Structure.from_spacegroup("F-43m", Lattice.cubic(5), ["Ga", "As"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+         .get_primitive_structure(), (5.5, 5.8)),
+        (Structure.from_spacegroup("Fm-3m", Lattice.cubic(5), ["Ca", "F"], [[0, 0, 0], [0.25, 0.25, 0.25]])
+         .get_primitive_structure(), (5.3, 5.6)),
+        (Structure(Lattice.cubic(5), ["Ba", "Ti", "O", "O", "O"],
+                   [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]), (3.9, 4.1)),
+        (Structure.from_spacegroup("Fd-3m", Lattice.cubic(5), ["Si"], [[0, 0, 0]]), (5.4, 5.5)),
+        (Structure.from_spacegroup("Fm-3m", Lattice.cubic(5), ["Cu"], [[0, 0, 0]]), (3.55, 3.7)),
+    ]  # fmt: skip
     structures = []
     for _ in range(count):
-        crystal = rng.choice(makers)()
+        prototype, (low, high) = rng.choice(prototypes)
+        crystal = prototype.copy()
+        crystal.scale_lattice(prototype.volume * (rng.uniform(low, high) / 5) ** 3)
         crystal.perturb(0.05)
         structures.append(crystal)
     return structures

@@ -67,6 +67,10 @@ class HpcCluster(Block):
     max_jobs: int = Field(
         4, ge=1, description="Most batch jobs (one node each) one kiln job holds at once; caps max_node_count."
     )
+    slots: int | None = Field(
+        None, ge=1, description="Most unfinished kiln jobs the cluster takes at once (a batch counts against it); "
+        "no limit when unset."
+    )
     job_extra_directives: list[str] = Field(
         default_factory=list, description="Extra scheduler directives, e.g. ['--qos=long'] or ['-l place=scatter']."
     )

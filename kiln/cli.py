@@ -248,6 +248,7 @@ def clusters_add(
     walltime: str = typer.Option("01:00:00", help="Walltime of one batch job, HH:MM:SS."),
     processes: int = typer.Option(1, help="Dask worker processes per batch job."),
     max_jobs: int = typer.Option(4, help="Most batch jobs one kiln job holds at once."),
+    slots: Optional[int] = typer.Option(None, help="Most unfinished kiln jobs the cluster takes (no limit unset)."),
     directive: list[str] = typer.Option([], help="An extra scheduler directive (repeatable), e.g. --qos=long."),
     prologue: list[str] = typer.Option([], help="A shell line run before the worker starts (repeatable)."),
     python: Optional[str] = typer.Option(None, help="The Python on the nodes; this one by default."),
@@ -264,7 +265,7 @@ def clusters_add(
     try:
         cluster = HpcCluster(
             scheduler=scheduler, queue=queue, account=account, cores=cores, memory=memory, walltime=walltime,
-            processes=processes, max_jobs=max_jobs, job_extra_directives=directive, job_script_prologue=prologue,
+            processes=processes, max_jobs=max_jobs, slots=slots, job_extra_directives=directive, job_script_prologue=prologue,
             python=python, scheduler_host=scheduler_host, log_directory=log_directory,
         )
     except ValidationError as exc:

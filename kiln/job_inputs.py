@@ -42,3 +42,16 @@ def resolve_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
 
     block = LocalFileSystem.load(RESULTS_BLOCK, _sync=True)
     return json.loads(block.read_path(parameters[INPUT_REFERENCE], _sync=True))
+
+
+def passed_through(flow, parameters: dict[str, Any]):
+    """The flow and parameters to hand Prefect's engine for an input read back from the results block.
+
+    The engine walks every parameter value twice before a run starts (resolving futures, then block
+    references and validation): 0.6 s for 1000 structures (bench/ml_predict.py). Such an input was
+    validated against its job type's model when the API took it and holds plain JSON, so its values
+    go quoted (not walked) to a flow that does not validate them again.
+    """
+    from prefect.utilities.annotations import quote
+
+    return flow.with_options(validate_parameters=False), {name: quote(value) for name, value in parameters.items()}

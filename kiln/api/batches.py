@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from kiln.api.auth import project_of_caller
-from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, job_view
+from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, job_page
 from kiln.api.submission import field_errors, read_job
 from kiln.errors import InvalidRequest, KilnError, TooLarge
 from kiln.events.bus import ANY_JOB
@@ -35,6 +35,7 @@ Project = Annotated[str, Depends(project_of_caller)]
 # names a batch entry's compute_target may take besides a registered cluster
 KILN_CHOOSES = ("managed", "local")
 UNFINISHED = ("pending", "queued", "running", "merging")
+UNLIMITED = 10**9
 # the batch stream sends counts at most this often (seconds)
 BATCH_EVENTS_INTERVAL = 0.25
 
@@ -110,8 +111,11 @@ async def _take_slot(state, target: str, free_slots: dict[str, int], prefix: str
     if target not in free_slots:
         from kiln.blocks.cluster import load_cluster
 
-        cluster = await load_cluster(target)
-        free_slots[target] = cluster.max_jobs - await state.store.unfinished_on_target(target)
+        cluster = await load_cluster(target)  # there: read_job checked the name
+        if cluster.slots is None:
+            free_slots[target] = UNLIMITED
+        else:
+            free_slots[target] = cluster.slots - await store_batches.unfinished_on_target(state.store, target)
     if free_slots[target] <= 0:
         raise InvalidRequest(
             f"{prefix}compute_target: {target!r} has no free slot left for this entry "
@@ -152,18 +156,8 @@ async def list_batch_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: str | None = None,
 ) -> JobPage:
-    store = request.app.state.store
-    await store_batches.get_batch(store, project_id, batch_id)
-    try:
-        position = int(cursor) if cursor is not None else None
-    except ValueError:
-        raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
-    rows, next_cursor = await store.list_jobs(project_id, status=status, batch_id=batch_id, limit=limit,
-                                              cursor=position)  # fmt: skip
-    return JobPage(
-        jobs=[await job_view(request, r, with_reason=False) for r in rows],
-        next_cursor=str(next_cursor) if next_cursor is not None else None,
-    )
+    await store_batches.get_batch(request.app.state.store, project_id, batch_id)
+    return await job_page(request, project_id, limit, cursor, status=status, batch_id=batch_id)
 
 
 @router.get("/batches/{batch_id}/events", summary="The batch's counts as they change (Server-Sent Events)")

@@ -102,13 +102,16 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: str | None = None,
 ) -> JobPage:
+    return await job_page(request, project_id, limit, cursor, type=type, status=status, parent_id=parent_id)
+
+
+async def job_page(request: Request, project_id: str, limit: int, cursor: str | None, **filters) -> JobPage:
+    """A page of the project's jobs matching `filters` (those of Store.list_jobs), newest first."""
     try:
         position = int(cursor) if cursor is not None else None
     except ValueError:
         raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
-    rows, next_cursor = await request.app.state.store.list_jobs(
-        project_id, type=type, status=status, parent_id=parent_id, limit=limit, cursor=position
-    )
+    rows, next_cursor = await request.app.state.store.list_jobs(project_id, limit=limit, cursor=position, **filters)
     return JobPage(
         jobs=[await job_view(request, r, with_reason=False) for r in rows],
         next_cursor=str(next_cursor) if next_cursor is not None else None,

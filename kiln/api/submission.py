@@ -107,12 +107,17 @@ async def _read_job(state, project_id: str, body: JobCreate, refresh: bool, in_t
     raw_input = dict(body.input)
     if body.model is not None:
         raw_input.setdefault("model", body.model)
+    def validate_and_hash() -> tuple[BaseModel, str]:
+        # `read` where the input model has one: it keeps what it parsed for canonical() to reuse
+        job_input = getattr(job_type.input_model, "read", job_type.input_model.model_validate)(raw_input)
+        return job_input, input_hash(body.type, job_input)
+
     try:
         if in_thread:
             # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
-            job_input = await asyncio.to_thread(job_type.input_model.model_validate, raw_input)
+            job_input, digest = await asyncio.to_thread(validate_and_hash)
         else:
-            job_input = job_type.input_model.model_validate(raw_input)
+            job_input, digest = validate_and_hash()
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
     resources = body.resources or Resources()
@@ -126,7 +131,7 @@ async def _read_job(state, project_id: str, body: JobCreate, refresh: bool, in_t
         type=body.type,
         input=job_input.model_dump(mode="json"),
         resources=resources.model_dump(mode="json"),
-        input_hash=input_hash(body.type, job_input),
+        input_hash=digest,
         core_hours=core_hours(job_input, resources),
         priority=body.priority,
         compute_target=body.compute_target,

@@ -134,6 +134,17 @@ async def record_finish(s, row: JobRow, status: JobStatus, at) -> None:
         )
 
 
+async def unfinished_on_target(store, target: str) -> int:
+    """Top-level jobs sent to a compute target and not ended: what its slots hold."""
+    async with store.session() as s:
+        return await s.scalar(
+            select(func.count()).where(
+                JobRow.compute_target == target, JobRow.parent_id.is_(None),
+                JobRow.status.in_([status.value for status in JobStatus if not status.is_final]),
+            )
+        )  # fmt: skip
+
+
 # the cache
 
 

@@ -9,7 +9,7 @@ import importlib
 import threading
 from uuid import UUID
 
-from kiln.job_inputs import resolve_parameters
+from kiln.job_inputs import passed_through, resolve_parameters
 
 # (module, function) → flow; the import, and whatever the module loads at import, stays warm
 _FLOWS: dict[tuple[str, str], object] = {}
@@ -113,6 +113,8 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
     AsyncClientContext.__var__.set(runner.client_context)
     flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
     parameters = await asyncio.to_thread(resolve_parameters, flow_run.parameters)
+    if parameters is not flow_run.parameters:
+        flow, parameters = passed_through(flow, parameters)
     _RUNNING[flow_run_id] = ("async", runner.loop, asyncio.current_task())
     try:
         return await run_flow_async(flow, flow_run=flow_run, parameters=parameters, return_type="state")
@@ -127,6 +129,8 @@ def _run_sync(flow, flow_run_id: str):
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
     parameters = resolve_parameters(flow_run.parameters)
+    if parameters is not flow_run.parameters:
+        flow, parameters = passed_through(flow, parameters)
     _RUNNING[flow_run_id] = ("sync", threading.get_ident())
     try:
         return run_flow_sync(flow, flow_run=flow_run, parameters=parameters, return_type="state")
