@@ -19,6 +19,8 @@ keys_app = typer.Typer(help="API keys: each belongs to one project.", no_args_is
 worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", no_args_is_help=True)
 clusters_app = typer.Typer(help="HPC clusters (Prefect blocks) jobs can name as compute_target.", no_args_is_help=True)
 projects_app = typer.Typer(help="Projects: their core-hour budgets.", no_args_is_help=True)
+batch_app = typer.Typer(help="Batches of up to 1000 jobs.", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(worker_app, name="worker")
@@ -388,6 +390,50 @@ def watch(job_id: str) -> None:
     typer.echo(json.dumps(job.output) if succeeded else f"{job.status.value}: {job.status_reason}")
     if not succeeded:
         raise typer.Exit(1)
+
+
+@batch_app.command("submit")
+def batch_submit(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines: one job (or batch entry) a line."),
+    chunk: int = typer.Option(1000, min=1, help="Jobs per batch; more lines go in more batches."),
+) -> None:
+    """Submits the file's jobs as batches; prints each batch's id and counts, and the failed lines."""
+    payloads = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                payloads.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                _fail(f"{path}: line {number} is not JSON ({exc.msg})")
+    with _client() as client:
+        results = _run(lambda: client.submit_batches(payloads, chunk=chunk))
+    for number, result in enumerate(results):
+        typer.echo(f"batch {result.batch_id}: {result.submitted} submitted, {result.cache_hits} cache hits, "
+                   f"{result.failed} failed")  # fmt: skip
+        for index, line in enumerate(result.jobs):
+            if line.status == "failed":
+                typer.echo(f"  job {number * chunk + index + 1}: {line.error}", err=True)
+
+
+@batch_app.command("status")
+def batch_status(batch_id: str, watch: bool = typer.Option(True, help="Follow the counts live until all end.")) -> None:
+    """Shows a batch's jobs per status, as a live bar until every job has ended."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with _client() as client:
+        batch = _run(lambda: client.batch(batch_id))
+        counts = batch.counts
+        if watch:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as bar:
+                task = bar.add_task("", total=batch.size)
+                for counts in client.batch_counts(batch_id):
+                    ended = counts["succeeded"] + counts["failed"] + counts["cancelled"] + counts["cache_hit"]
+                    bar.update(task, completed=ended, description=_counts_line(counts))
+    typer.echo(_counts_line(counts))
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    return "  ".join(f"{name} {count}" for name, count in counts.items() if count)
 
 
 @app.command()

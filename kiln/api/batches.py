@@ -67,7 +67,7 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
 
     errors: dict[int, str] = {}
     accepted: list[tuple[int, NewJob]] = []
-    free_slots: dict[str, int] = {}
+    slots = _TargetSlots(state)
     for index, raw in enumerate(body.jobs):
         prefix = f"jobs.{index}."
         try:
@@ -82,7 +82,7 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
             new_job = await read_job(state, project_id, job, prefix=prefix + "job.", refresh=entry.refresh,
                                      validate_in_thread=False)  # fmt: skip
             if new_job.compute_target is not None:
-                await _take_slot(state, new_job.compute_target, free_slots, prefix)
+                await slots.take(new_job.compute_target, prefix)
         except KilnError as exc:
             errors[index] = exc.message
             continue
@@ -106,27 +106,29 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
                        failed=len(errors), jobs=lines)  # fmt: skip
 
 
-async def _take_slot(state, target: str, free_slots: dict[str, int], prefix: str) -> None:
-    """One of the target's free slots for this entry; counted through the batch, from what is unfinished there."""
-    if target not in free_slots:
-        from kiln.blocks.cluster import load_cluster
+class _TargetSlots:
+    """The free slots of each named compute target, counted through one batch."""
 
-        cluster = await load_cluster(target)  # there: read_job checked the name
-        if cluster.slots is None:
-            free_slots[target] = UNLIMITED
-        else:
-            free_slots[target] = cluster.slots - await store_batches.unfinished_on_target(state.store, target)
-    if free_slots[target] <= 0:
-        raise InvalidRequest(
-            f"{prefix}compute_target: {target!r} has no free slot left for this entry "
-            f"(free slots when the batch arrived: {_free_at_start(free_slots, target)})"
-        )
-    free_slots[target] -= 1
-    free_slots[f"taken:{target}"] = free_slots.get(f"taken:{target}", 0) + 1
+    def __init__(self, state):
+        self.state = state
+        self.free: dict[str, int] = {}
+        self.at_start: dict[str, int] = {}
 
+    async def take(self, target: str, prefix: str) -> None:
+        """One slot for this entry, or InvalidRequest naming the target and its free slots."""
+        if target not in self.free:
+            from kiln.blocks.cluster import load_cluster
 
-def _free_at_start(free_slots: dict[str, int], target: str) -> int:
-    return free_slots[target] + free_slots.get(f"taken:{target}", 0)
+            cluster = await load_cluster(target)  # there: read_job checked the name
+            unfinished = await store_batches.unfinished_on_target(self.state.store, target)
+            self.free[target] = UNLIMITED if cluster.slots is None else cluster.slots - unfinished
+            self.at_start[target] = self.free[target]
+        if self.free[target] <= 0:
+            raise InvalidRequest(
+                f"{prefix}compute_target: {target!r} has no free slot left for this entry "
+                f"(free slots when the batch arrived: {max(self.at_start[target], 0)})"
+            )
+        self.free[target] -= 1
 
 
 def _batch_view(batch, counts: dict[str, int] | None = None) -> Batch:

@@ -698,6 +698,19 @@ class Client:
     def batches(self) -> builtins.list[Batch]:
         return self._send(_BatchCalls.list())
 
+    def batch_counts(self, batch_id: str) -> Iterator[dict[str, int]]:
+        """The batch's counts each time they change, until every job has ended (GET …/events)."""
+        parser = SSEParser()
+        with self._http.stream("GET", f"/api/v1/batches/{quote(batch_id, safe='')}/events",
+                               timeout=httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT)) as response:
+            if response.is_error:
+                response.read()
+                raise _error_from(response)
+            for line in response.iter_lines():
+                sse = parser.feed(line)
+                if sse is not None and sse.event == "counts":
+                    yield json.loads(sse.data)
+
     def delete_batch(self, batch_id: str) -> None:
         """Cancels the batch's unfinished jobs, then deletes it."""
         self._send(_BatchCalls.delete(batch_id))

@@ -38,3 +38,26 @@ def test_bad_input_is_refused_with_the_field_named(api_key):
     assert "input.seconds" in result.stderr
     result = kiln("submit", "sleep", "--input", "{not json", key=api_key)
     assert result.returncode == 1 and "--input: not valid JSON" in result.stderr
+
+
+def test_batch_submit_from_json_lines_and_its_live_status(tmp_path):
+    import uuid
+
+    from tests.integration.support import create_key
+
+    key = create_key(f"cli-batch-{uuid.uuid4().hex[:8]}")  # a project of its own: its own batch rate limit
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("\n".join([
+        json.dumps({"type": "sleep", "input": {"seconds": 0.1}}),
+        json.dumps({"type": "sleep", "input": {"seconds": -1}}),
+        "",
+        json.dumps({"job": {"type": "sleep", "input": {"seconds": 0.2}}, "refresh": True}),
+    ]))  # fmt: skip
+    submitted = kiln("batch", "submit", str(lines), key=key)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "2 submitted, 0 cache hits, 1 failed" in submitted.stdout
+    assert "job 2: jobs.1.job.input.seconds" in submitted.stderr
+    batch_id = submitted.stdout.split()[1].rstrip(":")
+    status = kiln("batch", "status", batch_id, key=key)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.strip().splitlines()[-1] == "succeeded 2  failed 1"
