@@ -85,7 +85,7 @@ def _demo(settings: KilnSettings, key: str) -> None:
     from kiln.sdk import Client
 
     with Client(settings.api_url, key) as client:
-        job = client.jobs.create(type="sleep", input={"seconds": 1})
+        job = client.jobs.create(type="sleep", input={"seconds": 1}, refresh=True)  # a run, not a cache hit
         typer.echo(f"submitted sleep job {job.id}; watching it …")
         job.wait(timeout=120)
         typer.echo(f"job {job.id} {job.status.value}: {json.dumps(job.output)}  ({job.flow_run_url})")
@@ -215,6 +215,32 @@ def projects_budget(
         _fail(exc.message)
         raise typer.Exit(1) from None
     typer.echo(f"project {project!r}: " + (f"budget {core_hours:g} core-hours" if core_hours is not None else "no limit"))
+
+
+@projects_app.command("cache")
+def projects_cache(
+    project: str = typer.Argument(..., help="The project's name."),
+    reuse: bool = typer.Option(True, "--on/--off", help="Answer a repeated finished job from its result."),
+) -> None:
+    """Turns cache hits on (the default) or off for a project; `refresh` still forces a run per job."""
+    from kiln.errors import KilnError
+    from kiln.store.batches import set_reuse_results
+    from kiln.store.store import Store
+
+    async def main() -> None:
+        store = Store(get_settings().job_index_url)
+        try:
+            await store.migrate()
+            await set_reuse_results(store, project, reuse)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(main())
+    except KilnError as exc:
+        _fail(exc.message)
+        raise typer.Exit(1) from None
+    typer.echo(f"project {project!r}: cache hits {'on' if reuse else 'off'}")
 
 
 @keys_app.command("revoke")

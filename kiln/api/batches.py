@@ -77,10 +77,10 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
             continue
         target = entry.compute_target if entry.compute_target is not None else entry.job.compute_target
         job = _with_hardware(entry.job, body.hardware)
-        job = job.model_copy(update={"compute_target": None if target in KILN_CHOOSES else target})
+        job = job.model_copy(update={"compute_target": None if target in KILN_CHOOSES else target,
+                                     "refresh": job.refresh or entry.refresh})  # fmt: skip
         try:
-            new_job = await read_job(state, project_id, job, prefix=prefix + "job.", refresh=entry.refresh,
-                                     validate_in_thread=False)  # fmt: skip
+            new_job = await read_job(state, project_id, job, prefix=prefix + "job.", validate_in_thread=False)
             if new_job.compute_target is not None:
                 await slots.take(new_job.compute_target, prefix)
         except KilnError as exc:

@@ -85,11 +85,11 @@ def core_hours(job_input: BaseModel, resources: Resources) -> float:
 
 
 async def read_job(
-    state, project_id: str, body: JobCreate, *, prefix: str = "", refresh: bool = False, validate_in_thread=True
+    state, project_id: str, body: JobCreate, *, prefix: str = "", validate_in_thread: bool = True
 ) -> NewJob:
     """The job checked as the API takes it, or a KilnError whose message starts with `prefix` and the field."""
     try:
-        return await _read_job(state, project_id, body, refresh, validate_in_thread)
+        return await _read_job(state, project_id, body, validate_in_thread)
     except KilnError as exc:
         if prefix:
             exc.message = f"{prefix}{exc.message}"
@@ -97,7 +97,7 @@ async def read_job(
         raise
 
 
-async def _read_job(state, project_id: str, body: JobCreate, refresh: bool, in_thread: bool) -> NewJob:
+async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) -> NewJob:
     if body.project_id is not None and body.project_id != project_id:
         raise NotFound(f"project_id: project {body.project_id} not found")
     job_type = JOB_TYPES.get(body.type)
@@ -136,7 +136,7 @@ async def _read_job(state, project_id: str, body: JobCreate, refresh: bool, in_t
         priority=body.priority,
         compute_target=body.compute_target,
         parent_id=body.parent_id,
-        refresh=refresh,
+        refresh=body.refresh,
     )
 
 

@@ -26,6 +26,7 @@ class JobCreate(BaseModel):
     resources: Resources | None = Field(None, description="What the job needs, and its timeouts and retries.")
     compute_target: str | None = Field(None, description="Where to run: 'local' or a registered cluster name.")
     parent_id: str | None = Field(None, description="The job this one is a child of.")
+    refresh: bool = Field(False, description="Run again even when a finished job with the same input exists.")
     model: str | None = Field(
         None, description="Shorthand for input.model, as in the SDK call jobs.create(type=…, model=…)."
     )

@@ -127,6 +127,7 @@ class _JobCalls:
         project_id: str | None,
         model: str | None,
         input_fields: dict[str, Any],
+        refresh: bool = False,
     ) -> _Call[Job]:
         repeated = set(input or {}) & set(input_fields)
         if repeated:
@@ -141,6 +142,7 @@ class _JobCalls:
             "project_id": project_id,
             # top-level: the server puts it into input.model unless the input names one itself
             "model": model,
+            "refresh": refresh or None,
         }
         body = {key: value for key, value in body.items() if value is not None}
         return _Call("POST", "/api/v1/jobs", Job.model_validate, json=body)
@@ -476,11 +478,13 @@ class Jobs:
         parent_id: str | None = None,
         project_id: str | None = None,
         model: str | None = None,
+        *,
+        refresh: bool = False,
         **input_fields: Any,
     ) -> JobHandle:
         """Submits a job; keyword arguments beyond these join its input: `create(type="sleep", seconds=1)`."""
         call = _JobCalls.create(
-            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields
+            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields, refresh
         )
         return JobHandle(self._client._send(call), self)
 
@@ -573,11 +577,13 @@ class AsyncJobs:
         parent_id: str | None = None,
         project_id: str | None = None,
         model: str | None = None,
+        *,
+        refresh: bool = False,
         **input_fields: Any,
     ) -> AsyncJobHandle:
         """Submits a job; keyword arguments beyond these join its input: `create(type="sleep", seconds=1)`."""
         call = _JobCalls.create(
-            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields
+            type, input, priority, resources, compute_target, parent_id, project_id, model, input_fields, refresh
         )
         return AsyncJobHandle(await self._client._send(call), self)
 

@@ -61,9 +61,11 @@ async def add_jobs(
     """
     now = utcnow()
     async with store.session.begin() as s:
-        hits = await _cache_hits(s, project_id, {j.input_hash for j in jobs if not j.refresh})
-        cost = sum(j.core_hours for j in jobs if j.refresh or j.input_hash not in hits)
         project = await s.get(Project, project_id)
+        hits = {}
+        if project.reuse_results:
+            hits = await _cache_hits(s, project_id, {j.input_hash for j in jobs if not j.refresh})
+        cost = sum(j.core_hours for j in jobs if j.refresh or j.input_hash not in hits)
         if project.budget_core_hours is not None and project.used_core_hours + cost > project.budget_core_hours:
             left = project.budget_core_hours - project.used_core_hours
             raise QuotaExceeded(
@@ -173,6 +175,13 @@ async def invalidate_cache_entry(store, project_id: str, input_hash: str) -> Non
 async def set_budget(store, project_name: str, core_hours: float | None) -> None:
     async with store.session.begin() as s:
         result = await s.execute(update(Project).where(Project.name == project_name).values(budget_core_hours=core_hours))
+    if result.rowcount == 0:
+        raise NotFound(f"project {project_name!r} not found")
+
+
+async def set_reuse_results(store, project_name: str, reuse: bool) -> None:
+    async with store.session.begin() as s:
+        result = await s.execute(update(Project).where(Project.name == project_name).values(reuse_results=reuse))
     if result.rowcount == 0:
         raise NotFound(f"project {project_name!r} not found")
 

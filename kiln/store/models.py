@@ -54,6 +54,8 @@ class Project(Base):
     # core-hours the project may use; None is no limit. Usage is charged from jobs' real run time.
     budget_core_hours: Mapped[float | None] = mapped_column(Float, default=None)
     used_core_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    # whether a job repeating a finished one is answered from its result (a cache hit)
+    reuse_results: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class ApiKey(Base):

@@ -46,11 +46,13 @@ def upgrade() -> None:
     with op.batch_alter_table('projects', schema=None) as batch_op:
         batch_op.add_column(sa.Column('budget_core_hours', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('used_core_hours', sa.Float(), nullable=False, server_default='0'))
+        batch_op.add_column(sa.Column('reuse_results', sa.Boolean(), nullable=False, server_default=sa.true()))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('projects', schema=None) as batch_op:
+        batch_op.drop_column('reuse_results')
         batch_op.drop_column('used_core_hours')
         batch_op.drop_column('budget_core_hours')
 
