@@ -8,10 +8,10 @@ from datetime import timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
-
 from prefect.states import Cancelled
 
 from kiln.dispatch.runs import apply_project, cancel_run, create_job_run, force_state
+from kiln.errors import NotFound
 from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
@@ -87,7 +87,11 @@ class Dispatcher:
         job = await self.store.get_job(job.id, documents=True)  # the choosing left the input unread
         flow_run = await create_job_run(self.client, job, self.deployments[job.type])
         await self.store.record_release(job.id, str(flow_run.id))
-        if (await self.store.get_job(job.id)).cancel_requested:
+        try:
+            cancelled = (await self.store.get_job(job.id)).cancel_requested
+        except NotFound:
+            cancelled = True  # deleted (with its batch) while it was being released
+        if cancelled:
             # cancelled while it was being released: the run must not start
             await cancel_run(self.client, flow_run.id, "cancelled by request before it started")
 
