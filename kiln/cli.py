@@ -189,23 +189,16 @@ def keys_create(project: str = typer.Option(..., "--project", help="The project 
     typer.echo(key)
 
 
-@projects_app.command("budget")
-def projects_budget(
-    project: str = typer.Argument(..., help="The project's name."),
-    core_hours: float = typer.Option(
-        None, "--core-hours", min=0, help="The budget in core-hours; leave out to remove the limit."
-    ),
-) -> None:
-    """Sets a project's core-hour budget: a batch that would exceed it is refused (402), nothing submitted."""
+def _on_project(change, project: str, value) -> None:
+    """Runs `change(store, project, value)` on the job index; a KilnError (no such project) ends the command."""
     from kiln.errors import KilnError
-    from kiln.store.batches import set_budget
     from kiln.store.store import Store
 
     async def main() -> None:
         store = Store(get_settings().job_index_url)
         try:
             await store.migrate()
-            await set_budget(store, project, core_hours)
+            await change(store, project, value)
         finally:
             await store.close()
 
@@ -214,6 +207,19 @@ def projects_budget(
     except KilnError as exc:
         _fail(exc.message)
         raise typer.Exit(1) from None
+
+
+@projects_app.command("budget")
+def projects_budget(
+    project: str = typer.Argument(..., help="The project's name."),
+    core_hours: float = typer.Option(
+        None, "--core-hours", min=0, help="The budget in core-hours; leave out to remove the limit."
+    ),
+) -> None:
+    """Sets a project's core-hour budget: a batch that would exceed it is refused (402), nothing submitted."""
+    from kiln.store.batches import set_budget
+
+    _on_project(set_budget, project, core_hours)
     typer.echo(f"project {project!r}: " + (f"budget {core_hours:g} core-hours" if core_hours is not None else "no limit"))
 
 
@@ -223,23 +229,9 @@ def projects_cache(
     reuse: bool = typer.Option(True, "--on/--off", help="Answer a repeated finished job from its result."),
 ) -> None:
     """Turns cache hits on (the default) or off for a project; `refresh` still forces a run per job."""
-    from kiln.errors import KilnError
     from kiln.store.batches import set_reuse_results
-    from kiln.store.store import Store
 
-    async def main() -> None:
-        store = Store(get_settings().job_index_url)
-        try:
-            await store.migrate()
-            await set_reuse_results(store, project, reuse)
-        finally:
-            await store.close()
-
-    try:
-        asyncio.run(main())
-    except KilnError as exc:
-        _fail(exc.message)
-        raise typer.Exit(1) from None
+    _on_project(set_reuse_results, project, reuse)
     typer.echo(f"project {project!r}: cache hits {'on' if reuse else 'off'}")
 
 
