@@ -6,12 +6,11 @@ import asyncio
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
-from kiln.api.auth import project_of_caller
-from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, job_page
+from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, Project, job_page
 from kiln.api.submission import field_errors, read_job
 from kiln.errors import InvalidRequest, KilnError, TooLarge
 from kiln.events.bus import ANY_JOB
@@ -29,8 +28,6 @@ from kiln.store import batches as store_batches
 from kiln.store.batches import NewJob
 
 router = APIRouter(prefix="/api/v1")
-
-Project = Annotated[str, Depends(project_of_caller)]
 
 # names a batch entry's compute_target may take besides a registered cluster
 KILN_CHOOSES = ("managed", "local")
