@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 # the repository root in a checkout; a copy travels in the package for other installs
 _CANDIDATES = (Path(__file__).resolve().parents[1] / "prefect.yaml", Path(__file__).with_name("prefect.yaml"))
+
+# the deployment of a job type that kiln's dispatcher creates the type's runs from; a deployment
+# with another name is an operator's (a scheduled batch run), applied as written and left to Prefect
+JOB_DEPLOYMENT = "kiln"
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,13 @@ class DeploymentSpec:
     description: str
     tags: tuple[str, ...]
     work_queue_name: str
+    # as prefect.yaml writes them: {cron | interval | rrule, timezone, active}
+    schedules: tuple[dict[str, Any], ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def serves_jobs(self) -> bool:
+        return self.name == JOB_DEPLOYMENT
 
     @property
     def module(self) -> str:
@@ -52,9 +64,10 @@ class Project:
 
 
 @lru_cache
-def load_project() -> Project:
-    path = next(p for p in _CANDIDATES if p.exists())
-    raw = yaml.safe_load(path.read_text())
+def load_project(path: Path | None = None) -> Project:
+    """The project file: `path`, or kiln's own prefect.yaml."""
+    path = path or next(p for p in _CANDIDATES if p.exists())
+    raw = yaml.safe_load(Path(path).read_text())
     return Project(
         work_pool=raw["kiln"]["work_pool"],
         bands=tuple(Band(**b) for b in raw["kiln"]["bands"]),
@@ -65,6 +78,8 @@ def load_project() -> Project:
                 description=d.get("description", ""),
                 tags=tuple(d.get("tags", ())),
                 work_queue_name=d["work_pool"]["work_queue_name"],
+                schedules=tuple(d.get("schedules") or ()),
+                parameters=dict(d.get("parameters") or {}),
             )
             for d in raw["deployments"]
         ),

@@ -115,19 +115,30 @@ def api() -> None:
 
 
 @app.command()
-def deploy() -> None:
-    """Applies prefect.yaml: the work pool, its priority-band queues and one deployment per job type."""
+def deploy(
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", exists=True, dir_okay=False, help="A project file like prefect.yaml; default kiln's own."
+    ),
+) -> None:
+    """Applies prefect.yaml: the work pool, its priority-band queues, one deployment per job type and the
+    scheduled batch runs (deployments of another name, with their schedules)."""
     _prefect_ready(get_settings())
     from prefect.client.orchestration import get_client
 
+    from kiln.deployments.project import load_project
     from kiln.dispatch.runs import apply_project
 
     async def main():
         async with get_client() as client:
-            return await apply_project(client)
+            return await apply_project(client, file)
 
     for job_type, deployment_id in asyncio.run(main()).items():
         typer.echo(f"{job_type}: deployment {deployment_id}")
+    for spec in load_project(file).deployments:
+        if not spec.serves_jobs:
+            when = ", ".join(str(s.get("cron") or s.get("interval") or s.get("rrule")) +
+                             ("" if s.get("active", True) else " (inactive)") for s in spec.schedules)  # fmt: skip
+            typer.echo(f"{spec.entrypoint.split(':')[1]}/{spec.name}: {when or 'no schedule'}")
 
 
 @worker_app.command("start")

@@ -17,7 +17,7 @@ from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import error_body
 from kiln.api.jobs import router as jobs_router
 from kiln.api.models import router as models_router
-from kiln.api.submission import RateLimiter
+from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
 from kiln.errors import KilnError, RateLimited
 from kiln.events.relay import Relay

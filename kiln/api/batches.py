@@ -8,44 +8,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import ValidationError
 
 from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, Project, job_page
-from kiln.api.submission import field_errors, read_job
-from kiln.errors import InvalidRequest, KilnError, TooLarge
+from kiln.errors import TooLarge
 from kiln.events.bus import ANY_JOB
-from kiln.schemas import JobCreate, JobPage, Resources
-from kiln.schemas.batches import (
-    Batch,
-    BatchCreate,
-    BatchEntry,
-    BatchEntryResult,
-    BatchResult,
-    Hardware,
-)
+from kiln.schemas import JobPage
+from kiln.schemas.batches import Batch, BatchCreate, BatchResult, Hardware
 from kiln.schemas.statuses import FINAL_STATUSES, JobStatus
 from kiln.store import batches as store_batches
-from kiln.store.batches import NewJob
+from kiln.submission import accept_batch
 
 router = APIRouter(prefix="/api/v1")
 
-# names a batch entry's compute_target may take besides a registered cluster
-KILN_CHOOSES = ("managed", "local")
-UNFINISHED = ("pending", "queued", "running", "merging")
-UNLIMITED = 10**9
 # the batch stream sends counts at most this often (seconds)
 BATCH_EVENTS_INTERVAL = 0.25
-
-
-def _with_hardware(job: JobCreate, hardware: Hardware | None) -> JobCreate:
-    if hardware is None:
-        return job
-    resources = (job.resources or Resources()).model_copy()
-    if hardware.cpu is not None:
-        resources.cpu_count = hardware.cpu
-    if hardware.memory_gb is not None:
-        resources.min_ram_gb = hardware.memory_gb
-    return job.model_copy(update={"resources": resources})
 
 
 @router.post("/jobs/submit-batch", status_code=202, response_model=BatchResult, summary="Submit up to 1000 jobs")
@@ -61,71 +37,7 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
     if len(body.jobs) > limit:
         raise TooLarge(f"jobs: {len(body.jobs)} entries; a batch takes at most {limit}, send the rest in more batches")
     state.rate_limiter.take(request.state.key_hash, "batch submissions", state.settings.batch_rate_per_minute)
-
-    errors: dict[int, str] = {}
-    accepted: list[tuple[int, NewJob]] = []
-    slots = _TargetSlots(state)
-    for index, raw in enumerate(body.jobs):
-        prefix = f"jobs.{index}."
-        try:
-            entry = BatchEntry.model_validate(raw)
-        except ValidationError as exc:
-            errors[index] = field_errors(exc, f"jobs.{index}")
-            continue
-        target = entry.compute_target if entry.compute_target is not None else entry.job.compute_target
-        job = _with_hardware(entry.job, body.hardware)
-        job = job.model_copy(update={"compute_target": None if target in KILN_CHOOSES else target,
-                                     "refresh": job.refresh or entry.refresh})  # fmt: skip
-        try:
-            new_job = await read_job(state, project_id, job, prefix=prefix + "job.", validate_in_thread=False)
-            if new_job.compute_target is not None:
-                await slots.take(new_job.compute_target, prefix)
-        except KilnError as exc:
-            errors[index] = exc.message
-            continue
-        accepted.append((index, new_job))
-
-    batch_id, stored = await store_batches.add_jobs(
-        state.store, project_id, [job for _, job in accepted], batch_size=len(body.jobs),
-        hardware=body.hardware.model_dump(mode="json") if body.hardware else None,
-    )  # fmt: skip
-    if any(item.status is JobStatus.PENDING for item in stored):
-        state.dispatcher.wake()
-    lines: list[BatchEntryResult | None] = [None] * len(body.jobs)
-    for (index, _), item in zip(accepted, stored):
-        hit = item.status is JobStatus.CACHE_HIT
-        lines[index] = BatchEntryResult(job_id=item.job_id, status="cache_hit" if hit else "submitted",
-                                        state=item.status.value)  # fmt: skip
-    for index, error in errors.items():
-        lines[index] = BatchEntryResult(status="failed", error=error)
-    hits = sum(1 for item in stored if item.status is JobStatus.CACHE_HIT)
-    return BatchResult(batch_id=batch_id, total=len(body.jobs), submitted=len(stored) - hits, cache_hits=hits,
-                       failed=len(errors), jobs=lines)  # fmt: skip
-
-
-class _TargetSlots:
-    """The free slots of each named compute target, counted through one batch."""
-
-    def __init__(self, state):
-        self.state = state
-        self.free: dict[str, int] = {}
-        self.at_start: dict[str, int] = {}
-
-    async def take(self, target: str, prefix: str) -> None:
-        """One slot for this entry, or InvalidRequest naming the target and its free slots."""
-        if target not in self.free:
-            from kiln.blocks.cluster import load_cluster
-
-            cluster = await load_cluster(target)  # there: read_job checked the name
-            unfinished = await store_batches.unfinished_on_target(self.state.store, target)
-            self.free[target] = UNLIMITED if cluster.slots is None else cluster.slots - unfinished
-            self.at_start[target] = self.free[target]
-        if self.free[target] <= 0:
-            raise InvalidRequest(
-                f"{prefix}compute_target: {target!r} has no free slot left for this entry "
-                f"(free slots when the batch arrived: {max(self.at_start[target], 0)})"
-            )
-        self.free[target] -= 1
+    return await accept_batch(state, project_id, body.jobs, body.hardware)
 
 
 def _batch_view(batch, counts: dict[str, int] | None = None) -> Batch:
@@ -175,7 +87,7 @@ async def batch_events(request: Request, batch_id: str, project_id: Project) -> 
                 if counts != last:
                     last = counts
                     yield f"event: counts\ndata: {json.dumps(counts)}\n\n"
-                if not any(counts[k] for k in UNFINISHED):
+                if not any(counts[k] for k in store_batches.UNFINISHED):
                     return
                 try:
                     await asyncio.wait_for(wake.wait(), SSE_KEEPALIVE_SECONDS)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from kiln.api.auth import project_of_caller
-from kiln.api.submission import read_job
+from kiln.submission import read_job
 from kiln.dispatch.dispatcher import pending_reason
 from kiln.errors import Conflict, InvalidRequest
 from kiln.schemas import (

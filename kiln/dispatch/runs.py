@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
-from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.schedules import construct_schedule
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.filesystems import LocalFileSystem
 from prefect.states import Cancelled, Cancelling, Crashed
@@ -83,14 +85,15 @@ def load_flow(spec: DeploymentSpec):
     return getattr(importlib.import_module(spec.module), spec.function)
 
 
-async def apply_project(client: PrefectClient) -> dict[str, UUID]:
-    """Creates the results block, the work pool, the band queues and one deployment per job type.
+async def apply_project(client: PrefectClient, path: Path | None = None) -> dict[str, UUID]:
+    """Creates the results block, the work pool, the band queues, one deployment per job type and the
+    operator's deployments (scheduled batch runs) of the project file (`path`, or kiln's prefect.yaml).
 
-    Returns job type → deployment id.
+    Returns job type → the deployment kiln releases that type's jobs to.
     """
     from kiln.worker.worker import KilnWorker
 
-    project = load_project()
+    project = load_project(path)
     try:
         await client.create_work_pool(
             WorkPoolCreate(
@@ -127,7 +130,7 @@ async def apply_project(client: PrefectClient) -> dict[str, UUID]:
             log.warning("job type of %s not available: %s", spec.entrypoint, exc)
             continue
         flow_id = await client.create_flow_from_name(flow.name)
-        deployments[flow.name] = await client.create_deployment(
+        deployment_id = await client.create_deployment(
             flow_id=flow_id,
             name=spec.name,
             entrypoint=spec.entrypoint,
@@ -135,10 +138,24 @@ async def apply_project(client: PrefectClient) -> dict[str, UUID]:
             tags=list(spec.tags),
             work_pool_name=project.work_pool,
             work_queue_name=spec.work_queue_name,
+            parameters=spec.parameters,
+            schedules=[deployment_schedule(s) for s in spec.schedules],
             parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
             enforce_parameter_schema=False,
         )
+        if spec.serves_jobs:
+            deployments[flow.name] = deployment_id
     return deployments
+
+
+def deployment_schedule(raw: dict[str, Any]) -> DeploymentScheduleCreate:
+    """A prefect.yaml schedule ({cron | interval | rrule, timezone, anchor_date, active}) as Prefect takes it."""
+    options = {k: v for k, v in raw.items() if k not in ("active", "max_scheduled_runs")}
+    return DeploymentScheduleCreate(
+        schedule=construct_schedule(**options),
+        active=raw.get("active", True),
+        max_scheduled_runs=raw.get("max_scheduled_runs"),
+    )
 
 
 async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID):

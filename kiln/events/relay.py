@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
@@ -12,20 +13,26 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.schemas.events import ReceivedEvent
+from prefect.states import Failed
+from sqlalchemy.exc import IntegrityError
 
 from kiln.dispatch.dispatcher import Dispatcher
-from kiln.dispatch.runs import crash_run, job_of_tags, reason_of_state, run_output, status_of_state
+from kiln.dispatch.runs import crash_run, force_state, job_of_tags, reason_of_state, run_output, status_of_state
+from kiln.errors import Conflict, KilnError
 from kiln.runtime import PROGRESS_EVENT
+from kiln.schemas.batches import Hardware
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
 from kiln.store.job_tasks import record_task_progress
 from kiln.store.models import utcnow
 from kiln.store.store import Store
+from kiln.submission import accept_batch
 from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT
 
 log = logging.getLogger("kiln.relay")
 
 FLOW_RUN_PREFIX = "prefect.flow-run."
+BATCH_RUN = "batch_run"
 
 
 class Relay:
@@ -110,17 +117,25 @@ class Relay:
             return
         job = await self.store.job_by_flow_run(flow_run_id)
         if job is None:
-            job = await self._adopt_child(flow_run_id, tags)
+            job = await self._adopt_child(flow_run_id, tags) or await self._adopt_scheduled(
+                flow_run_id, state_type, tags
+            )
             if job is None:
                 return
         if state_type == StateType.PENDING.value:
             await self.store.mark_picked(job.id, flow_run_id, at)
         if status is JobStatus.COMPLETED:
-            output = await run_output(self.client, flow_run_id)
-            await self.store.transition(job.id, status, output=output, at=at, flow_run_id=flow_run_id)
+            output, refused = await run_output(self.client, flow_run_id), None
+            if job.type == BATCH_RUN and not JobStatus(job.status).is_final:
+                output, refused = await self._submit_batch_run(job, output)
+            if refused is None:
+                await self.store.transition(job.id, status, output=output, at=at, flow_run_id=flow_run_id)
+            else:  # the job failed after all, and its Prefect run says so too
+                await force_state(self.client, flow_run_id, Failed(message=refused))
+                await self.store.transition(job.id, JobStatus.FAILED, reason=refused, at=at, flow_run_id=flow_run_id)
         elif status is JobStatus.FAILED:
             reason = reason_of_state(state_type, message)
-            if job.parent_id is None and await self.store.requeue_for_retry(job.id, flow_run_id, reason):
+            if not job.in_parent_run and await self.store.requeue_for_retry(job.id, flow_run_id, reason):
                 self.dispatcher.wake()
             else:
                 await self.store.transition(job.id, status, reason=reason, at=at, flow_run_id=flow_run_id)
@@ -128,7 +143,7 @@ class Relay:
             await self.store.transition(
                 job.id, status, reason=reason_of_state(state_type, message), at=at, flow_run_id=flow_run_id
             )
-        if status.is_final and job.parent_id is None:
+        if status.is_final and not job.in_parent_run:
             self.dispatcher.wake()
 
     async def _adopt_child(self, flow_run_id: str, tags):
@@ -158,9 +173,57 @@ class Relay:
                 parent_id=parent_id,
                 status=JobStatus.QUEUED,
                 flow_run_id=flow_run_id,
+                in_parent_run=True,
             )
         except Exception:  # noqa: BLE001 - two events raced to adopt it
             return await self.store.get_job(job_id)
+
+    async def _adopt_scheduled(self, flow_run_id: str, state_type: str, tags):
+        """A run Prefect made from an operator's deployment (a cron schedule in prefect.yaml) is a job of its
+        own, in the project its `project:NAME` tag names, from the moment a worker takes it.
+
+        Its job id is the flow run's id.
+        """
+        project = next((t[8:] for t in tags if t.startswith("project:")), None)
+        if state_type == StateType.SCHEDULED.value or "kiln" not in tags or job_of_tags(tags) or project is None:
+            return None
+        flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+        if flow_run.deployment_id is None or flow_run.parent_task_run_id is not None:
+            return None
+        project_id = await self.store.project_id_by_name(project)
+        if project_id is None:
+            await force_state(self.client, flow_run_id, Failed(
+                message=f"its deployment's tag project:{project} names no kiln project; create the project "
+                        f"(`kiln keys create --project {project}`) or change the tag in prefect.yaml"))  # fmt: skip
+            return None
+        job_type = next((t[5:] for t in tags if t.startswith("type:")), flow_run.name)
+        try:
+            return await self.store.add_job(
+                job_id=flow_run_id, project_id=project_id, type=job_type, input=flow_run.parameters, resources={},
+                status=JobStatus.QUEUED, flow_run_id=flow_run_id,
+            )  # fmt: skip
+        except Conflict:  # two events raced to adopt it
+            return await self.store.get_job(flow_run_id)
+
+    async def _submit_batch_run(self, job, read: dict) -> tuple[Any, str | None]:
+        """A batch_run's flow read the batch; kiln submits it as the job's children. (output, None), or
+        (None, why) when the batch was refused whole.
+
+        The batch's id is the job's, so a completion seen twice (event and reconcile) submits it once.
+        """
+        hardware = Hardware.model_validate(read["hardware"]) if read.get("hardware") else None
+        unreadable = {int(index): why for index, why in read.get("unreadable", {}).items()}
+        try:
+            result = await accept_batch(self, job.project_id, read["entries"], hardware, unreadable=unreadable,
+                                        parent_id=job.id, batch_id=job.id)  # fmt: skip
+        except (Conflict, IntegrityError):  # submitted already, by the first sight of this completion
+            return {"source": read["source"], "batch_id": job.id}, None
+        except KilnError as exc:  # the budget cannot cover it: nothing was submitted
+            return None, f"the batch read from {read['source']} was not submitted: {exc.message}"
+        output = result.model_dump(mode="json")
+        for line, origin in zip(output["jobs"], read.get("origins", ())):
+            line["from"] = origin
+        return {"source": read["source"], **output}, None
 
     async def reconcile(self, only_stale: bool = False) -> None:
         """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
+from kiln.schemas.batch_run import BatchRunInput
 from kiln.schemas.hpc_submit import HpcSubmitInput
 from kiln.schemas.ml_predict import MLPredictInput
 from kiln.schemas.simulation import SimulationInput
@@ -28,6 +29,9 @@ class JobType:
     runs_on_clusters: bool = False
     # the job must name a registered cluster as its compute_target
     needs_cluster: bool = False
+    # a finished job answers later ones with the same input; not for a job whose result depends on
+    # more than its input (a batch run reads files that change between runs)
+    cacheable: bool = True
 
     def check_input(self, job_input: BaseModel, settings) -> None:
         if self.check:
@@ -108,6 +112,13 @@ JOB_TYPES: dict[str, JobType] = {
             requires=("matgl", "torch", "ase", "pymatgen", "tblite", "pyscf", "dask_jobqueue"),
             check="kiln.tasks.simulation.replicas:require_model",
             runs_on_clusters=True,
+        ),
+        JobType(
+            name="batch_run",
+            description="Reads a batch from a JSONL file or a directory of structure files and submits it; the "
+            "batch's jobs are this job's children. With a cron schedule in prefect.yaml, a scheduled batch run.",
+            input_model=BatchRunInput,
+            cacheable=False,
         ),
     ]
 }

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, select, update
 
-from kiln.errors import NotFound, QuotaExceeded
+from kiln.errors import Conflict, NotFound, QuotaExceeded
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import (
     BatchRow,
@@ -21,6 +21,7 @@ from kiln.store.models import (
 
 # SQLite allows 32766 bound parameters per statement; IN lists stay well below
 _CHUNK = 500
+UNFINISHED = [status.value for status in JobStatus if not status.is_final]
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class NewJob:
     type: str
     input: dict[str, Any]
     resources: dict[str, Any]
-    input_hash: str
+    input_hash: str | None
     core_hours: float
     priority: int = 0
     compute_target: str | None = None
@@ -50,6 +51,7 @@ async def add_jobs(
     jobs: list[NewJob],
     *,
     batch_size: int | None = None,
+    batch_id: str | None = None,
     hardware: dict[str, Any] | None = None,
     parent_id: str | None = None,
 ) -> tuple[str | None, list[Stored]]:
@@ -57,7 +59,8 @@ async def add_jobs(
 
     The project's core-hour budget must cover the jobs that will run (cache hits cost nothing), or
     nothing is stored (QuotaExceeded). With `batch_size`, the jobs form a new batch of that many
-    entries (the failed ones counted); its id comes back first.
+    entries (the failed ones counted); its id (`batch_id`, or a new one) comes back first. A batch id
+    that exists already raises Conflict, and nothing is stored: a batch is submitted once.
     """
     now = utcnow()
     async with store.session.begin() as s:
@@ -66,16 +69,25 @@ async def add_jobs(
         if project.reuse_results:
             hits = await _cache_hits(s, project_id, {j.input_hash for j in jobs if not j.refresh})
         cost = sum(j.core_hours for j in jobs if j.refresh or j.input_hash not in hits)
-        if project.budget_core_hours is not None and project.used_core_hours + cost > project.budget_core_hours:
-            left = project.budget_core_hours - project.used_core_hours
-            raise QuotaExceeded(
-                f"jobs: they would take about {cost:.2f} core-hours and the project has {max(left, 0):.2f} of "
-                f"its {project.budget_core_hours:g} left; nothing was submitted",
-                details={"estimated_core_hours": cost, "left_core_hours": left},
+        if project.budget_core_hours is not None:
+            # unfinished jobs hold their estimates until they end and are charged what they used
+            held = await s.scalar(
+                select(func.coalesce(func.sum(JobRow.estimated_core_hours), 0.0)).where(
+                    JobRow.project_id == project_id, JobRow.status.in_(UNFINISHED)
+                )
             )
-        batch_id = None
+            left = project.budget_core_hours - project.used_core_hours - held
+            if cost > left:
+                raise QuotaExceeded(
+                    f"jobs: they would take about {cost:.2f} core-hours and the project has {max(left, 0):.2f} of "
+                    f"its {project.budget_core_hours:g} left ({project.used_core_hours:.2f} used, {held:.2f} held "
+                    "by unfinished jobs); nothing was submitted",
+                    details={"estimated_core_hours": cost, "left_core_hours": left, "held_core_hours": held},
+                )
         if batch_size is not None:
-            batch_id = str(uuid.uuid4())
+            batch_id = batch_id or str(uuid.uuid4())
+            if await s.get(BatchRow, batch_id) is not None:
+                raise Conflict(f"batch {batch_id} exists already")
             s.add(BatchRow(id=batch_id, project_id=project_id, size=batch_size, rejected=batch_size - len(jobs),
                            hardware=hardware, parent_id=parent_id, created_at=now))  # fmt: skip
         rows, events, stored = [], [], []
@@ -84,19 +96,20 @@ async def add_jobs(
             row = {
                 "id": job_id, "project_id": project_id, "type": job.type, "priority": job.priority,
                 "input": job.input, "resources": job.resources, "compute_target": job.compute_target,
-                "parent_id": job.parent_id, "input_hash": job.input_hash, "batch_id": batch_id, "created_at": now,
+                "parent_id": job.parent_id, "in_parent_run": False, "input_hash": job.input_hash,
+                "batch_id": batch_id, "created_at": now,
             }  # fmt: skip
             hit = None if job.refresh else hits.get(job.input_hash)
             if hit is None:
                 rows.append({**row, "status": JobStatus.PENDING.value, "output": None, "status_reason": None,
-                             "completed_at": None})  # fmt: skip
+                             "completed_at": None, "estimated_core_hours": job.core_hours})  # fmt: skip
                 events.append({"job_id": job_id, "event": "status", "data": {"status": "pending"}, "created_at": now})
                 stored.append(Stored(job_id, JobStatus.PENDING))
             else:
                 source, output = hit
                 reason = f"the result of job {source}, which had the same type, input and code version"
                 rows.append({**row, "status": JobStatus.CACHE_HIT.value, "output": output, "completed_at": now,
-                             "status_reason": reason})  # fmt: skip
+                             "status_reason": reason, "estimated_core_hours": 0.0})  # fmt: skip
                 data = {"output": output, "status": JobStatus.CACHE_HIT.value, "cache_of": source}
                 events.append({"job_id": job_id, "event": "completed", "data": data, "created_at": now})
                 stored.append(Stored(job_id, JobStatus.CACHE_HIT))
@@ -141,8 +154,8 @@ async def unfinished_on_target(store, target: str) -> int:
     async with store.session() as s:
         return await s.scalar(
             select(func.count()).where(
-                JobRow.compute_target == target, JobRow.parent_id.is_(None),
-                JobRow.status.in_([status.value for status in JobStatus if not status.is_final]),
+                JobRow.compute_target == target, JobRow.in_parent_run.is_(False),
+                JobRow.status.in_(UNFINISHED),
             )
         )  # fmt: skip
 

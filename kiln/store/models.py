@@ -90,12 +90,17 @@ class JobRow(Base):
     resources: Mapped[dict[str, Any]] = mapped_column(JSON)
     compute_target: Mapped[str | None] = mapped_column(String(200), default=None)
     parent_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    # a child run as a subflow inside its parent's flow run; every other job is released by the
+    # dispatcher and takes a worker slot of its own (a batch_run job's children among them)
+    in_parent_run: Mapped[bool] = mapped_column(Boolean, default=False)
     output: Mapped[Any] = mapped_column(JSON, nullable=True, default=None, deferred=True, deferred_raiseload=True)
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     flow_run_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     input_hash: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
+    # what the quota holds for the job until it ends and is charged its real run time
+    estimated_core_hours: Mapped[float] = mapped_column(Float, default=0.0)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)

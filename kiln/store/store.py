@@ -116,6 +116,7 @@ class Store:
         status: JobStatus = JobStatus.PENDING,
         job_id: str | None = None,
         flow_run_id: str | None = None,
+        in_parent_run: bool = False,
     ) -> JobRow:
         now = utcnow()
         row = JobRow(
@@ -129,6 +130,7 @@ class Store:
             resources=resources,
             compute_target=compute_target,
             parent_id=parent_id,
+            in_parent_run=in_parent_run,
             flow_run_id=flow_run_id,
             created_at=now,
             queued_at=now if status is not JobStatus.PENDING else None,
@@ -313,7 +315,7 @@ class Store:
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]),
                         or_(JobRow.picked_at < before, JobRow.started_at < before),
-                        JobRow.parent_id.is_(None),
+                        JobRow.in_parent_run.is_(False),
                         JobRow.flow_run_id.is_not(None),
                     )
                 )
@@ -377,7 +379,7 @@ class Store:
             return list(
                 await s.scalars(
                     select(JobRow)
-                    .where(JobRow.status == JobStatus.PENDING.value, JobRow.parent_id.is_(None))
+                    .where(JobRow.status == JobStatus.PENDING.value, JobRow.in_parent_run.is_(False))
                     .order_by(JobRow.priority.desc(), JobRow.seq)
                     .limit(limit)
                 )
@@ -401,7 +403,7 @@ class Store:
                     select(JobRow).where(
                         JobRow.status == JobStatus.QUEUED.value,
                         JobRow.flow_run_id.is_(None),
-                        JobRow.parent_id.is_(None),
+                        JobRow.in_parent_run.is_(False),
                     )
                 )
             )
@@ -417,7 +419,7 @@ class Store:
             return await s.scalar(
                 select(func.count())
                 .select_from(JobRow)
-                .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.parent_id.is_(None))
+                .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.in_parent_run.is_(False))
             )
 
     async def jobs_ahead(self, row: JobRow) -> int:
@@ -428,7 +430,7 @@ class Store:
                 .select_from(JobRow)
                 .where(
                     JobRow.status == JobStatus.PENDING.value,
-                    JobRow.parent_id.is_(None),
+                    JobRow.in_parent_run.is_(False),
                     or_(
                         JobRow.priority > row.priority,
                         and_(JobRow.priority == row.priority, JobRow.seq < row.seq),

@@ -141,7 +141,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             self._dask = await Client(self._cluster, asynchronous=True)
         from kiln.deployments.project import load_project
 
-        modules = [spec.module for spec in load_project().deployments]
+        modules = sorted({spec.module for spec in load_project().deployments})
         await self._dask.run(executor.warm_up, modules)
         self._background = [
             asyncio.create_task(self._heartbeat_loop()),

@@ -6,6 +6,7 @@ import pytest
 from prefect.client.schemas.objects import StateType
 
 from kiln.deployments.project import load_project
+from kiln.dispatch.runs import deployment_schedule
 from kiln.dispatch.runs import job_of_tags, reason_of_state, status_of_state
 from kiln.schemas import JOB_TYPES, JobStatus, Resources
 from kiln.schemas.statuses import FINAL_STATUSES
@@ -78,11 +79,42 @@ def test_priorities_fall_into_bands(priority, queue):
 
 
 def test_every_job_type_has_a_deployment_and_a_flow_of_its_name():
-    specs = {spec.module: spec for spec in load_project().deployments}
+    specs = {spec.module: spec for spec in load_project().deployments if spec.serves_jobs}
     for job_type in JOB_TYPES.values():
         assert job_type.module in specs, f"{job_type.name} has no deployment in prefect.yaml"
         assert job_type.available
+    assert len(specs) == len(JOB_TYPES)
     assert load_project().deployments[0].module == "kiln.flows.sleep"
+
+
+def test_the_example_scheduled_batch_run_is_off_until_an_operator_turns_it_on():
+    (nightly,) = [spec for spec in load_project().deployments if not spec.serves_jobs]
+    assert nightly.module == "kiln.flows.batch_run" and "project:default" in nightly.tags
+    schedule = deployment_schedule(nightly.schedules[0])
+    assert schedule.active is False
+    assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
+
+
+def test_a_project_file_may_schedule_by_interval_too(tmp_path):
+    path = tmp_path / "prefect.yaml"
+    path.write_text(PROJECT_FILE)
+    (spec,) = load_project(path).deployments
+    assert spec.parameters == {"source": "/data/x.jsonl"} and not spec.serves_jobs
+    schedule = deployment_schedule(spec.schedules[0])
+    assert schedule.active and schedule.schedule.interval.total_seconds() == 3600
+
+
+PROJECT_FILE = """
+kiln:
+  work_pool: kiln
+  bands: [{queue: normal, min_priority: null, prefect_priority: 1}]
+deployments:
+  - name: hourly
+    entrypoint: flows/batch_run.py:batch_run
+    parameters: {source: /data/x.jsonl}
+    schedules: [{interval: 3600}]
+    work_pool: {name: kiln, work_queue_name: normal}
+"""
 
 
 def test_settings_defaults_and_env(monkeypatch, tmp_path):

@@ -11,7 +11,7 @@ from pymatgen.core import Lattice, Molecule, Structure
 from pymatgen.io.cif import CifWriter
 from pymatgen.io.vasp import Poscar
 
-from kiln.api.submission import field_errors
+from kiln.submission import field_errors
 from kiln.schemas.ml_predict import MLPredictInput
 from kiln.tasks.ml.structures import (
     ELEMENT_LATTICES,

@@ -6,8 +6,9 @@ from datetime import timedelta
 
 import pytest
 
-from kiln.errors import Conflict, InvalidRequest, NotFound
+from kiln.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from kiln.schemas import JobStatus
+from kiln.store.batches import NewJob, add_jobs, set_budget, usage
 from kiln.store.models import ApiKey, utcnow
 from kiln.store.store import Store
 
@@ -177,3 +178,35 @@ async def test_progress_after_the_end_is_dropped(store):
     await store.cancel_pending(job.id, "cancelled by request")
     await store.add_progress(job.id, 100, "late")
     assert [e.event for e in await store.events_after(job.id)] == ["status", "progress", "cancelled"]
+
+
+def new_job(hours: float, **kw) -> NewJob:
+    return NewJob(type="sleep", input={"seconds": hours * 3600}, resources={}, input_hash=None, core_hours=hours,
+                  refresh=True, **kw)  # fmt: skip
+
+
+async def test_unfinished_jobs_hold_their_estimate_against_the_budget_until_they_end(store):
+    pid = await project(store)
+    await set_budget(store, "p", 1.5)
+    _, (first,) = await add_jobs(store, pid, [new_job(1.0)])
+    with pytest.raises(QuotaExceeded, match=r"0.50 of its 1.5 left \(0.00 used, 1.00 held by unfinished jobs\)"):
+        await add_jobs(store, pid, [new_job(1.0)])
+    # ended after 36 s of running: charged 0.01 core-hours, and it holds nothing any more
+    await store.transition(first.job_id, JobStatus.RUNNING, at=utcnow() - timedelta(seconds=36))
+    await store.transition(first.job_id, JobStatus.COMPLETED, output={})
+    assert (await usage(store, pid))["used_core_hours"] == pytest.approx(0.01, abs=1e-3)
+    await add_jobs(store, pid, [new_job(1.0)])
+
+
+async def test_children_of_a_batch_are_released_by_the_dispatcher_and_subflow_children_are_not(store):
+    pid = await project(store)
+    parent = await add(store, pid, status=JobStatus.QUEUED, flow_run_id="run-parent")
+    await add(store, pid, parent_id=parent.id, status=JobStatus.QUEUED, flow_run_id="run-sub", in_parent_run=True)
+    batch_id, stored = await add_jobs(store, pid, [new_job(0, parent_id=parent.id)] * 2, batch_size=2,
+                                      batch_id=parent.id, parent_id=parent.id)  # fmt: skip
+    assert batch_id == parent.id
+    assert {j.id for j in await store.pending_in_order(10)} == {s.job_id for s in stored}
+    assert await store.in_flight_count() == 1  # the parent; its subflow runs in the parent's slot
+    with pytest.raises(Conflict, match="exists already"):
+        await add_jobs(store, pid, [new_job(0)], batch_size=1, batch_id=parent.id)
+    assert len((await store.list_jobs(pid, parent_id=parent.id, limit=10))[0]) == 3

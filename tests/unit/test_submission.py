@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.api.submission import RateLimiter, core_hours, input_hash
+from kiln.submission import RateLimiter, core_hours, input_hash
 from kiln.errors import RateLimited
 from kiln.schemas import Resources
 from kiln.schemas.sleep import SleepInput

@@ -1,7 +1,9 @@
 """Reading submitted jobs: validated against their type, hashed for the cache, priced for the quota, rate-limited.
 
-One path serves POST /api/v1/jobs (one job; its error is the response) and POST
-/api/v1/jobs/submit-batch (many; an entry's error is that entry's line).
+One path serves POST /api/v1/jobs (one job; its error is the response), POST
+/api/v1/jobs/submit-batch and a batch_run job's batch (many; an entry's error is that entry's line).
+`state` is whatever holds the settings, the job index and the dispatcher: the API's app state, or
+the event relay.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import math
 import time
 from collections import defaultdict, deque
+from dataclasses import replace
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -27,11 +30,17 @@ from kiln.errors import (
     UnknownJobType,
 )
 from kiln.schemas import JOB_TYPES, JobCreate, Resources
+from kiln.schemas.batches import BatchEntry, BatchEntryResult, BatchResult, Hardware
 from kiln.schemas.job_types import available_job_types
+from kiln.schemas.statuses import JobStatus
+from kiln.store import batches as store_batches
 from kiln.store.batches import NewJob
 
 # what a job is estimated to cost when its type gives no better estimate: one hour on each of its cores
 DEFAULT_ESTIMATE_HOURS = 1.0
+# names a batch entry's compute_target may take besides a registered cluster
+KILN_CHOOSES = ("managed", "local")
+UNLIMITED = 10**9
 
 
 def field_errors(exc: ValidationError, prefix: str) -> str:
@@ -131,13 +140,108 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         type=body.type,
         input=job_input.model_dump(mode="json"),
         resources=resources.model_dump(mode="json"),
-        input_hash=digest,
+        # a type that is not cacheable never answers, nor is answered by, another job
+        input_hash=digest if job_type.cacheable else None,
         core_hours=core_hours(job_input, resources),
         priority=body.priority,
         compute_target=body.compute_target,
         parent_id=body.parent_id,
-        refresh=body.refresh,
+        refresh=body.refresh or not job_type.cacheable,
     )
+
+
+async def accept_batch(
+    state,
+    project_id: str,
+    entries: list[dict[str, Any]],
+    hardware: Hardware | None = None,
+    *,
+    unreadable: dict[int, str] | None = None,
+    parent_id: str | None = None,
+    batch_id: str | None = None,
+) -> BatchResult:
+    """Reads each entry on its own and stores the good ones as one batch; a bad entry fails alone.
+
+    `unreadable` holds entries already known bad (a line of a file that is not JSON), by index. A
+    batch_run job's batch has the job as `parent_id` of the batch and of every job in it.
+    """
+    errors: dict[int, str] = dict(unreadable or {})
+    accepted: list[tuple[int, NewJob]] = []
+    slots = _TargetSlots(state)
+    for index, raw in enumerate(entries):
+        if index in errors:
+            continue
+        prefix = f"jobs.{index}."
+        try:
+            entry = BatchEntry.model_validate(raw)
+        except ValidationError as exc:
+            errors[index] = field_errors(exc, f"jobs.{index}")
+            continue
+        target = entry.compute_target if entry.compute_target is not None else entry.job.compute_target
+        job = _with_hardware(entry.job, hardware)
+        job = job.model_copy(update={"compute_target": None if target in KILN_CHOOSES else target,
+                                     "refresh": job.refresh or entry.refresh})  # fmt: skip
+        try:
+            new_job = await read_job(state, project_id, job, prefix=prefix + "job.", validate_in_thread=False)
+            if new_job.compute_target is not None:
+                await slots.take(new_job.compute_target, prefix)
+        except KilnError as exc:
+            errors[index] = exc.message
+            continue
+        accepted.append((index, new_job if new_job.parent_id else replace(new_job, parent_id=parent_id)))
+
+    batch_id, stored = await store_batches.add_jobs(
+        state.store, project_id, [job for _, job in accepted], batch_size=len(entries), batch_id=batch_id,
+        hardware=hardware.model_dump(mode="json") if hardware else None, parent_id=parent_id,
+    )  # fmt: skip
+    if any(item.status is JobStatus.PENDING for item in stored):
+        state.dispatcher.wake()
+    lines: list[BatchEntryResult | None] = [None] * len(entries)
+    for (index, _), item in zip(accepted, stored):
+        hit = item.status is JobStatus.CACHE_HIT
+        lines[index] = BatchEntryResult(job_id=item.job_id, status="cache_hit" if hit else "submitted",
+                                        state=item.status.value)  # fmt: skip
+    for index, error in errors.items():
+        lines[index] = BatchEntryResult(status="failed", error=error)
+    hits = sum(1 for item in stored if item.status is JobStatus.CACHE_HIT)
+    return BatchResult(batch_id=batch_id, total=len(entries), submitted=len(stored) - hits, cache_hits=hits,
+                       failed=len(errors), jobs=lines)  # fmt: skip
+
+
+def _with_hardware(job: JobCreate, hardware: Hardware | None) -> JobCreate:
+    if hardware is None:
+        return job
+    resources = (job.resources or Resources()).model_copy()
+    if hardware.cpu is not None:
+        resources.cpu_count = hardware.cpu
+    if hardware.memory_gb is not None:
+        resources.min_ram_gb = hardware.memory_gb
+    return job.model_copy(update={"resources": resources})
+
+
+class _TargetSlots:
+    """The free slots of each named compute target, counted through one batch."""
+
+    def __init__(self, state):
+        self.state = state
+        self.free: dict[str, int] = {}
+        self.at_start: dict[str, int] = {}
+
+    async def take(self, target: str, prefix: str) -> None:
+        """One slot for this entry, or InvalidRequest naming the target and its free slots."""
+        if target not in self.free:
+            from kiln.blocks.cluster import load_cluster
+
+            cluster = await load_cluster(target)  # there: read_job checked the name
+            unfinished = await store_batches.unfinished_on_target(self.state.store, target)
+            self.free[target] = UNLIMITED if cluster.slots is None else cluster.slots - unfinished
+            self.at_start[target] = self.free[target]
+        if self.free[target] <= 0:
+            raise InvalidRequest(
+                f"{prefix}compute_target: {target!r} has no free slot left for this entry "
+                f"(free slots when the batch arrived: {max(self.at_start[target], 0)})"
+            )
+        self.free[target] -= 1
 
 
 class RateLimiter:

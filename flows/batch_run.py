@@ -1,0 +1,42 @@
+"""The `batch_run` job: reads a batch from a JSONL file or a directory of structures, submitted as its children.
+
+Run from a deployment with a cron schedule in prefect.yaml, it is a scheduled batch run. The flow
+reads on the worker, where the files are; its result is the batch's entries, and the kiln API takes
+them as one batch whose jobs are this job's children (the job's output is that batch's answer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from kiln.schemas.batch_run import DEFAULT_STRUCTURE_JOB
+from kiln.settings import get_settings
+from kiln.tasks.batch_run.source import SourceError, read_source, resolve_source
+
+
+@flow(name="batch_run", persist_result=True, result_serializer="json")
+async def batch_run(
+    source: str,
+    job: dict[str, Any] | None = None,
+    compute_target: str | None = None,
+    hardware: dict[str, Any] | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    settings = get_settings()
+    path = resolve_source(source, settings.home_dir)
+    entries, unreadable, origins = read_source(path, job or DEFAULT_STRUCTURE_JOB, compute_target, refresh)
+    if len(entries) > settings.batch_max_jobs:
+        raise SourceError(
+            f"source: {path} holds {len(entries)} entries; a batch takes at most {settings.batch_max_jobs} "
+            "(KILN_BATCH_MAX_JOBS); split it over several batch runs"
+        )
+    return {
+        "source": str(path),
+        "entries": entries,
+        # JSON keys are text
+        "unreadable": {str(index): why for index, why in unreadable.items()},
+        "origins": origins,
+        "hardware": hardware,
+    }

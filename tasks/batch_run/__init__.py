@@ -1,0 +1,1 @@
+"""A batch run's executors: reading its source into batch entries."""
