@@ -78,6 +78,16 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def wait_final(http, job_id: str, timeout: float = 60, interval: float = 0.1) -> dict:
+    """The job, read over HTTP, once it has ended completed, failed or cancelled."""
+
+    def ended():
+        body = http.get(f"/api/v1/jobs/{job_id}").json()
+        return body if body["status"] in ("completed", "failed", "cancelled") else None
+
+    return wait_until(ended, timeout=timeout, interval=interval, what=f"job {job_id} to end")
+
+
 
 
 def create_key(project: str) -> str:

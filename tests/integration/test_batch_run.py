@@ -8,28 +8,14 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import httpx
 import yaml
 
-from tests.integration.support import HOME, SETTINGS, create_key, wait_until
+from tests.integration.support import HOME, SETTINGS, wait_final, wait_until
+from tests.integration.test_batches import new_project
 from tests.integration.test_ml_predict import rock_salt
-
-
-def new_project() -> tuple[httpx.Client, str]:
-    name = f"batch-run-{uuid.uuid4().hex[:8]}"
-    key = create_key(name)
-    return httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60), name
-
-
-def final(http: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    def ended():
-        job = http.get(f"/api/v1/jobs/{job_id}").json()
-        return job if job["status"] in ("completed", "failed", "cancelled", "cache_hit") else None
-
-    return wait_until(ended, timeout=timeout, interval=0.3, what=f"job {job_id} to end")
 
 
 def write_jsonl(path: Path, tag: str) -> None:
@@ -63,7 +49,7 @@ def test_a_batch_run_submits_a_jsonl_file_as_its_children_and_bad_lines_fail_alo
     write_jsonl(source, "x")
     created = http.post("/api/v1/jobs", json={"type": "batch_run", "input": {"source": str(source)}})
     assert created.status_code == 202, created.text
-    job = final(http, created.json()["id"])
+    job = wait_final(http, created.json()["id"], timeout=120)
     output = job["output"]
     assert (output["source"], output["batch_id"]) == (str(source), job["id"])
     assert (output["total"], output["submitted"], output["failed"]) == (6, 3, 3)
@@ -79,7 +65,7 @@ def test_a_batch_run_submits_a_jsonl_file_as_its_children_and_bad_lines_fail_alo
     # a batch run is never a cache hit: the file may say something else next time
     again = http.post("/api/v1/jobs", json={"type": "batch_run", "input": {"source": str(source)}})
     assert again.json()["status"] == "pending"
-    second = final(http, again.json()["id"])
+    second = wait_final(http, again.json()["id"], timeout=120)
     assert second["output"]["batch_id"] == second["id"] and second["output"]["cache_hits"] == 2
 
 
@@ -93,14 +79,14 @@ def test_a_batch_run_over_a_directory_predicts_each_structure_and_a_missing_sour
     created = http.post("/api/v1/jobs", json={"type": "batch_run", "input": {
         "source": str(folder), "job": {"type": "ml_predict", "model": "tensornet-matpes-pbe"}}})  # fmt: skip
     assert created.status_code == 202, created.text
-    job = final(http, created.json()["id"])
+    job = wait_final(http, created.json()["id"], timeout=120)
     assert [line["from"] for line in job["output"]["jobs"]] == ["NaCl.cif", "POSCAR_stretched"]
     children = check_children_of(http, job, submitted=2)
     outputs = [http.get(f"/api/v1/jobs/{c['id']}").json()["output"] for c in children]
     assert all(o["property"] == "energy" and o["energy"] < 0 and o["unit"] == "eV/atom" for o in outputs)
 
     missing = http.post("/api/v1/jobs", json={"type": "batch_run", "input": {"source": str(tmp_path / "nope")}})
-    failed = final(http, missing.json()["id"])
+    failed = wait_final(http, missing.json()["id"], timeout=120)
     assert failed["status"] == "failed" and "does not exist on the worker" in failed["status_reason"]
     assert http.get(f"/api/v1/jobs/{failed['id']}/children").json() == []
 
@@ -111,7 +97,8 @@ def test_a_batch_run_the_budget_cannot_cover_fails_and_submits_nothing(tmp_path,
                    capture_output=True)  # fmt: skip
     source = tmp_path / "long.jsonl"
     source.write_text("\n".join(json.dumps({"type": "sleep", "input": {"seconds": 3600 + i}}) for i in range(2)))
-    job = final(http, http.post("/api/v1/jobs", json={"type": "batch_run", "input": {"source": str(source)}}).json()["id"])
+    created = http.post("/api/v1/jobs", json={"type": "batch_run", "input": {"source": str(source)}})
+    job = wait_final(http, created.json()["id"], timeout=120)
     assert job["status"] == "failed" and "nothing was submitted" in job["status_reason"]
     assert http.get(f"/api/v1/jobs/{job['id']}/children").json() == []
     assert http.get("/api/v1/batches").json() == []
@@ -139,7 +126,7 @@ def test_a_cron_deployment_in_the_project_file_runs_a_scheduled_batch_as_a_job(t
         # the first tick is at the next minute
         job = wait_until(lambda: (http.get("/api/v1/jobs", params={"type": "batch_run"}).json()["jobs"] or [None])[-1],
                          timeout=100, interval=1, what="the scheduled batch run to become a job")  # fmt: skip
-        job = final(http, job["id"])
+        job = wait_final(http, job["id"], timeout=120)
         assert job["input"]["source"] == str(source) and job["output"]["submitted"] == 4
         check_children_of(http, job, submitted=4)
         # the job is the Prefect run of the operator's deployment

@@ -10,17 +10,9 @@ import pytest
 import subprocess
 import sys
 
-from tests.integration.support import SETTINGS, create_key, flow_run_state, wait_until
+from tests.integration.support import SETTINGS, create_key, flow_run_state, wait_final, wait_until
 
 ISO_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
-
-
-def wait_final(http, job_id: str, timeout: float = 60) -> dict:
-    def final():
-        body = http.get(f"/api/v1/jobs/{job_id}").json()
-        return body if body["status"] in ("completed", "failed", "cancelled") else None
-
-    return wait_until(final, timeout=timeout, what=f"job {job_id} to finish")
 
 
 def test_a_sleep_job_submitted_over_http_completes_with_its_output(http):

@@ -8,6 +8,7 @@ import time
 
 import httpx
 
+from tests.integration import support
 from tests.integration.support import SETTINGS, wait_until
 from tests.slurm.conftest import kiln_cli, sacct, squeue
 
@@ -23,10 +24,15 @@ def job(http, job_id: str) -> dict:
 
 
 def wait_final(http, job_id: str, timeout: float) -> dict:
-    return wait_until(
-        lambda: (j := job(http, job_id))["status"] in ("completed", "failed", "cancelled") and j,
-        timeout=timeout, interval=0.5, what=f"job {job_id} to end",
-    )
+    return support.wait_final(http, job_id, timeout=timeout, interval=0.5)
+
+
+def cancel_and_see_squeue_empty(http, job_id: str, name: str) -> None:
+    """Cancels the job; its batch jobs (named `name`) must all leave squeue within 10 s."""
+    cancelled_at = time.monotonic()
+    assert http.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    wait_until(lambda: squeue(name) == [], timeout=10, interval=0.2, what="squeue to list none of the batch jobs")
+    assert time.monotonic() - cancelled_at < 10
 
 
 def collect_events(api_key: str, job_id: str, into: list) -> threading.Thread:
@@ -144,10 +150,7 @@ def test_cancelling_removes_the_batch_jobs_within_ten_seconds(http, cluster, idl
     wait_until(lambda: len(squeue(name)) == 2, timeout=60, interval=0.2, what="two batch jobs in squeue")
     wait_until(lambda: any(t["status"] == "running" for t in http.get(f"/api/v1/jobs/{created['id']}/tasks").json()),
                timeout=60, interval=0.2, what="a task running")
-    cancelled_at = time.monotonic()
-    assert http.post(f"/api/v1/jobs/{created['id']}/cancel").status_code == 200
-    wait_until(lambda: squeue(name) == [], timeout=10, interval=0.2, what="squeue to list none of the job's batch jobs")
-    assert time.monotonic() - cancelled_at < 10
+    cancel_and_see_squeue_empty(http, created["id"], name)
     assert wait_final(http, created["id"], timeout=30)["status"] == "cancelled"
 
 
@@ -200,7 +203,6 @@ def test_cancelling_while_the_batch_jobs_still_wait_in_the_queue_removes_them(ht
     wait_until(lambda: any("waiting in the queue (BeginTime)" in (data.get("message") or "")
                            for event, data in events if event == "progress"),
                timeout=30, interval=0.2, what="a progress message saying the batch jobs wait")
-    assert http.post(f"/api/v1/jobs/{created['id']}/cancel").status_code == 200
-    wait_until(lambda: squeue(name) == [], timeout=10, interval=0.2, what="squeue to list none of the batch jobs")
+    cancel_and_see_squeue_empty(http, created["id"], name)
     assert wait_final(http, created["id"], timeout=30)["status"] == "cancelled"
     reader.join(timeout=30)
