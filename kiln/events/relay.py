@@ -17,7 +17,15 @@ from prefect.states import Failed
 from sqlalchemy.exc import IntegrityError
 
 from kiln.dispatch.dispatcher import Dispatcher
-from kiln.dispatch.runs import crash_run, force_state, job_of_tags, reason_of_state, run_output, status_of_state
+from kiln.dispatch.runs import (
+    cancel_run,
+    crash_run,
+    force_state,
+    job_of_tags,
+    reason_of_state,
+    run_output,
+    status_of_state,
+)
 from kiln.errors import Conflict, KilnError
 from kiln.runtime import PROGRESS_EVENT
 from kiln.schemas.batches import Hardware
@@ -192,9 +200,10 @@ class Relay:
             return None
         project_id = await self.store.project_id_by_name(project)
         if project_id is None:
-            await force_state(self.client, flow_run_id, Failed(
-                message=f"its deployment's tag project:{project} names no kiln project; create the project "
-                        f"(`kiln keys create --project {project}`) or change the tag in prefect.yaml"))  # fmt: skip
+            # stopped through its worker like any cancel; its own Cancelled event comes back here, and ends it
+            await cancel_run(self.client, flow_run_id,
+                             f"its deployment's tag project:{project} names no kiln project; create the project "
+                             f"(`kiln keys create --project {project}`) or change the tag in prefect.yaml")  # fmt: skip
             return None
         job_type = next((t[5:] for t in tags if t.startswith("type:")), flow_run.name)
         try:
