@@ -9,11 +9,14 @@ from typing import Any
 
 import yaml
 
+from kiln.schemas.job_types import JobType
+
 # the repository root in a checkout; a copy travels in the package for other installs
 _CANDIDATES = (Path(__file__).resolve().parents[1] / "prefect.yaml", Path(__file__).with_name("prefect.yaml"))
 
-# the deployment of a job type that kiln's dispatcher creates the type's runs from; a deployment
-# with another name is an operator's (a scheduled batch run), applied as written and left to Prefect
+# the deployment of a job type that kiln's dispatcher creates the type's runs from, made from the
+# JobType; the deployments in prefect.yaml are an operator's (a scheduled batch run), applied as written
+# and left to Prefect
 JOB_DEPLOYMENT = "kiln"
 
 
@@ -39,10 +42,19 @@ class DeploymentSpec:
     def serves_jobs(self) -> bool:
         return self.name == JOB_DEPLOYMENT
 
+    @classmethod
+    def of_job_type(cls, job_type: JobType, work_queue_name: str) -> DeploymentSpec:
+        """The deployment kiln releases a job type's jobs to, all of it read from the type."""
+        return cls(name=JOB_DEPLOYMENT, entrypoint=job_type.entrypoint, description=job_type.description,
+                   tags=job_type.deployment_tags, work_queue_name=work_queue_name)  # fmt: skip
+
     @property
     def module(self) -> str:
-        """The flow's module under the kiln namespace: flows/sleep.py → kiln.flows.sleep."""
+        """The flow's module: `module:function` as written, or a project path under the kiln namespace
+        (flows/sleep.py → kiln.flows.sleep)."""
         path = self.entrypoint.split(":")[0]
+        if not path.endswith(".py"):
+            return path
         return "kiln." + path.removesuffix(".py").replace("/", ".")
 
     @property
@@ -55,6 +67,11 @@ class Project:
     work_pool: str
     bands: tuple[Band, ...]
     deployments: tuple[DeploymentSpec, ...]
+
+    @property
+    def default_queue(self) -> str:
+        """The queue of priority 0, where a deployment's runs go unless the dispatcher names a band."""
+        return self.band_for(0).queue
 
     def band_for(self, priority: int) -> Band:
         for band in self.bands:

@@ -11,7 +11,8 @@ from typing import Any
 
 from prefect import flow
 
-from kiln.schemas.batch_run import DEFAULT_STRUCTURE_JOB
+from kiln.schemas.batch_run import DEFAULT_STRUCTURE_JOB, BatchRunInput
+from kiln.schemas.job_types import JobType
 from kiln.settings import get_settings
 from kiln.tasks.batch_run.source import SourceError, read_source, resolve_source
 
@@ -40,3 +41,13 @@ async def batch_run(
         "origins": origins,
         "hardware": hardware,
     }
+
+
+JOB_TYPE = JobType(
+    name="batch_run",
+    description="Reads a batch from a JSONL file or a directory of structure files and submits it; the "
+    "batch's jobs are this job's children. With a cron schedule in prefect.yaml, a scheduled batch run.",
+    input_model=BatchRunInput,
+    flow=batch_run,
+    cacheable=False,
+)

@@ -10,6 +10,8 @@ from prefect import flow
 from prefect.states import Cancelled
 
 from kiln.runtime import areport_merging, areport_tasks, current_job
+from kiln.schemas.hpc_submit import HpcSubmitInput
+from kiln.schemas.job_types import JobType
 
 PROGRESS_INTERVAL_SECONDS = 1.0
 
@@ -92,3 +94,15 @@ async def hpc_submit(
         "merged": merged,
         **run,
     }
+
+
+JOB_TYPE = JobType(
+    name="hpc_submit",
+    description="A registered callable or a command line run as ntasks tasks on a registered SLURM or PBS "
+    "cluster (compute_target), through dask-jobqueue; per-task progress, merged output.",
+    input_model=HpcSubmitInput,
+    flow=hpc_submit,
+    requires=("dask_jobqueue",),
+    runs_on_clusters=True,
+    needs_cluster=True,
+)

@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow
 
 from kiln.runtime import report_progress
+from kiln.schemas.job_types import JobType
 from kiln.schemas.ml_predict import MLPredictInput
 from kiln.settings import get_settings
 
@@ -131,3 +132,13 @@ def predict_job(
     if request.structure is not None:
         return {**results[0], **header}
     return {**header, "results": results}
+
+
+JOB_TYPE = JobType(
+    name="ml_predict",
+    description="Energies, forces, stresses, relaxations and formation energies from a matgl model.",
+    input_model=MLPredictInput,
+    flow=ml_predict,
+    requires=("matgl", "torch", "torch_geometric", "pymatgen", "ase"),
+    check="kiln.tasks.ml.models:require_model",
+)

@@ -11,6 +11,8 @@ from prefect import flow
 
 from kiln.flows.hpc_submit import hpc_submit
 from kiln.runtime import areport_merging, current_job, report_tasks, run_child_job
+from kiln.schemas.job_types import JobType
+from kiln.schemas.simulation import SimulationInput
 
 PROGRESS_INTERVAL_SECONDS = 1.0
 
@@ -122,3 +124,16 @@ async def _run_locally(payload: dict, ntasks: int, folder: Path) -> list[dict]:
                     requested_units=max(task["requested_units"], 1))
         await asyncio.to_thread(report, True)
     return outputs
+
+
+JOB_TYPE = JobType(
+    name="simulation",
+    description="Relaxation or molecular dynamics (NVE/NVT/NPT) with a matgl potential, or a molecular "
+    "single point with GFN2-xTB (tblite) or DFT (PySCF); ntasks MD replicas merged; large runs or a "
+    "cluster compute_target go to an hpc_submit child job.",
+    input_model=SimulationInput,
+    flow=simulation,
+    requires=("matgl", "torch", "ase", "pymatgen", "tblite", "pyscf", "dask_jobqueue"),
+    check="kiln.tasks.simulation.replicas:require_model",
+    runs_on_clusters=True,
+)

@@ -7,6 +7,8 @@ import asyncio
 from prefect import flow
 
 from kiln.runtime import areport_progress, run_child_job
+from kiln.schemas.job_types import JobType
+from kiln.schemas.sleep import SleepInput
 
 
 @flow(name="sleep", persist_result=True, result_serializer="json")
@@ -19,3 +21,11 @@ async def sleep(seconds: float, children: int = 0, fail: bool = False) -> dict:
     if fail:
         raise RuntimeError(f"the sleep job was asked to fail after {seconds:g} s (fail=true)")
     return {"slept_seconds": seconds, "children": len(child_outputs)}
+
+
+JOB_TYPE = JobType(
+    name="sleep",
+    description="Sleeps, reporting progress: the platform's own diagnostic for overhead and failure paths.",
+    input_model=SleepInput,
+    flow=sleep,
+)

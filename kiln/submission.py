@@ -27,17 +27,14 @@ from kiln.errors import (
     KilnError,
     NotFound,
     RateLimited,
-    UnknownJobType,
 )
-from kiln.schemas import JOB_TYPES, JobCreate, Resources
+from kiln.registry import job_type as registered_type
+from kiln.schemas import JobCreate, JobType, Resources
 from kiln.schemas.batches import BatchEntry, BatchEntryResult, BatchResult, Hardware
-from kiln.schemas.job_types import available_job_types
 from kiln.schemas.statuses import JobStatus
 from kiln.store import batches as store_batches
 from kiln.store.batches import NewJob
 
-# what a job is estimated to cost when its type gives no better estimate: one hour on each of its cores
-DEFAULT_ESTIMATE_HOURS = 1.0
 # names a batch entry's compute_target may take besides a registered cluster
 KILN_CHOOSES = ("managed", "local")
 UNLIMITED = 10**9
@@ -85,14 +82,6 @@ def input_hash(job_type: str, job_input: BaseModel) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def core_hours(job_input: BaseModel, resources: Resources) -> float:
-    """A conservative estimate of what the job will cost: the input model's own, or an hour per core."""
-    cores = max(resources.cpu_count, 1)
-    if hasattr(job_input, "estimated_hours"):
-        return job_input.estimated_hours() * cores
-    return DEFAULT_ESTIMATE_HOURS * cores
-
-
 async def read_job(
     state, project_id: str, body: JobCreate, *, prefix: str = "", validate_in_thread: bool = True
 ) -> NewJob:
@@ -107,15 +96,13 @@ async def read_job(
 
 
 async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) -> NewJob:
-    if body.project_id is not None and body.project_id != project_id:
+    if body.project_id is not None and body.project_id not in (project_id, await state.store.project_name(project_id)):
         raise NotFound(f"project_id: project {body.project_id} not found")
-    job_type = JOB_TYPES.get(body.type)
-    if job_type is None or body.type not in state.dispatcher.deployments:
-        available = [t for t in available_job_types() if t in state.dispatcher.deployments]
-        raise UnknownJobType(body.type, available)
+    job_type = registered_type(body.type, offered=set(state.dispatcher.deployments))
     raw_input = dict(body.input)
     if body.model is not None:
         raw_input.setdefault("model", body.model)
+
     def validate_and_hash() -> tuple[BaseModel, str]:
         # `read` where the input model has one: it keeps what it parsed for canonical() to reuse
         job_input = getattr(job_type.input_model, "read", job_type.input_model.model_validate)(raw_input)
@@ -129,8 +116,9 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
             job_input, digest = validate_and_hash()
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
-    resources = body.resources or Resources()
-    await job_type.check_job(job_input, state.settings, compute_target=body.compute_target, resources=resources)
+    resources = job_type.resources_for(body.resources)
+    job_type.check_input(job_input, state.settings)
+    await check_compute_target(job_type, body.compute_target, resources)
     if body.parent_id is not None:
         try:
             await state.store.get_job(body.parent_id, project_id)
@@ -142,12 +130,40 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         resources=resources.model_dump(mode="json"),
         # a type that is not cacheable never answers, nor is answered by, another job
         input_hash=digest if job_type.cacheable else None,
-        core_hours=core_hours(job_input, resources),
+        core_hours=job_type.core_hours(job_input, resources),
         priority=body.priority,
         compute_target=body.compute_target,
         parent_id=body.parent_id,
         refresh=body.refresh or not job_type.cacheable,
     )
+
+
+async def check_compute_target(job_type: JobType, compute_target: str | None, resources: Resources) -> None:
+    """Whether `compute_target` suits the type and names a registered cluster that can meet the job's resources."""
+    if compute_target in (None, "local"):
+        if job_type.needs_cluster:
+            raise InvalidRequest(
+                f"compute_target: a {job_type.name} job runs on a registered HPC cluster; name one "
+                "(GET /api/v1/clusters lists them, `kiln clusters add` registers one)"
+            )
+        return
+    if not job_type.runs_on_clusters:
+        raise InvalidRequest(
+            f"compute_target: {job_type.name} jobs run only on kiln's own workers ('local'), "
+            f"not on the cluster {compute_target!r}"
+        )
+    from kiln.blocks.cluster import load_cluster, registered_clusters
+
+    cluster = await load_cluster(compute_target)
+    if cluster is None:
+        names = ", ".join(sorted(await registered_clusters())) or "none"
+        raise InvalidRequest(
+            f"compute_target: no cluster named {compute_target!r} is registered (registered: {names}); "
+            "`kiln clusters add` registers one"
+        )
+    unmet = cluster.unmet(resources, compute_target)
+    if unmet:
+        raise InvalidRequest(unmet)
 
 
 async def accept_batch(

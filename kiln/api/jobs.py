@@ -13,8 +13,8 @@ from kiln.api.auth import project_of_caller
 from kiln.submission import read_job
 from kiln.dispatch.dispatcher import pending_reason
 from kiln.errors import Conflict, InvalidRequest
+from kiln.registry import job_types
 from kiln.schemas import (
-    JOB_TYPES,
     Job,
     JobCreate,
     JobPage,
@@ -72,7 +72,7 @@ async def list_job_types(project_id: Project) -> list[JobTypeInfo]:
             available=jt.available,
             input_schema=jt.input_model.model_json_schema(),
         )
-        for jt in JOB_TYPES.values()
+        for jt in job_types().values()
     ]
 
 

@@ -85,7 +85,8 @@ class Dispatcher:
 
     async def _create_run(self, job: JobRow) -> None:
         job = await self.store.get_job(job.id, documents=True)  # the choosing left the input unread
-        flow_run = await create_job_run(self.client, job, self.deployments[job.type])
+        project_name = await self.store.project_name(job.project_id)
+        flow_run = await create_job_run(self.client, job, self.deployments[job.type], project_name)
         await self.store.record_release(job.id, str(flow_run.id))
         try:
             cancelled = (await self.store.get_job(job.id)).cancel_requested

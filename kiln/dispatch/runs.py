@@ -21,10 +21,10 @@ from prefect.filesystems import LocalFileSystem
 from prefect.states import Cancelled, Cancelling, Crashed
 from prefect.utilities.callables import parameter_schema
 
-from kiln.deployments.project import DeploymentSpec, load_project
+from kiln.deployments.project import DeploymentSpec, Project, load_project
 from kiln.job_inputs import flow_parameters
 from kiln.prefect_env import RESULTS_BLOCK
-from kiln.schemas.job_types import JOB_TYPES
+from kiln.registry import available_job_types, job_types
 from kiln.schemas.statuses import MERGING_STATE_NAME, JobStatus
 from kiln.store.models import JobRow
 
@@ -63,8 +63,9 @@ def reason_of_state(state_type: StateType | str, message: str | None) -> str | N
     return message
 
 
-def job_tags(job: JobRow) -> list[str]:
-    return ["kiln", f"project:{job.project_id}", f"job:{job.id}", f"type:{job.type}"]
+def job_tags(job: JobRow, project_name: str) -> list[str]:
+    """The run's tags: the project by name, so an operator in the Prefect UI sees whose run it is."""
+    return ["kiln", f"project:{project_name}", f"job:{job.id}", f"type:{job.type}"]
 
 
 def job_of_tags(tags) -> str | None:
@@ -86,8 +87,9 @@ def load_flow(spec: DeploymentSpec):
 
 
 async def apply_project(client: PrefectClient, path: Path | None = None) -> dict[str, UUID]:
-    """Creates the results block, the work pool, the band queues, one deployment per job type and the
-    operator's deployments (scheduled batch runs) of the project file (`path`, or kiln's prefect.yaml).
+    """Creates the results block, the work pool, the band queues, one deployment per available job type
+    (from its JobType) and the operator's deployments (scheduled batch runs) of the project file (`path`,
+    or kiln's prefect.yaml).
 
     Returns job type → the deployment kiln releases that type's jobs to.
     """
@@ -122,30 +124,34 @@ async def apply_project(client: PrefectClient, path: Path | None = None) -> dict
 
     await HpcCluster.aregister_type_and_schema(client=client)
     deployments: dict[str, UUID] = {}
+    for job_type in available_job_types().values():
+        spec = DeploymentSpec.of_job_type(job_type, project.default_queue)
+        deployments[job_type.name] = await _apply_deployment(client, project, spec, job_type.flow)
     for spec in project.deployments:
         try:
             flow = load_flow(spec)
         except ImportError as exc:
-            # a job type whose libraries are not installed here is simply not offered
-            log.warning("job type of %s not available: %s", spec.entrypoint, exc)
+            log.warning("deployment %s not applied: its flow %s does not import: %s", spec.name, spec.entrypoint, exc)
             continue
-        flow_id = await client.create_flow_from_name(flow.name)
-        deployment_id = await client.create_deployment(
-            flow_id=flow_id,
-            name=spec.name,
-            entrypoint=spec.entrypoint,
-            description=spec.description,
-            tags=list(spec.tags),
-            work_pool_name=project.work_pool,
-            work_queue_name=spec.work_queue_name,
-            parameters=spec.parameters,
-            schedules=[deployment_schedule(s) for s in spec.schedules],
-            parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
-            enforce_parameter_schema=False,
-        )
-        if spec.serves_jobs:
-            deployments[flow.name] = deployment_id
+        await _apply_deployment(client, project, spec, flow)
     return deployments
+
+
+async def _apply_deployment(client: PrefectClient, project: Project, spec: DeploymentSpec, flow) -> UUID:
+    flow_id = await client.create_flow_from_name(flow.name)
+    return await client.create_deployment(
+        flow_id=flow_id,
+        name=spec.name,
+        entrypoint=spec.entrypoint,
+        description=spec.description,
+        tags=list(spec.tags),
+        work_pool_name=project.work_pool,
+        work_queue_name=spec.work_queue_name,
+        parameters=spec.parameters,
+        schedules=[deployment_schedule(s) for s in spec.schedules],
+        parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+        enforce_parameter_schema=False,
+    )
 
 
 def deployment_schedule(raw: dict[str, Any]) -> DeploymentScheduleCreate:
@@ -158,11 +164,11 @@ def deployment_schedule(raw: dict[str, Any]) -> DeploymentScheduleCreate:
     )
 
 
-async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID):
+async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID, project_name: str):
     """The job's flow run; the idempotency key makes a second release of the same attempt return the first run."""
     band = load_project().band_for(job.priority)
     resources = job.resources or {}
-    job_type = JOB_TYPES.get(job.type)
+    job_type = job_types().get(job.type)
     flow_input = job.input
     if job_type is not None and job_type.runs_on_clusters:
         flow_input = {**flow_input, "compute_target": job.compute_target, "resources": resources}
@@ -171,7 +177,7 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
         deployment_id,
         parameters=parameters,
         name=run_name(job),
-        tags=job_tags(job),
+        tags=job_tags(job, project_name),
         idempotency_key=f"kiln:{job.id}:{job.attempt}",
         work_queue_name=band.queue,
         job_variables={k: v for k, v in resources.items() if v not in (None, 0, False)},

@@ -1,26 +1,38 @@
-"""The job types kiln knows: for each, its input model, its flow and what it needs installed."""
+"""The job-type contract: one object declares everything kiln needs to know of a type.
+
+A type is declared once, beside its flow (`JOB_TYPE = JobType(...)` in flows/<type>.py, or in a lab's
+own package), and registered under the `kiln.job_types` entry-point group; kiln.registry collects them.
+The API's request union, `GET /api/v1/job-types`, the cache, the quota, the dispatcher's deployments and
+the worker's warm imports all read from it.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
-from kiln.schemas.batch_run import BatchRunInput
-from kiln.schemas.hpc_submit import HpcSubmitInput
-from kiln.schemas.ml_predict import MLPredictInput
-from kiln.schemas.simulation import SimulationInput
-from kiln.schemas.sleep import SleepInput
+from kiln.schemas.resources import Resources
+
+# what a job is estimated to cost when its input gives no better estimate: one hour on each of its cores
+DEFAULT_ESTIMATE_HOURS = 1.0
 
 
 @dataclass(frozen=True)
 class JobType:
+    """A job type: its name and description, its input model, its flow and how kiln treats its jobs."""
+
     name: str
     description: str
+    # strict pydantic (extra="forbid", a description on every field); the API validates against it
     input_model: type[BaseModel]
-    # libraries the flow needs beyond kiln's own
-    requires: tuple[str, ...] = field(default=())
+    # the Prefect @flow that runs a job of this type; it takes the input's fields as its parameters
+    flow: Any
+    # libraries the flow needs beyond kiln's own; a type whose libraries are missing is not offered
+    requires: tuple[str, ...] = ()
     # "module:function" called with (input, settings) at submission; raises a KilnError when the
     # input names something this installation does not have (a model, a cluster)
     check: str | None = None
@@ -32,97 +44,44 @@ class JobType:
     # a finished job answers later ones with the same input; not for a job whose result depends on
     # more than its input (a batch run reads files that change between runs)
     cacheable: bool = True
+    # what a job of this type needs when its submission does not say
+    default_resources: Resources = field(default_factory=Resources)
+    # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI
+    tags: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.flow.fn.__module__
+
+    @property
+    def entrypoint(self) -> str:
+        """The flow as `module:function`, what the type's deployment and the worker load."""
+        return f"{self.module}:{self.flow.fn.__name__}"
+
+    @property
+    def deployment_tags(self) -> tuple[str, ...]:
+        return ("kiln", f"type:{self.name}", *self.tags)
+
+    @property
+    def available(self) -> bool:
+        """Whether the libraries the flow needs are installed here."""
+        return all(importlib.util.find_spec(name) is not None for name in self.requires)
 
     def check_input(self, job_input: BaseModel, settings) -> None:
         if self.check:
             module, function = self.check.split(":")
             getattr(importlib.import_module(module), function)(job_input, settings)
 
-    async def check_job(self, job_input: BaseModel, settings, *, compute_target: str | None, resources) -> None:
-        """check_input, then whether compute_target names a cluster that can meet the job's resources."""
-        from kiln.errors import InvalidRequest
+    def resources_for(self, requested: Resources | None) -> Resources:
+        """The job's resources: what it asked for, over the type's defaults."""
+        if requested is None:
+            return self.default_resources.model_copy()
+        return Resources.model_validate(
+            {**self.default_resources.model_dump(exclude_unset=True), **requested.model_dump(exclude_unset=True)}
+        )
 
-        self.check_input(job_input, settings)
-        if compute_target in (None, "local"):
-            if self.needs_cluster:
-                raise InvalidRequest(
-                    f"compute_target: a {self.name} job runs on a registered HPC cluster; name one "
-                    "(GET /api/v1/clusters lists them, `kiln clusters add` registers one)"
-                )
-            return
-        if not self.runs_on_clusters:
-            raise InvalidRequest(
-                f"compute_target: {self.name} jobs run only on kiln's own workers ('local'), "
-                f"not on the cluster {compute_target!r}"
-            )
-        from kiln.blocks.cluster import load_cluster, registered_clusters
-
-        cluster = await load_cluster(compute_target)
-        if cluster is None:
-            names = ", ".join(sorted(await registered_clusters())) or "none"
-            raise InvalidRequest(
-                f"compute_target: no cluster named {compute_target!r} is registered (registered: {names}); "
-                "`kiln clusters add` registers one"
-            )
-        unmet = cluster.unmet(resources, compute_target)
-        if unmet:
-            raise InvalidRequest(unmet)
-
-    @property
-    def module(self) -> str:
-        """The flow's module; its @flow carries the type's name, and its deployment is in prefect.yaml."""
-        return f"kiln.flows.{self.name}"
-
-    @property
-    def available(self) -> bool:
-        """Whether the flow and the libraries it needs are installed here."""
-        return all(importlib.util.find_spec(name) is not None for name in (self.module, *self.requires))
-
-
-JOB_TYPES: dict[str, JobType] = {
-    jt.name: jt
-    for jt in [
-        JobType(
-            name="sleep",
-            description="Sleeps, reporting progress: the platform's own diagnostic for overhead and failure paths.",
-            input_model=SleepInput,
-        ),
-        JobType(
-            name="ml_predict",
-            description="Energies, forces, stresses, relaxations and formation energies from a matgl model.",
-            input_model=MLPredictInput,
-            requires=("matgl", "torch", "torch_geometric", "pymatgen", "ase"),
-            check="kiln.tasks.ml.models:require_model",
-        ),
-        JobType(
-            name="hpc_submit",
-            description="A registered callable or a command line run as ntasks tasks on a registered SLURM or PBS "
-            "cluster (compute_target), through dask-jobqueue; per-task progress, merged output.",
-            input_model=HpcSubmitInput,
-            requires=("dask_jobqueue",),
-            runs_on_clusters=True,
-            needs_cluster=True,
-        ),
-        JobType(
-            name="simulation",
-            description="Relaxation or molecular dynamics (NVE/NVT/NPT) with a matgl potential, or a molecular "
-            "single point with GFN2-xTB (tblite) or DFT (PySCF); ntasks MD replicas merged; large runs or a "
-            "cluster compute_target go to an hpc_submit child job.",
-            input_model=SimulationInput,
-            requires=("matgl", "torch", "ase", "pymatgen", "tblite", "pyscf", "dask_jobqueue"),
-            check="kiln.tasks.simulation.replicas:require_model",
-            runs_on_clusters=True,
-        ),
-        JobType(
-            name="batch_run",
-            description="Reads a batch from a JSONL file or a directory of structure files and submits it; the "
-            "batch's jobs are this job's children. With a cron schedule in prefect.yaml, a scheduled batch run.",
-            input_model=BatchRunInput,
-            cacheable=False,
-        ),
-    ]
-}
-
-
-def available_job_types() -> list[str]:
-    return sorted(name for name, jt in JOB_TYPES.items() if jt.available)
+    def core_hours(self, job_input: BaseModel, resources: Resources) -> float:
+        """A conservative estimate of what the job will cost: the input's own estimate, or an hour, per core."""
+        cores = max(resources.cpu_count, 1)
+        estimate = getattr(job_input, "estimated_hours", None)
+        return (estimate() if estimate else DEFAULT_ESTIMATE_HOURS) * cores

@@ -58,6 +58,7 @@ class Store:
         self.engine = make_engine(url)
         self.session = make_sessionmaker(self.engine)
         self.bus = bus or EventBus()
+        self._project_names: dict[str, str] = {}
 
     async def migrate(self) -> None:
         await upgrade_async(self.url)
@@ -96,6 +97,16 @@ class Store:
             return await s.scalar(
                 select(ApiKey.project_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
             )
+
+    async def project_name(self, project_id: str) -> str:
+        """The project's name, what users and the Prefect UI's tags call it; names never change, so kept."""
+        if project_id not in self._project_names:
+            async with self.session() as s:
+                name = await s.scalar(select(Project.name).where(Project.id == project_id))
+            if name is None:
+                raise NotFound(f"project {project_id} not found")
+            self._project_names[project_id] = name
+        return self._project_names[project_id]
 
     async def project_id_by_name(self, name: str) -> str | None:
         async with self.session() as s:

@@ -140,8 +140,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             )
             self._dask = await Client(self._cluster, asynchronous=True)
         from kiln.deployments.project import load_project
+        from kiln.registry import available_job_types
 
-        modules = sorted({spec.module for spec in load_project().deployments})
+        modules = sorted({jt.module for jt in available_job_types().values()} |
+                         {spec.module for spec in load_project().deployments})  # fmt: skip
         await self._dask.run(executor.warm_up, modules)
         self._background = [
             asyncio.create_task(self._heartbeat_loop()),

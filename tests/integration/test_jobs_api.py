@@ -31,11 +31,17 @@ def test_a_sleep_job_submitted_over_http_completes_with_its_output(http):
 
 
 def test_the_flow_run_is_named_and_tagged_for_the_prefect_ui(http):
-    job = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 0}, "priority": 12}).json()
+    # the key's project is `alpha`; a job may name its project by name as well as by id
+    body = {"type": "sleep", "input": {"seconds": 0}, "priority": 12, "project_id": "alpha"}
+    job = http.post("/api/v1/jobs", json=body).json()
     done = wait_final(http, job["id"])
     run = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{done['flow_run_id']}").json()
     assert run["name"] == f"sleep-{job['id'][:8]}"
-    assert {f"job:{job['id']}", f"project:{job['project_id']}", "type:sleep"} <= set(run["tags"])
+    assert {f"job:{job['id']}", "project:alpha", "type:sleep"} <= set(run["tags"])
+    by_id = http.post("/api/v1/jobs", json={**body, "project_id": job["project_id"]})
+    assert by_id.status_code == 202
+    other = http.post("/api/v1/jobs", json={**body, "project_id": "beta"})
+    assert other.status_code == 404 and other.json()["detail"] == "project_id: project beta not found"
     assert run["work_queue_name"] == "high"
     assert run["parameters"] == {"seconds": 0.0, "children": 0, "fail": False}
 

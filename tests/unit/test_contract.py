@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from prefect.client.schemas.objects import StateType
 
-from kiln.deployments.project import load_project
+from kiln.deployments.project import DeploymentSpec, load_project
 from kiln.dispatch.runs import deployment_schedule
 from kiln.dispatch.runs import job_of_tags, reason_of_state, status_of_state
-from kiln.schemas import JOB_TYPES, JobStatus, Resources
+from kiln.registry import job_types
+from kiln.schemas import JobStatus, Resources
 from kiln.schemas.statuses import FINAL_STATUSES
 from kiln.settings import KilnSettings
 
@@ -78,13 +79,39 @@ def test_priorities_fall_into_bands(priority, queue):
     assert load_project().band_for(priority).queue == queue
 
 
-def test_every_job_type_has_a_deployment_and_a_flow_of_its_name():
-    specs = {spec.module: spec for spec in load_project().deployments if spec.serves_jobs}
-    for job_type in JOB_TYPES.values():
-        assert job_type.module in specs, f"{job_type.name} has no deployment in prefect.yaml"
-        assert job_type.available
-    assert len(specs) == len(JOB_TYPES)
-    assert load_project().deployments[0].module == "kiln.flows.sleep"
+def test_kilns_own_job_types_are_registered_as_entry_points():
+    assert set(job_types()) >= {"sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"}
+
+
+@pytest.mark.parametrize("name", ["sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"])
+def test_a_job_type_is_one_object_its_deployment_and_flow_are_read_from(name):
+    job_type = job_types()[name]
+    assert job_type.available
+    assert job_type.flow.name == name, "a type's flow carries the type's name (the Prefect UI groups runs by it)"
+    spec = DeploymentSpec.of_job_type(job_type, load_project().default_queue)
+    assert (spec.module, spec.function) == (f"kiln.flows.{name}", job_type.flow.fn.__name__)
+    assert spec.serves_jobs and set(spec.tags) >= {"kiln", f"type:{name}"} and spec.work_queue_name == "normal"
+
+
+@pytest.mark.parametrize("name", ["sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"])
+def test_input_models_are_strict_and_every_field_says_what_it_means(name):
+    model = job_types()[name].input_model
+    assert model.model_config.get("extra") == "forbid"
+    for field_name, field in model.model_fields.items():
+        assert field.description, f"{name} input field {field_name!r} has no description"
+
+
+def test_a_types_default_resources_are_under_what_a_job_asks_for():
+    from dataclasses import replace
+
+    job_type = replace(job_types()["sleep"], default_resources=Resources(cpu_count=2, min_ram_gb=4))
+    assert job_type.resources_for(None) == Resources(cpu_count=2, min_ram_gb=4)
+    merged = job_type.resources_for(Resources(cpu_count=1))
+    assert (merged.cpu_count, merged.min_ram_gb) == (1, 4)
+
+
+def test_prefect_yaml_holds_only_the_operators_deployments():
+    assert all(not spec.serves_jobs for spec in load_project().deployments)
 
 
 def test_the_example_scheduled_batch_run_is_off_until_an_operator_turns_it_on():

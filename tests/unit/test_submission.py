@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.submission import RateLimiter, core_hours, input_hash
+from kiln.registry import job_types
+from kiln.submission import RateLimiter, input_hash
 from kiln.errors import RateLimited
 from kiln.schemas import Resources
 from kiln.schemas.sleep import SleepInput
@@ -41,9 +42,10 @@ def test_the_quota_estimate_is_an_hour_per_core_unless_the_type_knows_better():
     from kiln.schemas.ml_predict import MLPredictInput
 
     predict = MLPredictInput.model_validate({"structure": "Si"})
-    assert core_hours(predict, Resources()) == 1.0
-    assert core_hours(predict, Resources(cpu_count=4)) == 4.0
-    assert core_hours(SleepInput(seconds=1800, children=1), Resources()) == pytest.approx(1.0)
+    ml_predict, sleep = job_types()["ml_predict"], job_types()["sleep"]
+    assert ml_predict.core_hours(predict, Resources()) == 1.0
+    assert ml_predict.core_hours(predict, Resources(cpu_count=4)) == 4.0
+    assert sleep.core_hours(SleepInput(seconds=1800, children=1), Resources()) == pytest.approx(1.0)
 
 
 def test_the_rate_limit_counts_per_key_and_kind_and_says_when_to_retry():
