@@ -16,6 +16,7 @@ from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
 from kiln.store.models import JobRow, utcnow
+from kiln.store.policy import Source
 from kiln.store.store import Capacity, Store
 
 log = logging.getLogger("kiln.dispatcher")
@@ -111,7 +112,8 @@ class Dispatcher:
         for child in descendants:
             if child.flow_run_id:
                 await force_state(self.client, child.flow_run_id, Cancelled(message=f"its parent job was {reason}"))
-            await self.store.transition(child.id, JobStatus.CANCELLED, reason=f"its parent job {job.id} was {reason}")
+            await self.store.transition(child.id, JobStatus.CANCELLED, source=Source.USER,
+                                        reason=f"its parent job {job.id} was {reason}")  # fmt: skip
         self.wake()
 
     async def fail_overdue_jobs(self) -> None:
@@ -139,7 +141,7 @@ class Dispatcher:
             await self.store.mark_cancel_requested([job.id])
             if job.flow_run_id:
                 await cancel_run(self.client, job.flow_run_id, reason)
-            await self.store.transition(job.id, JobStatus.FAILED, reason=reason, force=True)
+            await self.store.transition(job.id, JobStatus.FAILED, reason=reason)
 
 
 def unmet_requirement(job: JobRow, capacity: Capacity) -> str | None:

@@ -33,6 +33,7 @@ from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
 from kiln.store.job_tasks import record_task_progress
 from kiln.store.models import utcnow
+from kiln.store.policy import Source
 from kiln.store.store import Store
 from kiln.submission import accept_batch
 from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT
@@ -136,21 +137,15 @@ class Relay:
             output, refused = await run_output(self.client, flow_run_id), None
             if job.type == BATCH_RUN and not JobStatus(job.status).is_final:
                 output, refused = await self._submit_batch_run(job, output)
-            if refused is None:
-                await self.store.transition(job.id, status, output=output, at=at, flow_run_id=flow_run_id)
-            else:  # the job failed after all, and its Prefect run says so too
+            if refused is not None:  # the job failed after all, and its Prefect run says so too
                 await force_state(self.client, flow_run_id, Failed(message=refused))
-                await self.store.transition(job.id, JobStatus.FAILED, reason=refused, at=at, flow_run_id=flow_run_id)
-        elif status is JobStatus.FAILED:
-            reason = reason_of_state(state_type, message)
-            if not job.in_parent_run and await self.store.requeue_for_retry(job.id, flow_run_id, reason):
+                await self.store.transition(job.id, JobStatus.FAILED, reason=refused, at=at)
                 self.dispatcher.wake()
-            else:
-                await self.store.transition(job.id, status, reason=reason, at=at, flow_run_id=flow_run_id)
+                return
         else:
-            await self.store.transition(
-                job.id, status, reason=reason_of_state(state_type, message), at=at, flow_run_id=flow_run_id
-            )
+            output = None
+        await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),
+                                    output=output, at=at, flow_run_id=flow_run_id)  # fmt: skip
         if status.is_final and not job.in_parent_run:
             self.dispatcher.wake()
 

@@ -135,13 +135,13 @@ async def _cache_hits(s, project_id: str, hashes: set[str]) -> dict[str, tuple[s
     return found
 
 
-async def record_finish(s, row: JobRow, status: JobStatus, at) -> None:
+async def record_finish(s, row: JobRow, status: JobStatus, at, *, charge: bool = True) -> None:
     """In a final transition's transaction: a completed job enters the cache, and a job that ran is charged
-    its real run time × its cores (at least one) to its project's core-hours."""
+    its real run time × its cores (at least one) to its project's core-hours (unless `charge` is off)."""
     if status is JobStatus.COMPLETED and row.input_hash:
         await s.merge(CacheEntryRow(project_id=row.project_id, input_hash=row.input_hash, type=row.type,
                                     job_id=row.id, created_at=at))  # fmt: skip
-    if row.started_at is not None:
+    if charge and row.started_at is not None:
         cores = max(int((row.resources or {}).get("cpu_count") or 0), 1)
         hours = max((at - row.started_at).total_seconds(), 0.0) / 3600 * cores
         await s.execute(

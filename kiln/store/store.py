@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import uuid
 from collections.abc import Iterable
@@ -22,14 +23,16 @@ from kiln.schemas.statuses import (
     IN_FLIGHT_STATUSES,
     JobStatus,
 )
+from kiln.store import policy
 from kiln.store.batches import record_finish
 from kiln.store.db import make_engine, make_sessionmaker, upgrade_async
 from kiln.store.models import ApiKey, JobEventRow, JobRow, Project, WorkerRow, utcnow
+from kiln.store.policy import Source
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "kiln_"
 
-# a job only moves forward through these; a late event for an earlier stage is ignored
-_RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2, JobStatus.MERGING: 3}
 # the loader options for a job's input and output, which the hot paths (relay, dispatcher, heartbeats) never read
 DOCUMENTS = (undefer(JobRow.input), undefer(JobRow.output))
 _TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
@@ -52,6 +55,43 @@ class Capacity:
         return max(self.slots - self.busy, 0)
 
 
+def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at: datetime) -> None:
+    """Sets the job's status and what goes with it, and logs the event its SSE stream carries."""
+    row.status = status.value
+    if status is JobStatus.QUEUED:
+        row.queued_at = row.queued_at or at
+        row.status_reason = reason or row.status_reason
+    elif status is JobStatus.RUNNING:
+        row.started_at = at
+        row.picked_at = row.picked_at or at
+        row.status_reason = reason
+    elif status is JobStatus.MERGING:
+        row.status_reason = reason
+    else:
+        row.completed_at = at
+        row.status_reason = reason
+        if status is JobStatus.COMPLETED:
+            row.output = output
+    if status in _TERMINAL_EVENT:
+        data = {"output": output} if status is JobStatus.COMPLETED else {"reason": reason}
+        s.add(JobEventRow(job_id=row.id, event=_TERMINAL_EVENT[status], data=data, created_at=at))
+    else:
+        data = {"status": status.value, **({"reason": reason} if reason else {})}
+        s.add(JobEventRow(job_id=row.id, event="status", data=data, created_at=at))
+
+
+def _retry(s, row: JobRow, reason: str | None, at: datetime) -> None:
+    """Back to pending for the next attempt, on a new flow run."""
+    allowed = int((row.resources or {}).get("max_retry_count") or 0)
+    row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
+    row.attempt += 1
+    row.status = JobStatus.PENDING.value
+    row.flow_run_id = None
+    row.queued_at = row.picked_at = row.started_at = None
+    s.add(JobEventRow(job_id=row.id, event="status", data={"status": "pending", "reason": row.status_reason},
+                      created_at=at))  # fmt: skip
+
+
 class Store:
     def __init__(self, url: str, bus: EventBus | None = None):
         self.url = url
@@ -59,6 +99,8 @@ class Store:
         self.session = make_sessionmaker(self.engine)
         self.bus = bus or EventBus()
         self._project_names: dict[str, str] = {}
+        # awaited with (store, job row) after each change of a job's status
+        self.transition_listeners: list = []
 
     async def migrate(self) -> None:
         await upgrade_async(self.url)
@@ -256,58 +298,52 @@ class Store:
         job_id: str,
         status: JobStatus,
         *,
+        source: Source = Source.KILN,
         reason: str | None = None,
         output: Any = None,
         at: datetime | None = None,
         flow_run_id: str | None = None,
-        force: bool = False,
     ) -> bool:
-        """Moves the job forward to `status` and logs the event; a stale or repeated move is ignored.
+        """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
-        When `flow_run_id` is given the move only applies while the job is still on that flow run,
-        so late events of an earlier attempt change nothing. `force` ends a job kiln itself failed
-        (a timeout) even though a cancel was requested on its way.
+        `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
+        run. Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
-            query = select(JobRow).where(JobRow.id == job_id)
-            row = await s.scalar(query.with_for_update())
+            row = await s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
             if row is None:
                 return False
-            current = JobStatus(row.status)
-            if current in FINAL_STATUSES:
+            facts = policy.Job(
+                status=JobStatus(row.status), flow_run_id=row.flow_run_id, cancel_requested=row.cancel_requested,
+                in_parent_run=row.in_parent_run, attempt=row.attempt,
+                max_retry_count=int((row.resources or {}).get("max_retry_count") or 0), completed_at=row.completed_at,
+            )  # fmt: skip
+            decision = policy.decide(facts, policy.Proposal(status, source, flow_run_id, at))
+            if decision.action is policy.Action.IGNORE:
                 return False
-            if flow_run_id is not None and row.flow_run_id not in (None, flow_run_id):
-                return False
-            if status in _RANK and _RANK[status] <= _RANK[current]:
-                return False
-            if row.cancel_requested and not force and status in (JobStatus.COMPLETED, JobStatus.FAILED):
-                # a cancelled run may crash on its way down; the cancel is what the user asked for
-                return False
-            row.status = status.value
-            if flow_run_id is not None:
-                row.flow_run_id = flow_run_id
-            if status is JobStatus.QUEUED:
-                row.queued_at = row.queued_at or at
-            elif status is JobStatus.RUNNING:
-                row.started_at = at
-                row.picked_at = row.picked_at or at
-                row.status_reason = None
-            elif status is JobStatus.MERGING:
-                row.status_reason = reason
+            if decision.action is policy.Action.RETRY:
+                _retry(s, row, reason, at)
             else:
-                row.completed_at = at
-                row.status_reason = reason
-                if status is JobStatus.COMPLETED:
-                    row.output = output
-                await record_finish(s, row, status, at)
-            if status in _TERMINAL_EVENT:
-                data = {"output": output} if status is JobStatus.COMPLETED else {"reason": reason}
-                s.add(JobEventRow(job_id=job_id, event=_TERMINAL_EVENT[status], data=data, created_at=at))
-            else:
-                s.add(JobEventRow(job_id=job_id, event="status", data={"status": status.value}, created_at=at))
+                was_final = facts.status in FINAL_STATUSES
+                if decision.action is policy.Action.REOPEN:
+                    row.completed_at, row.output = None, None
+                    reason = "its flow run was started again in Prefect (Retry in the Prefect UI)"
+                _move(s, row, status, reason, output, at)
+                if status in FINAL_STATUSES:
+                    # a job Prefect overrules (its run completed after kiln ended it) was charged already
+                    await record_finish(s, row, status, at, charge=not was_final)
+                row.flow_run_id = row.flow_run_id or flow_run_id
         self.bus.notify([job_id])
+        await self._transitioned(row, decision)
         return True
+
+    async def _transitioned(self, row: JobRow, decision: policy.Decision) -> None:
+        for listener in self.transition_listeners:
+            try:
+                await listener(self, row)
+            except Exception:  # noqa: BLE001 - a listener (an event for Prefect automations) never undoes a move
+                log.exception("transition listener failed for job %s", row.id)
 
     async def mark_picked(self, job_id: str, flow_run_id: str, at: datetime) -> None:
         """A worker took the job's flow run (Prefect state Pending)."""
@@ -331,26 +367,6 @@ class Store:
                     )
                 )
             )
-
-    async def requeue_for_retry(self, job_id: str, flow_run_id: str, reason: str) -> bool:
-        """Puts a failed attempt back to pending for another run, if its retry policy allows one."""
-        async with self.session.begin() as s:
-            row = await s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
-            if row is None or row.flow_run_id != flow_run_id or row.cancel_requested:
-                return False
-            if JobStatus(row.status) in FINAL_STATUSES:
-                return False
-            allowed = int((row.resources or {}).get("max_retry_count") or 0)
-            if row.attempt > allowed:
-                return False
-            row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
-            row.attempt += 1
-            row.status = JobStatus.PENDING.value
-            row.flow_run_id = None
-            row.queued_at = row.picked_at = row.started_at = None
-            s.add(JobEventRow(job_id=job_id, event="status", data={"status": "pending", "reason": row.status_reason}))
-        self.bus.notify([job_id])
-        return True
 
     async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
         """Logs a progress event; one that arrives after the job ended is dropped, so the end stays last."""

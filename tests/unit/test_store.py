@@ -10,6 +10,9 @@ from kiln.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from kiln.schemas import JobStatus
 from kiln.store.batches import NewJob, add_jobs, set_budget, usage
 from kiln.store.models import ApiKey, utcnow
+from kiln.store.policy import Source
+
+PREFECT = Source.PREFECT
 from kiln.store.store import Store
 
 
@@ -69,10 +72,10 @@ async def test_transitions_only_move_forward_and_ignore_earlier_attempts(store):
     job = await add(store, pid)
     await store.claim_for_release(job.id)
     await store.record_release(job.id, "run-1")
-    assert await store.transition(job.id, JobStatus.RUNNING, flow_run_id="run-1")
-    assert not await store.transition(job.id, JobStatus.QUEUED, flow_run_id="run-1")
-    assert not await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-0", output={"x": 1})
-    assert await store.transition(job.id, JobStatus.COMPLETED, flow_run_id="run-1", output={"x": 2})
+    assert await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1")
+    assert not await store.transition(job.id, JobStatus.QUEUED, source=PREFECT, flow_run_id="run-1")
+    assert not await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-0", output={"x": 1})
+    assert await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-1", output={"x": 2})
     assert not await store.transition(job.id, JobStatus.FAILED, reason="late")
     done = await store.get_job(job.id, documents=True)
     assert done.status == "completed" and done.output == {"x": 2} and done.completed_at >= done.started_at
@@ -90,13 +93,46 @@ async def test_a_failed_attempt_is_requeued_while_retries_remain(store):
     job = await add(store, pid, resources={"max_retry_count": 1})
     await store.claim_for_release(job.id)
     await store.record_release(job.id, "run-1")
-    assert await store.requeue_for_retry(job.id, "run-1", "boom")
+    assert await store.transition(job.id, JobStatus.FAILED, source=PREFECT, flow_run_id="run-1", reason="boom")
     again = await store.get_job(job.id)
     assert again.status == "pending" and again.attempt == 2 and again.flow_run_id is None
     assert again.status_reason == "retry 1 of 1 after: boom"
     await store.claim_for_release(job.id)
     await store.record_release(job.id, "run-2")
-    assert not await store.requeue_for_retry(job.id, "run-2", "boom again")
+    assert await store.transition(job.id, JobStatus.FAILED, source=PREFECT, flow_run_id="run-2", reason="boom again")
+    assert (await store.get_job(job.id)).status == "failed"
+
+
+async def test_prefect_overrules_kiln_a_run_that_completed_after_kiln_failed_its_job(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1")
+    assert await store.transition(job.id, JobStatus.FAILED, reason="the kiln worker stopped responding")
+    used = (await usage(store, pid))["used_core_hours"]
+    assert await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-1", output={"x": 1})
+    done = await store.get_job(job.id, documents=True)
+    assert done.status == "completed" and done.output == {"x": 1}
+    assert (await usage(store, pid))["used_core_hours"] == used, "charged once"
+
+
+async def test_a_run_restarted_in_prefect_reopens_its_finished_job(store):
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    await store.transition(job.id, JobStatus.FAILED, source=PREFECT, flow_run_id="run-1", reason="boom")
+    ended = (await store.get_job(job.id)).completed_at
+    # a late report from before the end changes nothing; a restart after it reopens the job
+    assert not await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1",
+                                      at=ended - timedelta(seconds=1))  # fmt: skip
+    assert await store.transition(job.id, JobStatus.QUEUED, source=PREFECT, flow_run_id="run-1",
+                                  at=ended + timedelta(seconds=1))  # fmt: skip
+    reopened = await store.get_job(job.id)
+    assert reopened.status == "queued" and reopened.completed_at is None and "Retry" in reopened.status_reason
+    assert await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-1", output={})
+    assert (await store.get_job(job.id)).status == "completed"
 
 
 async def test_cancel_pending_only_touches_pending_jobs(store):

@@ -1,0 +1,188 @@
+"""Who may move a job's status: kiln's one owner of job state, as an ordered table of named rules.
+
+Every change of a job's status is a Proposal: the API (a user's cancel), the dispatcher (a timeout),
+the relay (a state of the job's flow run, as Prefect reports it) and the worker-loss watch all propose,
+and `decide` answers. The first rule with an opinion decides; a proposal no rule objects to is applied.
+Prefect is the engine of record: a state of the job's own flow run is never contradicted, except where
+a rule below says why. The job index (kiln.store.store.Store.transition) carries the verdict out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+
+from kiln.schemas.statuses import FINAL_STATUSES, JobStatus
+
+# a job moves forward through these; a late report of an earlier stage changes nothing
+_RANK = {JobStatus.PENDING: 0, JobStatus.QUEUED: 1, JobStatus.RUNNING: 2, JobStatus.MERGING: 3}
+
+
+class Source(str, Enum):
+    """Who proposes a move."""
+
+    PREFECT = "prefect"  # a state of the job's flow run, mirrored by the relay
+    KILN = "kiln"  # kiln's own decision: a timeout, a lost worker, a refused batch
+    USER = "user"  # a request through the kiln API
+
+
+class Action(str, Enum):
+    APPLY = "apply"  # move the job to the proposed status
+    IGNORE = "ignore"  # leave it as it is
+    RETRY = "retry"  # back to pending for another attempt
+    REOPEN = "reopen"  # a finished job runs again: its run was restarted in Prefect
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the rules read of a job."""
+
+    status: JobStatus
+    flow_run_id: str | None = None
+    cancel_requested: bool = False
+    # a subflow of its parent's run; its retries are its parent's
+    in_parent_run: bool = False
+    attempt: int = 1
+    max_retry_count: int = 0
+    completed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Proposal:
+    to: JobStatus
+    source: Source
+    # the flow run whose state this is (PREFECT proposals)
+    flow_run_id: str | None = None
+    # when the state was entered
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    rule: str
+    why: str = ""
+
+
+class Rule:
+    """One named rule: `applies` says whether it has an opinion on the proposal, `action` what it is."""
+
+    action: Action = Action.IGNORE
+
+    def applies(self, job: Job, proposal: Proposal) -> bool:  # pragma: no cover - every rule overrides it
+        raise NotImplementedError
+
+    def decide(self, job: Job, proposal: Proposal) -> Decision:
+        return Decision(self.action, type(self).__name__, (type(self).__doc__ or "").strip().splitlines()[0])
+
+
+class ReportOfAnotherRun(Rule):
+    """A state of a flow run the job no longer runs on (an earlier attempt's) changes nothing."""
+
+    def applies(self, job, proposal):
+        return (
+            proposal.source is Source.PREFECT
+            and proposal.flow_run_id is not None
+            and job.flow_run_id not in (None, proposal.flow_run_id)
+        )
+
+
+class CacheHitsAreFinal(Rule):
+    """A cache hit ran nothing and has no run of its own: nothing moves it."""
+
+    def applies(self, job, proposal):
+        return job.status is JobStatus.CACHE_HIT
+
+
+class RunRestartedInPrefect(Rule):
+    """A finished job whose own flow run is scheduled or running again (Retry in the Prefect UI) runs again."""
+
+    action = Action.REOPEN
+
+    def applies(self, job, proposal):
+        return (
+            job.status in FINAL_STATUSES
+            and proposal.source is Source.PREFECT
+            and proposal.to in _RANK
+            and job.flow_run_id is not None
+            and proposal.flow_run_id == job.flow_run_id
+            # a late report of the run's earlier life is older than the job's end
+            and proposal.at is not None
+            and job.completed_at is not None
+            and proposal.at > job.completed_at
+        )
+
+
+class CompletedRunIsCompleted(Rule):
+    """A job whose own flow run completed is completed, whatever kiln decided before (Prefect is the record)."""
+
+    action = Action.APPLY
+
+    def applies(self, job, proposal):
+        return (
+            proposal.source is Source.PREFECT
+            and proposal.to is JobStatus.COMPLETED
+            and job.status is not JobStatus.COMPLETED
+            and job.flow_run_id is not None
+            and proposal.flow_run_id == job.flow_run_id
+            # a finished job is overruled only by a completion after its end, not by a replay of an older one
+            and (job.completed_at is None or (proposal.at is not None and proposal.at > job.completed_at))
+        )
+
+
+class FinalIsFinal(Rule):
+    """A finished job stays as it ended."""
+
+    def applies(self, job, proposal):
+        return job.status in FINAL_STATUSES
+
+
+class ForwardOnly(Rule):
+    """An unfinished job only moves forward (pending → queued → running → merging): a late report is stale."""
+
+    def applies(self, job, proposal):
+        return proposal.to in _RANK and _RANK[proposal.to] <= _RANK[job.status]
+
+
+class CancelRequestedWins(Rule):
+    """A job the user cancelled ends cancelled: its run may fail or crash on its way down."""
+
+    def applies(self, job, proposal):
+        return job.cancel_requested and proposal.source is Source.PREFECT and proposal.to is JobStatus.FAILED
+
+
+class RetryWhilePolicyAllows(Rule):
+    """A failed attempt of a top-level job runs again while its max_retry_count allows."""
+
+    action = Action.RETRY
+
+    def applies(self, job, proposal):
+        return (
+            proposal.to is JobStatus.FAILED
+            and proposal.source is Source.PREFECT
+            and not job.in_parent_run
+            and not job.cancel_requested
+            and job.attempt <= job.max_retry_count
+        )
+
+
+# in order: the first rule that applies decides
+RULES: tuple[Rule, ...] = (
+    ReportOfAnotherRun(),
+    CacheHitsAreFinal(),
+    RunRestartedInPrefect(),
+    CompletedRunIsCompleted(),
+    FinalIsFinal(),
+    ForwardOnly(),
+    CancelRequestedWins(),
+    RetryWhilePolicyAllows(),
+)
+
+
+def decide(job: Job, proposal: Proposal) -> Decision:
+    """What becomes of the proposal: the first rule that applies decides; otherwise it is applied."""
+    for rule in RULES:
+        if rule.applies(job, proposal):
+            return rule.decide(job, proposal)
+    return Decision(Action.APPLY, "Accepted")

@@ -1,0 +1,93 @@
+"""kiln's one owner of job state, rule by rule: each rule's case, and the case just outside it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from kiln.schemas import JobStatus
+from kiln.store.models import utcnow
+from kiln.store.policy import RULES, Action, Job, Proposal, Source, decide
+
+NOW = utcnow()
+ENDED = NOW - timedelta(seconds=10)
+PREFECT, KILN, USER = Source.PREFECT, Source.KILN, Source.USER
+S = JobStatus
+
+
+def run_state(status: JobStatus, run: str = "run-1", at=NOW) -> Proposal:
+    return Proposal(status, PREFECT, run, at)
+
+
+def test_every_rule_has_a_name_and_says_why():
+    for rule in RULES:
+        assert (type(rule).__doc__ or "").strip(), type(rule).__name__
+
+
+def test_report_of_another_run_is_ignored():
+    job = Job(S.RUNNING, flow_run_id="run-2", attempt=2)
+    assert decide(job, run_state(S.COMPLETED, "run-1")).rule == "ReportOfAnotherRun"
+    assert decide(job, run_state(S.COMPLETED, "run-2")).action is Action.APPLY
+
+
+def test_cache_hits_are_final():
+    assert decide(Job(S.CACHE_HIT), Proposal(S.CANCELLED, USER)).rule == "CacheHitsAreFinal"
+
+
+def test_run_restarted_in_prefect_reopens_a_finished_job():
+    job = Job(S.FAILED, flow_run_id="run-1", completed_at=ENDED)
+    assert decide(job, run_state(S.QUEUED)).action is Action.REOPEN
+    assert decide(job, run_state(S.RUNNING)).action is Action.REOPEN
+    # a late report of the run's first life is older than the job's end
+    assert decide(job, run_state(S.RUNNING, at=ENDED - timedelta(seconds=1))).rule == "FinalIsFinal"
+    # kiln itself never reopens a job
+    assert decide(job, Proposal(S.QUEUED, KILN)).rule == "FinalIsFinal"
+
+
+def test_a_completed_run_makes_its_job_completed_even_after_kiln_failed_it():
+    job = Job(S.FAILED, flow_run_id="run-1", completed_at=ENDED)
+    decision = decide(job, run_state(S.COMPLETED))
+    assert (decision.action, decision.rule) == (Action.APPLY, "CompletedRunIsCompleted")
+    # a replay of a completion from before kiln ended the job (a refused batch run) does not
+    assert decide(job, run_state(S.COMPLETED, at=ENDED - timedelta(seconds=1))).rule == "FinalIsFinal"
+    # nor does kiln's own word
+    assert decide(job, Proposal(S.COMPLETED, KILN)).rule == "FinalIsFinal"
+
+
+@pytest.mark.parametrize("to", [S.FAILED, S.CANCELLED, S.RUNNING])
+def test_final_is_final(to):
+    job = Job(S.COMPLETED, flow_run_id="run-1", completed_at=ENDED)
+    assert decide(job, Proposal(to, KILN)).rule == "FinalIsFinal"
+    assert decide(job, run_state(to, at=ENDED - timedelta(seconds=1))).rule == "FinalIsFinal"
+
+
+@pytest.mark.parametrize("current, to", [(S.RUNNING, S.QUEUED), (S.RUNNING, S.RUNNING), (S.MERGING, S.RUNNING),
+                                         (S.QUEUED, S.PENDING)])
+def test_forward_only(current, to):
+    assert decide(Job(current, flow_run_id="run-1"), run_state(to)).rule == "ForwardOnly"
+
+
+def test_forward_moves_apply():
+    assert decide(Job(S.QUEUED, flow_run_id="run-1"), run_state(S.RUNNING)).action is Action.APPLY
+    assert decide(Job(S.RUNNING, flow_run_id="run-1"), run_state(S.MERGING)).action is Action.APPLY
+
+
+def test_a_cancel_requested_wins_over_the_runs_failure_on_its_way_down():
+    job = Job(S.RUNNING, flow_run_id="run-1", cancel_requested=True, max_retry_count=3)
+    assert decide(job, run_state(S.FAILED)).rule == "CancelRequestedWins"
+    assert decide(job, run_state(S.CANCELLED)).action is Action.APPLY
+    # kiln's own failure (a timeout, which requests the cancel itself) still ends it failed
+    assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
+
+
+def test_retry_while_policy_allows():
+    job = Job(S.RUNNING, flow_run_id="run-1", attempt=1, max_retry_count=1)
+    assert decide(job, run_state(S.FAILED)).action is Action.RETRY
+    assert decide(Job(S.RUNNING, flow_run_id="run-2", attempt=2, max_retry_count=1),
+                  run_state(S.FAILED, "run-2")).action is Action.APPLY  # fmt: skip
+    # a child in its parent's run retries with its parent
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", max_retry_count=1, in_parent_run=True),
+                  run_state(S.FAILED)).action is Action.APPLY  # fmt: skip
+    # kiln's own failure (a timeout) is not retried
+    assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
