@@ -37,6 +37,8 @@ class DeploymentSpec:
     # as prefect.yaml writes them: {cron | interval | rrule, timezone, active}
     schedules: tuple[dict[str, Any], ...] = ()
     parameters: dict[str, Any] = field(default_factory=dict)
+    # as prefect.yaml writes them: Prefect deployment triggers ({type: event, expect, match, parameters, enabled})
+    triggers: tuple[dict[str, Any], ...] = ()
 
     @property
     def serves_jobs(self) -> bool:
@@ -97,6 +99,7 @@ def load_project(path: Path | None = None) -> Project:
                 work_queue_name=d["work_pool"]["work_queue_name"],
                 schedules=tuple(d.get("schedules") or ()),
                 parameters=dict(d.get("parameters") or {}),
+                triggers=tuple(d.get("triggers") or ()),
             )
             for d in raw["deployments"]
         ),

@@ -20,6 +20,7 @@ from kiln.api.models import router as models_router
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
 from kiln.errors import KilnError, RateLimited
+from kiln.events.job_events import emit_job_event
 from kiln.events.relay import Relay
 from kiln.settings import KilnSettings, get_settings
 from kiln.store.store import Store
@@ -47,6 +48,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         store = Store(settings.job_index_url)
         await store.migrate()
+        store.transition_listeners.append(emit_job_event)
         async with get_client() as client:
             await wait_for_prefect(client)
             dispatcher = Dispatcher(store, client, settings)

@@ -139,7 +139,7 @@ async def apply_project(client: PrefectClient, path: Path | None = None) -> dict
 
 async def _apply_deployment(client: PrefectClient, project: Project, spec: DeploymentSpec, flow) -> UUID:
     flow_id = await client.create_flow_from_name(flow.name)
-    return await client.create_deployment(
+    deployment_id = await client.create_deployment(
         flow_id=flow_id,
         name=spec.name,
         entrypoint=spec.entrypoint,
@@ -152,6 +152,21 @@ async def _apply_deployment(client: PrefectClient, project: Project, spec: Deplo
         parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
         enforce_parameter_schema=False,
     )
+    await apply_triggers(client, deployment_id, spec)
+    return deployment_id
+
+
+async def apply_triggers(client: PrefectClient, deployment_id: UUID, spec: DeploymentSpec) -> None:
+    """The deployment's triggers as Prefect automations, replacing the ones it had (as `prefect deploy` does)."""
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    await client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
+    adapter = TypeAdapter(DeploymentTriggerTypes)
+    for number, raw in enumerate(spec.triggers, start=1):
+        trigger = adapter.validate_python({"name": f"{spec.name}__automation_{number}", **raw})
+        trigger.set_deployment_id(deployment_id)
+        await client.create_automation(trigger.as_automation())
 
 
 def deployment_schedule(raw: dict[str, Any]) -> DeploymentScheduleCreate:

@@ -27,6 +27,7 @@ from kiln.dispatch.runs import (
     status_of_state,
 )
 from kiln.errors import Conflict, KilnError
+from kiln.events.job_events import JOB_STATUS_EVENTS
 from kiln.runtime import PROGRESS_EVENT
 from kiln.schemas.batches import Hardware
 from kiln.schemas.statuses import JobStatus
@@ -54,7 +55,10 @@ class Relay:
 
     async def run(self) -> None:
         """Follows Prefect's event stream for ever, resubscribing and catching up after every outage."""
-        event_filter = EventFilter(event=EventNameFilter(prefix=[FLOW_RUN_PREFIX, "kiln."]))
+        # kiln's own job events go out for Prefect automations; the relay made them and does not read them back
+        event_filter = EventFilter(
+            event=EventNameFilter(prefix=[FLOW_RUN_PREFIX, "kiln."], exclude_name=JOB_STATUS_EVENTS)
+        )
         while True:
             try:
                 async with get_events_subscriber(filter=event_filter, reconnection_attempts=2) as subscriber:

@@ -287,6 +287,7 @@ class Store:
                 return False
             s.add(JobEventRow(job_id=job_id, event="cancelled", data={"reason": reason}, created_at=now))
         self.bus.notify([job_id])
+        await self._transitioned(await self.get_job(job_id))
         return True
 
     async def mark_cancel_requested(self, job_ids: Iterable[str]) -> None:
@@ -335,10 +336,10 @@ class Store:
                     await record_finish(s, row, status, at, charge=not was_final)
                 row.flow_run_id = row.flow_run_id or flow_run_id
         self.bus.notify([job_id])
-        await self._transitioned(row, decision)
+        await self._transitioned(row)
         return True
 
-    async def _transitioned(self, row: JobRow, decision: policy.Decision) -> None:
+    async def _transitioned(self, row: JobRow) -> None:
         for listener in self.transition_listeners:
             try:
                 await listener(self, row)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.support import PG_ADMIN, PG_DATABASES, SETTINGS, create_key, wait_until
+from tests.integration.support import HOME, PG_ADMIN, PG_DATABASES, SETTINGS, create_key, wait_until
 
 
 def _pg(statements: list[str]) -> None:
@@ -22,10 +24,20 @@ def _pg(statements: list[str]) -> None:
     connection.close()
 
 
+def install_echo_job_type() -> None:
+    """A lab's own job type (tests/fixtures/echo_job_type), installed beside the stack as a lab would install it."""
+    target = Path(HOME) / "plugins"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(Path(__file__).resolve().parents[1] / "fixtures" / "echo_job_type")],
+                   check=True, capture_output=True)  # fmt: skip
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+
+
 @pytest.fixture(scope="session")
 def stack():
     from kiln.launcher import Stack
 
+    install_echo_job_type()
     if PG_DATABASES:
         _pg([f"CREATE DATABASE {name}" for name in PG_DATABASES])
     running = Stack(SETTINGS, log=lambda *_: None)

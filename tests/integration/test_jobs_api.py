@@ -143,3 +143,16 @@ def test_job_types_are_listed_with_their_input_schemas(http):
     assert types["sleep"]["available"] is True
     assert types["sleep"]["input_schema"]["required"] == ["seconds"]
     assert http.get("/openapi.json").json()["paths"]["/api/v1/jobs"]["post"]
+
+
+def test_a_job_type_from_another_package_registers_through_the_entry_point_group_and_runs(http):
+    # tests/fixtures/echo_job_type: a package of its own, installed beside the stack (conftest), no kiln edit
+    types = {t["type"]: t for t in http.get("/api/v1/job-types").json()}
+    assert types["echo"]["available"] and types["echo"]["input_schema"]["properties"]["message"]["description"]
+    job = http.post("/api/v1/jobs", json={"type": "echo", "input": {"message": "hi", "times": 3}}).json()
+    done = wait_final(http, job["id"])
+    assert done["status"] == "completed" and done["output"] == {"echo": "hi hi hi"}
+    run = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{done['flow_run_id']}").json()
+    assert "type:echo" in run["tags"]
+    refused = http.post("/api/v1/jobs", json={"type": "echo", "input": {"message": ""}})
+    assert refused.status_code == 422 and "input.message" in refused.json()["detail"]

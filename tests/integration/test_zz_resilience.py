@@ -129,5 +129,5 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
         await store.close()
     async with get_client() as prefect:
         deployment = await prefect.read_deployment_by_name("sleep/kiln")
-        again = await create_job_run(prefect, row, deployment.id)
+        again = await create_job_run(prefect, row, deployment.id, "alpha")
     assert str(again.id) == job.flow_run_id
