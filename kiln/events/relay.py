@@ -125,6 +125,13 @@ class Relay:
         self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
     ) -> None:
         """Mirrors one Prefect state of a flow run onto its job."""
+        if state_type == StateType.CANCELLING.value:
+            # cancelled from Prefect (its UI or API) rather than through kiln: a cancel the user asked for, so
+            # the failure the run may report on its way down does not end the job failed (policy.CancelRequestedWins)
+            job = await self.store.job_by_flow_run(flow_run_id)
+            if job is not None:
+                await self.store.mark_cancel_requested([job.id])
+            return
         status = status_of_state(state_type, state_name)
         if status is None:
             return

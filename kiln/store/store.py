@@ -328,7 +328,7 @@ class Store:
             else:
                 was_final = facts.status in FINAL_STATUSES
                 if decision.action is policy.Action.REOPEN:
-                    row.completed_at, row.output = None, None
+                    row.completed_at, row.output, row.cancel_requested = None, None, False
                     reason = "its flow run was started again in Prefect (Retry in the Prefect UI)"
                 _move(s, row, status, reason, output, at)
                 if status in FINAL_STATUSES:
