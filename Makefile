@@ -6,8 +6,9 @@ export KILN_HOME ?= $(HOME)/.kiln
 .PHONY: run test install install-test postgres slurm test-unit test-sqlite test-postgres bench
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
+# the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
 run: install
-	kiln up
+	$(PYTHON) -m kiln.cli up
 
 ## make test: install kiln with its test tools, start PostgreSQL and a single-node SLURM, and run every test
 test: install-test postgres slurm

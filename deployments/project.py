@@ -11,8 +11,9 @@ import yaml
 
 from kiln.schemas.job_types import JobType
 
-# the repository root in a checkout; a copy travels in the package for other installs
-_CANDIDATES = (Path(__file__).resolve().parents[1] / "prefect.yaml", Path(__file__).with_name("prefect.yaml"))
+# the repository root in a checkout (where `prefect deploy` reads it); setup.py copies it beside this
+# module in a built wheel, so `pip install .` finds it too
+PROJECT_FILES = (Path(__file__).resolve().parents[1] / "prefect.yaml", Path(__file__).with_name("prefect.yaml"))
 
 # the deployment of a job type that kiln's dispatcher creates the type's runs from, made from the
 # JobType; the deployments in prefect.yaml are an operator's (a scheduled batch run), applied as written
@@ -82,10 +83,21 @@ class Project:
         return self.bands[-1]
 
 
+def find_project_file(candidates: tuple[Path, ...] = PROJECT_FILES) -> Path:
+    """kiln's own prefect.yaml: the first of `candidates` that exists."""
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"kiln's project file prefect.yaml is in none of {', '.join(map(str, candidates))}: this kiln "
+        "install is incomplete; reinstall it from a checkout (pip install .), or give a file with kiln deploy --file"
+    )
+
+
 @lru_cache
 def load_project(path: Path | None = None) -> Project:
     """The project file: `path`, or kiln's own prefect.yaml."""
-    path = path or next(p for p in _CANDIDATES if p.exists())
+    path = path or find_project_file()
     raw = yaml.safe_load(Path(path).read_text())
     return Project(
         work_pool=raw["kiln"]["work_pool"],

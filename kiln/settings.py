@@ -8,6 +8,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# the model folders that travel in the package (TensorNet-MatPES-PBE with matgl's licence), so ml_predict
+# works on a fresh install with nothing copied
+SHIPPED_MODELS = Path(__file__).resolve().with_name("models")
+
 
 class KilnSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
@@ -73,8 +77,8 @@ class KilnSettings(BaseSettings):
     )
     model_dir: Path | None = Field(
         None,
-        description="Directory holding the ML model folders (matgl format); KILN_HOME/models when unset. "
-        "Tests point it at ../shared/models.",
+        description="Directory of ML model folders (matgl format), searched before the models shipped inside "
+        "kiln (kiln/models); KILN_HOME/models when unset. A folder here replaces the shipped one of that name.",
     )
 
     @property
@@ -102,8 +106,9 @@ class KilnSettings(BaseSettings):
         return self.home_dir / "results"
 
     @property
-    def models_path(self) -> Path:
-        return (self.model_dir or self.home_dir / "models").expanduser().resolve()
+    def models_path(self) -> tuple[Path, ...]:
+        """Where model folders are looked for, first match wins: KILN_MODEL_DIR, then the shipped models."""
+        return ((self.model_dir or self.home_dir / "models").expanduser().resolve(), SHIPPED_MODELS)
 
 
 @lru_cache

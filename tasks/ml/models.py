@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,18 +38,19 @@ class ModelInfo:
         """The elements the model was trained on, read from the folder's model.json (no torch needed).
 
         The folder is looked for where this process last found the model (load_potential,
-        available_models, model_path), else in the directory the settings name.
+        available_models, model_path), else on the settings' models_path.
         """
         model_dir = _FOUND_IN.get(self.name)
         if model_dir is None:
             from kiln.settings import get_settings
 
-            model_dir = get_settings().models_path
-        folder = model_dir.expanduser().resolve() / self.folder
+            folder = model_path(self.name, get_settings().models_path)
+        else:
+            folder = model_dir / self.folder
         try:
             return _element_types(folder / "model.json")
         except FileNotFoundError:
-            raise ModelNotInstalled(self.name, folder) from None
+            raise ModelNotInstalled(self.name, [folder]) from None
 
     def as_dict(self) -> dict[str, Any]:
         """The model as the API lists it."""
@@ -102,12 +104,12 @@ class UnknownModel(InvalidRequest):
 
 
 class ModelNotInstalled(InvalidRequest):
-    """kiln offers the model, but its folder is not in this installation's model directory."""
+    """kiln offers the model, but none of the model directories holds its folder."""
 
-    def __init__(self, name: str, folder: Path):
+    def __init__(self, name: str, folders: Sequence[Path]):
         super().__init__(
-            f"model: {name!r} is not installed here: no folder {folder}; copy the matgl model folder "
-            f"{folder.name!r} there or point KILN_MODEL_DIR at the directory that holds it"
+            f"model: {name!r} is not installed here: no folder {', '.join(map(str, folders))}; put the matgl "
+            f"model folder {folders[0].name!r} in KILN_MODEL_DIR (default KILN_HOME/models)"
         )
 
 
@@ -130,23 +132,29 @@ def model_info(name: str) -> ModelInfo:
         raise UnknownModel(name) from None
 
 
-def model_path(name: str, model_dir: Path) -> Path:
-    """The folder holding `name`'s weights under `model_dir`; ModelNotInstalled when it is not there."""
+def model_path(name: str, model_dirs: Path | Sequence[Path]) -> Path:
+    """The folder holding `name`'s weights in the first of `model_dirs` that has it.
+
+    `model_dirs` is one directory or a search path (the settings' models_path: KILN_MODEL_DIR, then
+    the models shipped in the package); ModelNotInstalled when none holds the folder.
+    """
     info = model_info(name)
-    model_dir = Path(model_dir).expanduser().resolve()
-    folder = model_dir / info.folder
-    if not (folder / "model.json").is_file():
-        raise ModelNotInstalled(name, folder)
-    _FOUND_IN[name] = model_dir
-    return folder
+    if isinstance(model_dirs, (str, Path)):
+        model_dirs = [model_dirs]
+    searched = [Path(d).expanduser().resolve() for d in model_dirs]
+    for model_dir in searched:
+        if (model_dir / info.folder / "model.json").is_file():
+            _FOUND_IN[name] = model_dir
+            return model_dir / info.folder
+    raise ModelNotInstalled(name, [model_dir / info.folder for model_dir in searched])
 
 
-def available_models(model_dir: Path) -> list[ModelInfo]:
-    """The models kiln offers whose folders are present in `model_dir`."""
+def available_models(model_dirs: Path | Sequence[Path]) -> list[ModelInfo]:
+    """The models kiln offers whose folders are present in `model_dirs` (one directory or a search path)."""
     found = []
     for name, info in MODELS.items():
         try:
-            model_path(name, model_dir)
+            model_path(name, model_dirs)
         except ModelNotInstalled:
             continue
         found.append(info)
@@ -158,12 +166,12 @@ def require_model(job_input: Any, settings: Any) -> None:
     model_path(job_input.model, settings.models_path)
 
 
-def load_potential(name: str, model_dir: Path) -> Any:
+def load_potential(name: str, model_dirs: Path | Sequence[Path]) -> Any:
     """`name`'s matgl Potential, loaded once per process and then shared by every job it runs.
 
     `load_potential.cache_info().misses` counts the loads actually done.
     """
-    return _load_folder(model_path(name, model_dir))
+    return _load_folder(model_path(name, model_dirs))
 
 
 @functools.lru_cache(maxsize=4)
