@@ -123,5 +123,5 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(hpc_router)
     # the job types registered by now, the lead's entry points included, are the request body's union
     app.openapi = contract_openapi(app, JOB_TYPES)
-    app.add_middleware(AllowedMethods, routes=app.router.routes)
+    app.add_middleware(AllowedMethods, api=app)
     return app

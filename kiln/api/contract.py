@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import iter_route_contexts
 from pydantic import ConfigDict, Field, TypeAdapter, create_model
-from starlette.routing import BaseRoute
+from starlette.routing import compile_path
 
 from kiln.errors import ErrorBody, InputInvalid, KilnError, RateLimited
 from kiln.schemas.batches import BatchCreate, BatchEntry
@@ -100,9 +102,10 @@ class AllowedMethods:
     the methods of the first route that matches the path, not of all of them.
     """
 
-    def __init__(self, app, routes: list[BaseRoute]):
+    def __init__(self, app, api: FastAPI):
         self.app = app
-        self.routes = routes
+        self.api = api
+        self._paths: list[tuple[re.Pattern, bool, frozenset[str]]] | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -118,6 +121,9 @@ class AllowedMethods:
 
     def allowed(self, path: str) -> set[str]:
         """The methods of the routes that match `path`, the concrete ones first; empty when none does."""
-        matching = [r for r in self.routes if getattr(r, "methods", None) and r.path_regex.match(path)]
-        concrete = [r for r in matching if "{" not in r.path]
-        return set().union(*(r.methods for r in concrete or matching))
+        if self._paths is None:  # the routes are all in by the first request
+            self._paths = [(compile_path(route.path)[0], "{" not in route.path, frozenset(route.methods))
+                           for route in iter_route_contexts(self.api.routes) if route.methods]  # fmt: skip
+        matching = [(concrete, methods) for regex, concrete, methods in self._paths if regex.match(path)]
+        concrete = [methods for is_concrete, methods in matching if is_concrete]
+        return set().union(*(concrete or [methods for _, methods in matching]))

@@ -34,6 +34,7 @@ from kiln.schemas import (
     JobTypeInfo,
     Resources,
 )
+from kiln.schemas.jobs import INT32
 from kiln.store.batches import add_jobs
 from kiln.store.models import JobRow
 
@@ -134,6 +135,8 @@ async def job_page(request: Request, project_id: str, limit: int, cursor: str | 
     """A page of the project's jobs matching `filters` (those of Store.list_jobs), newest first."""
     try:
         position = int(cursor) if cursor is not None else None
+        if position is not None and not 0 <= position <= INT32["le"]:
+            raise ValueError(position)
     except ValueError:
         raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
     rows, next_cursor = await request.app.state.store.list_jobs(project_id, limit=limit, cursor=position, **filters)
@@ -203,6 +206,8 @@ async def job_events(
     job = await store.get_job(job_id, project_id)
     try:
         after = int(last_event_id) if last_event_id else 0
+        if not 0 <= after <= INT32["le"]:
+            raise ValueError(after)
     except ValueError:
         raise InvalidRequest(f"Last-Event-ID: {last_event_id!r} is not an event id") from None
     if after and JobStatus(job.status).is_final and not await store.events_after(job_id, after):

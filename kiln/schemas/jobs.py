@@ -12,6 +12,10 @@ from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
 
 
+# priorities and ids are 32-bit integers in the job index
+INT32 = {"ge": -(2**31), "le": 2**31 - 1}
+
+
 def iso(value: datetime | None) -> str | None:
     """ISO 8601 with microseconds, always in UTC."""
     return value.isoformat(timespec="microseconds") if value else None
@@ -23,7 +27,7 @@ class JobFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     project_id: str | None = Field(None, description="The project; the API key's project when omitted.")
-    priority: int = Field(0, description="Higher runs first; FIFO among jobs of the same priority.")
+    priority: int = Field(0, **INT32, description="Higher runs first; FIFO among jobs of the same priority.")
     resources: Resources | None = Field(None, description="What the job needs, and its timeouts and retries.")
     compute_target: str | None = Field(None, description="Where to run: 'local' or a registered cluster name.")
     parent_id: str | None = Field(None, description="The job this one is a child of.")
@@ -69,7 +73,7 @@ def job_request_union(job_types: Mapping[str, Any]) -> Any:
 class JobPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(description="The new priority; only a pending job can change it.")
+    priority: int = Field(**INT32, description="The new priority; only a pending job can change it.")
 
 
 class Job(BaseModel):
