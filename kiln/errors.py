@@ -12,11 +12,29 @@
     ├── RateLimited     (429)    too many requests; `retry_after` seconds until the next is taken
     ├── ServerError     (5xx)    the platform failed; the message says where
     └── JobFailed                (SDK) a job the caller waited on did not complete
+
+Every error answer of the API, whatever its status, carries one body: ErrorBody.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer of the API (4xx and 5xx), and what the SDK reads into a KilnError."""
+
+    detail: str = Field(
+        description="What was wrong and what to do, starting with the field when one is at fault: "
+        "'input.seconds: Input should be greater than or equal to 0'."
+    )
+    errors: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="The individual problems, each with `loc` (the field's path), `msg` and `type` as pydantic "
+        "reports them; empty when `detail` says it all.",
+    )
 
 
 class KilnError(Exception):
@@ -28,6 +46,11 @@ class KilnError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def body(self) -> ErrorBody:
+        """The error as the API answers it."""
+        errors = self.details if isinstance(self.details, list) else [] if self.details is None else [self.details]
+        return ErrorBody(detail=self.message, errors=errors)
 
 
 class InvalidRequest(KilnError):
@@ -42,7 +65,8 @@ class UnknownJobType(InvalidRequest):
     def __init__(self, job_type: str, available: list[str]):
         super().__init__(
             f"type: unknown job type {job_type!r}; available types: {', '.join(sorted(available))}",
-            details={"available_types": sorted(available)},
+            details=[{"loc": ["type"], "msg": f"unknown job type {job_type!r}", "type": "unknown_job_type",
+                      "available_types": sorted(available)}],
         )
 
 

@@ -11,17 +11,19 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prefect.client.orchestration import get_client
+from starlette.exceptions import HTTPException
 
 from kiln.api.batches import router as batches_router
+from kiln.api.contract import AllowedMethods, contract_openapi, error_responses
 from kiln.api.hpc import router as hpc_router
-from kiln.api.jobs import error_body
 from kiln.api.jobs import router as jobs_router
 from kiln.api.models import router as models_router
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
-from kiln.errors import KilnError, RateLimited
+from kiln.errors import ErrorBody, KilnError, RateLimited, ServerError
 from kiln.events.job_events import emit_job_event
 from kiln.events.relay import Relay
+from kiln.registry import available_job_types
 from kiln.settings import KilnSettings, get_settings
 from kiln.store.store import Store
 
@@ -77,10 +79,11 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
 
+    # every error answer carries ErrorBody: kiln's own errors, request validation, and Starlette's 404s
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, RateLimited) else None
-        return JSONResponse(error_body(exc), status_code=exc.status_code, headers=headers)
+        return JSONResponse(exc.body().model_dump(mode="json"), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,9 +92,21 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             location = ".".join(str(p) for p in error["loc"] if p not in ("body",))
             parts.append(f"{location}: {error['msg']}")
         errors = json.loads(json.dumps(exc.errors(), default=str))
-        return JSONResponse({"detail": "; ".join(parts), "errors": errors}, status_code=422)
+        return JSONResponse(ErrorBody(detail="; ".join(parts), errors=errors).model_dump(mode="json"), status_code=422)
 
-    @app.get("/healthz", summary="Liveness, and whether Prefect's events reach the relay")
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route {request.method} {request.url.path}; the API's routes are listed at /docs"
+        return JSONResponse(ErrorBody(detail=str(detail)).model_dump(mode="json"), status_code=exc.status_code,
+                            headers=exc.headers)  # fmt: skip
+
+    @app.get(
+        "/healthz",
+        summary="Liveness, and whether Prefect's events reach the relay",
+        responses=error_responses(ServerError),
+    )
     async def healthz(request: Request) -> dict:
         state = request.app.state
         workers = await state.store.capacity(state.dispatcher.lost_after)
@@ -108,4 +123,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(models_router)
     app.include_router(hpc_router)
+    # the registered job types (kiln's own and other packages') are the request body's union
+    app.openapi = contract_openapi(app, available_job_types())
+    app.add_middleware(AllowedMethods, api=app)
     return app

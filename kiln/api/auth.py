@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from kiln.errors import Unauthorized
 from kiln.store.store import hash_key
 
+# states the scheme in the OpenAPI document; a missing or malformed header is kiln's own 401, not FastAPI's 403
+bearer = HTTPBearer(auto_error=False, description="An API key: `kiln keys create --project NAME` makes one.")
 
-async def project_of_caller(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+
+async def project_of_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> str:
+    if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("Authorization: send 'Bearer <api key>'; create a key with `kiln keys create --project NAME`")
-    project_id = await request.app.state.store.project_for_key(key.strip())
+    key = credentials.credentials.strip()
+    project_id = await request.app.state.store.project_for_key(key)
     if project_id is None:
         raise Unauthorized("Authorization: the API key is unknown or revoked")
-    request.state.key_hash = hash_key(key.strip())  # what rate limits count by
+    request.state.key_hash = hash_key(key)  # what rate limits count by
     return project_id

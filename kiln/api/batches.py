@@ -9,8 +9,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from kiln.api.contract import error_responses
 from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, Project, job_page
-from kiln.errors import TooLarge
+from kiln.errors import InvalidRequest, NotFound, QuotaExceeded, RateLimited, ServerError, TooLarge, Unauthorized
 from kiln.events.bus import ANY_JOB
 from kiln.schemas import JobPage
 from kiln.schemas.batches import Batch, BatchCreate, BatchResult, Hardware
@@ -18,13 +19,20 @@ from kiln.schemas.statuses import FINAL_STATUSES, JobStatus
 from kiln.store import batches as store_batches
 from kiln.submission import accept_batch
 
-router = APIRouter(prefix="/api/v1")
+# every route here needs a key and may fail; each adds the errors of its own below
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
 # the batch stream sends counts at most this often (seconds)
 BATCH_EVENTS_INTERVAL = 0.25
 
 
-@router.post("/jobs/submit-batch", status_code=202, response_model=BatchResult, summary="Submit up to 1000 jobs")
+@router.post(
+    "/jobs/submit-batch",
+    status_code=202,
+    response_model=BatchResult,
+    summary="Submit up to 1000 jobs",
+    responses=error_responses(QuotaExceeded, TooLarge, RateLimited),
+)
 async def submit_batch(request: Request, body: BatchCreate, project_id: Project) -> BatchResult:
     """Each entry is read on its own: a bad one fails alone, with its index and field, and the rest go on.
 
@@ -51,14 +59,24 @@ async def list_batches(request: Request, project_id: Project) -> list[Batch]:
     return [_batch_view(b) for b in await store_batches.list_batches(request.app.state.store, project_id)]
 
 
-@router.get("/batches/{batch_id}", response_model=Batch, summary="A batch with its jobs counted by status")
+@router.get(
+    "/batches/{batch_id}",
+    response_model=Batch,
+    summary="A batch with its jobs counted by status",
+    responses=error_responses(NotFound),
+)
 async def get_batch(request: Request, batch_id: str, project_id: Project) -> Batch:
     store = request.app.state.store
     batch = await store_batches.get_batch(store, project_id, batch_id)
     return _batch_view(batch, await store_batches.batch_counts(store, batch))
 
 
-@router.get("/batches/{batch_id}/jobs", response_model=JobPage, summary="A batch's jobs, newest first")
+@router.get(
+    "/batches/{batch_id}/jobs",
+    response_model=JobPage,
+    summary="A batch's jobs, newest first",
+    responses=error_responses(NotFound, InvalidRequest),
+)
 async def list_batch_jobs(
     request: Request,
     batch_id: str,
@@ -71,7 +89,12 @@ async def list_batch_jobs(
     return await job_page(request, project_id, limit, cursor, status=status, batch_id=batch_id)
 
 
-@router.get("/batches/{batch_id}/events", summary="The batch's counts as they change (Server-Sent Events)")
+@router.get(
+    "/batches/{batch_id}/events",
+    summary="The batch's counts as they change (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(NotFound)},
+)
 async def batch_events(request: Request, batch_id: str, project_id: Project) -> StreamingResponse:
     """`event: counts` with the batch's counts whenever one of its jobs moves; the stream ends once all are final."""
     state = request.app.state
@@ -115,7 +138,12 @@ async def _cancel_and_delete(request: Request, batch_ids: list[str], project_id:
     await store_batches.delete_batches(state.store, batch_ids)
 
 
-@router.delete("/batches/{batch_id}", status_code=204, summary="Cancel a batch's unfinished jobs, then delete it")
+@router.delete(
+    "/batches/{batch_id}",
+    status_code=204,
+    summary="Cancel a batch's unfinished jobs, then delete it",
+    responses=error_responses(NotFound),
+)
 async def delete_batch(request: Request, batch_id: str, project_id: Project) -> Response:
     await store_batches.get_batch(request.app.state.store, project_id, batch_id)
     await _cancel_and_delete(request, [batch_id], project_id)
@@ -138,7 +166,12 @@ async def list_cache(
             for e in entries]  # fmt: skip
 
 
-@router.delete("/cache", status_code=204, summary="Invalidate one cache entry; its input runs again next time")
+@router.delete(
+    "/cache",
+    status_code=204,
+    summary="Invalidate one cache entry; its input runs again next time",
+    responses=error_responses(NotFound),
+)
 async def invalidate_cache(request: Request, project_id: Project, input_hash: str) -> Response:
     await store_batches.invalidate_cache_entry(request.app.state.store, project_id, input_hash)
     return Response(status_code=204)

@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from kiln.api.auth import project_of_caller
+from kiln.api.contract import error_responses
+from kiln.errors import NotFound, ServerError, Unauthorized
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
 
 @router.get("/clusters", summary="The registered HPC clusters (Prefect blocks), by name")
@@ -19,7 +21,9 @@ async def list_clusters(project_id: Annotated[str, Depends(project_of_caller)]) 
     return [clusters[name].summary(name) for name in sorted(clusters)]
 
 
-@router.get("/jobs/{job_id}/tasks", summary="Per-task status of a job split into ntasks")
+@router.get(
+    "/jobs/{job_id}/tasks", summary="Per-task status of a job split into ntasks", responses=error_responses(NotFound)
+)
 async def list_tasks(
     request: Request, job_id: str, project_id: Annotated[str, Depends(project_of_caller)]
 ) -> list[dict]:

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from kiln.api.auth import project_of_caller
+from kiln.api.contract import error_responses
 from kiln.submission import read_job
 from kiln.dispatch.dispatcher import pending_reason
-from kiln.errors import Conflict, InvalidRequest
+from kiln.errors import (
+    Conflict,
+    InputInvalid,
+    InvalidRequest,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+    UnknownJobType,
+)
 from kiln.registry import job_types
 from kiln.schemas import (
     Job,
@@ -23,10 +34,12 @@ from kiln.schemas import (
     JobTypeInfo,
     Resources,
 )
+from kiln.schemas.jobs import INT32
 from kiln.store.batches import add_jobs
 from kiln.store.models import JobRow
 
-router = APIRouter(prefix="/api/v1")
+# every route here needs a key and may fail; each adds the errors of its own below
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
 Project = Annotated[str, Depends(project_of_caller)]
 
@@ -76,7 +89,13 @@ async def list_job_types(project_id: Project) -> list[JobTypeInfo]:
     ]
 
 
-@router.post("/jobs", status_code=202, response_model=Job, summary="Submit a job")
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=Job,
+    summary="Submit a job",
+    responses=error_responses(InvalidRequest, UnknownJobType, QuotaExceeded, NotFound, InputInvalid, RateLimited),
+)
 async def create_job(request: Request, body: JobCreate, project_id: Project) -> Job:
     state = request.app.state
     state.rate_limiter.take(request.state.key_hash, "job submissions", state.settings.submit_rate_per_minute)
@@ -87,12 +106,19 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
     return await job_view(request, await state.store.get_job(stored.job_id, documents=True))
 
 
-@router.get("/jobs/{job_id}", response_model=Job, summary="A job, with its status and output")
+@router.get(
+    "/jobs/{job_id}", response_model=Job, summary="A job, with its status and output", responses=error_responses(NotFound)
+)
 async def get_job(request: Request, job_id: str, project_id: Project) -> Job:
     return await job_view(request, await request.app.state.store.get_job(job_id, project_id, documents=True))
 
 
-@router.get("/jobs", response_model=JobPage, summary="The project's jobs, newest first")
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    summary="The project's jobs, newest first",
+    responses=error_responses(InvalidRequest),
+)
 async def list_jobs(
     request: Request,
     project_id: Project,
@@ -109,6 +135,8 @@ async def job_page(request: Request, project_id: str, limit: int, cursor: str | 
     """A page of the project's jobs matching `filters` (those of Store.list_jobs), newest first."""
     try:
         position = int(cursor) if cursor is not None else None
+        if position is not None and not 0 <= position <= INT32["le"]:
+            raise ValueError(position)
     except ValueError:
         raise InvalidRequest(f"cursor: {cursor!r} is not a cursor this API returned") from None
     rows, next_cursor = await request.app.state.store.list_jobs(project_id, limit=limit, cursor=position, **filters)
@@ -118,14 +146,24 @@ async def job_page(request: Request, project_id: str, limit: int, cursor: str | 
     )
 
 
-@router.patch("/jobs/{job_id}", response_model=Job, summary="Change a pending job's priority")
+@router.patch(
+    "/jobs/{job_id}",
+    response_model=Job,
+    summary="Change a pending job's priority",
+    responses=error_responses(NotFound, Conflict),
+)
 async def patch_job(request: Request, job_id: str, body: JobPatch, project_id: Project) -> Job:
     row = await request.app.state.store.set_priority(job_id, project_id, body.priority)
     request.app.state.dispatcher.wake()
     return await job_view(request, row)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job and its children")
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job and its children",
+    responses=error_responses(NotFound, Conflict),
+)
 async def cancel_job(request: Request, job_id: str, project_id: Project) -> Job:
     store = request.app.state.store
     row = await store.get_job(job_id, project_id)
@@ -135,7 +173,12 @@ async def cancel_job(request: Request, job_id: str, project_id: Project) -> Job:
     return await job_view(request, await store.get_job(job_id, project_id, documents=True))
 
 
-@router.get("/jobs/{job_id}/children", response_model=list[Job], summary="The job's child jobs")
+@router.get(
+    "/jobs/{job_id}/children",
+    response_model=list[Job],
+    summary="The job's child jobs",
+    responses=error_responses(NotFound),
+)
 async def list_children(request: Request, job_id: str, project_id: Project) -> list[Job]:
     store = request.app.state.store
     await store.get_job(job_id, project_id)
@@ -147,7 +190,11 @@ async def list_children(request: Request, job_id: str, project_id: Project) -> l
     "/jobs/{job_id}/events",
     summary="The job's events as Server-Sent Events; resumes after Last-Event-ID",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        204: {"description": "Resumed after the job's last event: the stream has ended, do not reconnect."},
+        **error_responses(NotFound, InvalidRequest),
+    },
 )
 async def job_events(
     request: Request,
@@ -159,6 +206,8 @@ async def job_events(
     job = await store.get_job(job_id, project_id)
     try:
         after = int(last_event_id) if last_event_id else 0
+        if not 0 <= after <= INT32["le"]:
+            raise ValueError(after)
     except ValueError:
         raise InvalidRequest(f"Last-Event-ID: {last_event_id!r} is not an event id") from None
     if after and JobStatus(job.status).is_final and not await store.events_after(job_id, after):
@@ -189,9 +238,3 @@ async def job_events(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
-
-def error_body(exc: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"detail": exc.message}
-    if exc.details is not None:
-        body["errors"] = exc.details
-    return body

@@ -7,8 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from kiln.api.auth import project_of_caller
+from kiln.api.contract import error_responses
+from kiln.errors import ServerError, Unauthorized
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
 
 @router.get("/models", summary="The ML models, what they predict, in which units, and where they come from")

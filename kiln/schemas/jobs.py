@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
 
 from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
+
+
+# priorities and ids are 32-bit integers in the job index
+INT32 = {"ge": -(2**31), "le": 2**31 - 1}
 
 
 def iso(value: datetime | None) -> str | None:
@@ -16,26 +21,59 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="microseconds") if value else None
 
 
-class JobCreate(BaseModel):
+class JobFields(BaseModel):
+    """What every job request carries besides its type and input."""
+
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(description="The job type, e.g. 'sleep' or 'ml_predict'.")
     project_id: str | None = Field(None, description="The project; the API key's project when omitted.")
-    priority: int = Field(0, description="Higher runs first; FIFO among jobs of the same priority.")
-    input: dict[str, Any] = Field(default_factory=dict, description="The job type's input.")
+    priority: int = Field(0, **INT32, description="Higher runs first; FIFO among jobs of the same priority.")
     resources: Resources | None = Field(None, description="What the job needs, and its timeouts and retries.")
     compute_target: str | None = Field(None, description="Where to run: 'local' or a registered cluster name.")
     parent_id: str | None = Field(None, description="The job this one is a child of.")
     refresh: bool = Field(False, description="Run again even when a finished job with the same input exists.")
-    model: str | None = Field(
-        None, description="Shorthand for input.model, as in the SDK call jobs.create(type=…, model=…)."
-    )
+
+
+MODEL_SHORTHAND = Field(None, description="Shorthand for input.model, as in the SDK call jobs.create(type=…, model=…).")
+
+
+class JobCreate(JobFields):
+    """A job request as the API reads it first: any type, its input still unread (read_job checks it)."""
+
+    type: str = Field(description="The job type, e.g. 'sleep' or 'ml_predict'.")
+    input: dict[str, Any] = Field(default_factory=dict, description="The job type's input.")
+    model: str | None = MODEL_SHORTHAND
+
+
+def job_request_union(job_types: Mapping[str, Any]) -> Any:
+    """The job request as the OpenAPI document states it: a union discriminated on `type`, one branch per job type
+    with that type's input model, from the registry `job_types` (name → JobType; its name, description and
+    input_model are read).
+
+    The API reads a request as JobCreate then the type's input model, which accepts exactly what this
+    union describes; a branch offers the `model` shorthand only when its input has a `model` field.
+    """
+    branches = []
+    for name, job_type in job_types.items():
+        input_model = job_type.input_model
+        fields: dict[str, Any] = {
+            "type": (Literal[name], Field(description=job_type.description)),
+            # an input whose every field has a default may be left out
+            "input": (input_model, Field(description=f"The {name} job's input.")
+                      if any(f.is_required() for f in input_model.model_fields.values())
+                      else Field(default_factory=dict, description=f"The {name} job's input.")),
+        }  # fmt: skip
+        if "model" in input_model.model_fields:
+            fields["model"] = (str | None, MODEL_SHORTHAND)
+        title = "".join(part.title() for part in name.split("_"))
+        branches.append(create_model(f"{title}JobCreate", __base__=JobFields, **fields))
+    return Annotated[Union[tuple(branches)], Field(discriminator="type")]  # noqa: UP007 - built from a tuple
 
 
 class JobPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(description="The new priority; only a pending job can change it.")
+    priority: int = Field(**INT32, description="The new priority; only a pending job can change it.")
 
 
 class Job(BaseModel):

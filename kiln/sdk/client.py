@@ -15,7 +15,7 @@ import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ERRORS_BY_STATUS, JobFailed, KilnError, RateLimited, ServerError
+from kiln.errors import ERRORS_BY_STATUS, ErrorBody, JobFailed, KilnError, RateLimited, ServerError
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.jobs import EventKind
@@ -81,18 +81,11 @@ def _unreachable(base_url: str, exc: httpx.TransportError) -> ServerError:
 def _error_from(response: httpx.Response) -> KilnError:
     """The kiln exception for a non-2xx response, carrying the server's message; the body must have been read."""
     try:
-        body = response.json()
-    except ValueError:
-        body = None
-    detail = body.get("detail") if isinstance(body, dict) else None
-    details = body.get("errors") if isinstance(body, dict) else None
-    if isinstance(detail, str):
-        message = detail
-    else:
+        body = ErrorBody.model_validate_json(response.content)
+        message, details = body.detail, body.errors
+    except ValueError:  # not kiln's answer: a proxy's error page, or no body at all
         request = response.request
-        message = f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}"
-        # FastAPI's own errors (e.g. an unknown route) put a list or nothing in `detail`
-        details = details if details is not None else detail
+        message, details = f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}", None
     status = response.status_code
     cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
     error = cls(message, details=details)

@@ -447,3 +447,8 @@ async def test_async_wait_times_out():
         job = await c.jobs.create(type="sleep", seconds=1)
         with pytest.raises(TimeoutError, match="job j1 did not finish within 0.05 s"):
             await job.wait(timeout=0.05, poll=0.01)
+
+
+def test_an_error_that_is_not_kilns_body_names_the_status_and_the_request():
+    with pytest.raises(ServerError, match="502 Bad Gateway from GET"):
+        client(lambda request: httpx.Response(502, text="<html>bad gateway</html>")).jobs.get("j1")
