@@ -104,8 +104,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         raw_input.setdefault("model", body.model)
 
     def validate_and_hash() -> tuple[BaseModel, str]:
-        # `read` where the input model has one: it keeps what it parsed for canonical() to reuse
-        job_input = getattr(job_type.input_model, "read", job_type.input_model.model_validate)(raw_input)
+        job_input = read_input(job_type, raw_input)
         return job_input, input_hash(body.type, job_input)
 
     try:
@@ -136,6 +135,14 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         parent_id=body.parent_id,
         refresh=body.refresh or not job_type.cacheable,
     )
+
+
+def read_input(job_type: JobType, raw_input: dict[str, Any]) -> BaseModel:
+    """The input validated strictly, as the OpenAPI document describes it: JSON types are not coerced (0 is no
+    boolean, "1" no number). `read` where the input model has one: it keeps what it parsed for canonical()."""
+    text = json.dumps(raw_input)
+    reader = getattr(job_type.input_model, "read", None)
+    return reader(text) if reader else job_type.input_model.model_validate_json(text, strict=True)
 
 
 async def check_compute_target(job_type: JobType, compute_target: str | None, resources: Resources) -> None:

@@ -112,10 +112,14 @@ class MLPredictInput(BaseModel):
         return self
 
     @classmethod
-    def read(cls, data: dict) -> MLPredictInput:
-        """The validated input with its structures read once, for the job that runs it."""
+    def read(cls, data: dict | str) -> MLPredictInput:
+        """The validated input with its structures read once, for the job that runs it; JSON text is read
+        strictly (no coercion of JSON types), as the API takes it."""
         context: dict[str, list[ParsedStructure]] = {"parsed": []}
-        request = cls.model_validate(data, context=context)
+        if isinstance(data, str):
+            request = cls.model_validate_json(data, strict=True, context=context)
+        else:
+            request = cls.model_validate(data, context=context)
         request._parsed = context["parsed"]
         return request
 

@@ -115,11 +115,19 @@ def test_prefect_yaml_holds_only_the_operators_deployments():
 
 
 def test_the_example_scheduled_batch_run_is_off_until_an_operator_turns_it_on():
-    (nightly,) = [spec for spec in load_project().deployments if not spec.serves_jobs]
+    (nightly,) = [spec for spec in load_project().deployments if spec.name == "nightly-screen"]
     assert nightly.module == "kiln.flows.batch_run" and "project:default" in nightly.tags
     schedule = deployment_schedule(nightly.schedules[0])
     assert schedule.active is False
     assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
+
+
+def test_the_example_trigger_is_off_until_an_operator_turns_it_on():
+    (example,) = [spec for spec in load_project().deployments if spec.triggers]
+    assert example.module == "kiln.flows.simulation" and "project:default" in example.tags
+    (trigger,) = example.triggers
+    assert trigger["enabled"] is False and trigger["expect"] == ["kiln.job.completed"]
+    assert trigger["match"]["kiln.job.type"] == "ml_predict"
 
 
 def test_a_project_file_may_schedule_by_interval_too(tmp_path):
