@@ -41,7 +41,12 @@ def main() -> None:
         finally:
             if baseline_worker is not None:
                 baseline_worker.terminate()
-                baseline_worker.wait(timeout=30)
+                try:
+                    baseline_worker.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    # seen here: the worker hung on exit flushing its events; the figures are taken already
+                    baseline_worker.kill()
+                    baseline_worker.wait()
     print()
     backend = "PostgreSQL" if args.postgres else "SQLite"
     print(f"submit → running, sleep(0), 2-core machine, Prefect 3.8.8 and the job index on {backend}, one worker slot")
