@@ -63,7 +63,7 @@ def test_the_run_has_its_logs_in_prefect(predicted):
     wait_until(lambda: any("energy of 3 structure(s)" in line for line in logged()), timeout=20,
                what="the flow's own INFO line in Prefect's logs")
     lines = logged()
-    assert any(line.startswith("read 3 structure(s), 6 atoms in all") for line in lines), lines
+    assert any(line.startswith("read 3 structure(s), 24 atoms in all") for line in lines), lines
     assert any(line.startswith("batch 1 of 2: 2 structures in") for line in lines), lines
     assert any(line.startswith("batch 2 of 2: 1 structures in") for line in lines), lines
 
