@@ -68,12 +68,16 @@ def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float
         for i in range(warmup + jobs):
             started = time.perf_counter()
             job = client.jobs.create(type="sleep", input={"seconds": 0})
+            elapsed = None
             for event in client.jobs.events(job.id):
                 if event.event == "status" and event.data.get("status") == "running":
                     elapsed = time.perf_counter() - started
                     break
             job.wait(timeout=60)
             if i >= warmup:
+                if elapsed is None:
+                    # no `running` status event before the stream ended: nothing to count for this job
+                    raise SystemExit(f"job {job.id} ended {job.status.value} with no 'running' status event over SSE")
                 total.append(elapsed)
                 if job.started_at is None:
                     # seen on the landed code: a sleep(0) job read back completed with no started_at
