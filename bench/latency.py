@@ -67,7 +67,7 @@ def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float
     with Client(settings.api_url, key) as client:
         for i in range(warmup + jobs):
             started = time.perf_counter()
-            job = client.jobs.create(type="sleep", input={"seconds": 0})
+            job = client.jobs.create(type="sleep", input={"seconds": 0}, refresh=True)  # each one a run, not a cache hit
             elapsed = None
             for event in client.jobs.events(job.id):
                 if event.event == "status" and event.data.get("status") == "running":
