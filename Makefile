@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres slurm test-unit test-sqlite test-postgres bench
+.PHONY: run test install install-test postgres chromium slurm test-unit test-sqlite test-postgres bench
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -11,7 +11,7 @@ run: install
 	$(PYTHON) -m kiln.cli up
 
 ## make test: install kiln with its test tools, start PostgreSQL and a single-node SLURM, and run every test
-test: install-test postgres slurm
+test: install-test postgres chromium slurm
 	$(PYTHON) -m pytest tests/unit -q
 	$(PYTHON) -m pytest tests/integration -q -x
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
@@ -30,6 +30,10 @@ postgres:
 	@pg_lsclusters -h | grep -q online || pg_ctlcluster $$(pg_lsclusters -h | head -1 | cut -d' ' -f1) main start
 	@su postgres -c "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname='kiln'\"" | grep -q 1 || \
 		su postgres -c "psql -qc \"CREATE ROLE kiln LOGIN SUPERUSER PASSWORD 'kiln'\""
+
+# headless Chromium from Debian: the test that opens a job's run page in the Prefect UI
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 # a single-node SLURM on localhost (slurm-wlm and munge from Debian, installed if missing)
 slurm:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from kiln.schemas.batch_run import DEFAULT_STRUCTURE_JOB, BatchRunInput
 from kiln.schemas.job_types import JobType
 from kiln.settings import get_settings
-from kiln.tasks.batch_run.source import SourceError, read_source, resolve_source
+from kiln.tasks.batch_run.executors import read_batch
+from kiln.tasks.batch_run.source import SourceError, resolve_source
 
 
 @flow(name="batch_run", persist_result=True, result_serializer="json")
@@ -27,12 +28,13 @@ async def batch_run(
 ) -> dict[str, Any]:
     settings = get_settings()
     path = resolve_source(source, settings.home_dir)
-    entries, unreadable, origins = read_source(path, job or DEFAULT_STRUCTURE_JOB, compute_target, refresh)
+    entries, unreadable, origins = read_batch(path, job or DEFAULT_STRUCTURE_JOB, compute_target, refresh)
     if len(entries) > settings.batch_max_jobs:
         raise SourceError(
             f"source: {path} holds {len(entries)} entries; a batch takes at most {settings.batch_max_jobs} "
             "(KILN_BATCH_MAX_JOBS); split it over several batch runs"
         )
+    get_run_logger().info("submitting %d entries from %s as this job's batch", len(entries), path)
     return {
         "source": str(path),
         "entries": entries,

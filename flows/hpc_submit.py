@@ -6,7 +6,7 @@ import time
 from typing import Any
 from uuid import UUID
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
 from kiln.runtime import areport_merging, areport_tasks, current_job
@@ -30,7 +30,8 @@ async def hpc_submit(
     from kiln.blocks.cluster import load_cluster
     from kiln.schemas.hpc_submit import HpcSubmitInput
     from kiln.schemas.resources import Resources
-    from kiln.tasks.hpc.runner import RunStopped, merge_outputs, run_split
+    from kiln.tasks.hpc.executors import merge, run_tasks
+    from kiln.tasks.hpc.runner import RunStopped
 
     request = HpcSubmitInput(
         callable=callable, command=command, args=args or [], kwargs=kwargs or {}, task_kwargs=task_kwargs,
@@ -66,10 +67,13 @@ async def hpc_submit(
             return f"cancelled while its tasks ran: {state.message or 'by request'}"
         return None
 
+    get_run_logger().info("%d tasks of %s on cluster %r (%s)", request.ntasks, request.target, compute_target,
+                          block.scheduler)
     try:
-        outputs, run = await run_split(
+        outputs, run = await run_tasks(
             block,
             job_resources,
+            cluster=compute_target,
             job_name=f"kiln-{(job_id or 'local')[:8]}",
             target=request.target,
             ntasks=request.ntasks,
@@ -83,7 +87,7 @@ async def hpc_submit(
         return Cancelled(message=str(stopped))
     await areport_merging(f"all {request.ntasks} tasks finished; merging their outputs")
     merge_started = time.perf_counter()
-    merged = merge_outputs(outputs)
+    merged = merge(outputs)
     run["timings"]["merge_s"] = round(time.perf_counter() - merge_started, 4)
     run["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     return {

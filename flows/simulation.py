@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from kiln.flows.hpc_submit import hpc_submit
 from kiln.runtime import areport_merging, current_job, report_tasks, run_child_job
@@ -36,7 +36,7 @@ async def simulation(
 ) -> dict:
     from kiln.schemas.simulation import LOCAL_COST_LIMIT, SimulationInput
     from kiln.settings import get_settings
-    from kiln.tasks.simulation.replicas import merge_replicas
+    from kiln.tasks.simulation.executors import merge
 
     fields = dict(calculation=calculation, structure=structure, supercell=supercell, molecule=molecule, model=model,
                   method=method, basis=basis, charge=charge, multiplicity=multiplicity, relax=relax, md=md,
@@ -58,6 +58,8 @@ async def simulation(
             "is set; ran locally"
         )
     placement = placement or f"cost {cost} atom-steps, within the local limit of {LOCAL_COST_LIMIT}"
+    logger = get_run_logger()
+    logger.info("%s, %d replica(s): %s", request.calculation, request.ntasks, placement)
 
     started = time.perf_counter()
     payload = request.model_dump(mode="json")
@@ -83,7 +85,7 @@ async def simulation(
         out["timings"] = {**out.get("timings", {}), "total_s": round(time.perf_counter() - started, 3)}
         return {**header, **out}
     await areport_merging(f"all {request.ntasks} replicas finished; merging them")
-    merged = await asyncio.to_thread(merge_replicas, outputs, folder)
+    merged = await asyncio.to_thread(merge, outputs, folder)
     if merged.get("trajectory"):
         merged["trajectory"]["storage_key"] = str(Path(merged["trajectory"]["path"]).relative_to(results))
     return {
@@ -97,8 +99,9 @@ async def simulation(
 
 async def _run_locally(payload: dict, ntasks: int, folder: Path) -> list[dict]:
     """The replicas one after another in this process, each reporting its steps as a task of the job."""
-    from kiln.tasks.simulation.replicas import run_replica
+    from kiln.tasks.simulation.executors import replica
 
+    calculation = payload["calculation"]
     tasks = [{"task_id": i, "status": "pending", "done_units": 0, "requested_units": 0} for i in range(1, ntasks + 1)]
     last = [0.0]
 
@@ -118,8 +121,8 @@ async def _run_locally(payload: dict, ntasks: int, folder: Path) -> list[dict]:
 
         task["status"] = "running"
         await asyncio.to_thread(report, True)
-        outputs.append(await asyncio.to_thread(run_replica, payload, task["task_id"], str(folder),
-                                               task_id=task["task_id"], ntasks=ntasks, progress=progress))
+        outputs.append(await asyncio.to_thread(replica, payload, calculation, task["task_id"], ntasks, str(folder),
+                                               progress))
         task.update(status="completed", done_units=max(task["requested_units"], 1),
                     requested_units=max(task["requested_units"], 1))
         await asyncio.to_thread(report, True)

@@ -29,6 +29,13 @@ def prefect_env(settings: KilnSettings) -> dict[str, str]:
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_PREFETCH_SECONDS": "0",
         "PREFECT_LOGGING_LEVEL": os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        # A run's own lines (get_run_logger() in flows and tasks) go to the Prefect API at INFO, so
+        # every run page shows them; the console keeps to warnings, or every job would print its
+        # steps into the worker's terminal. The API handler sends in batches from a thread of its own.
+        "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+        "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
         "KILN_HOME": str(home),
     }
 

@@ -318,6 +318,11 @@ def formation_energy(
     }
 
 
+def check_elements(potential: Any, structures: Sequence[Structure | Molecule]) -> None:
+    """Refuses, naming the structure by its index, a disordered structure or an element the model does not know."""
+    _check_elements(structures, tuple(potential.model.element_types))
+
+
 def _check_elements(structures: Sequence[Structure | Molecule], element_types: tuple[str, ...]) -> None:
     known = set(element_types)
     for index, item in enumerate(structures):
