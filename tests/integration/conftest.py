@@ -27,7 +27,7 @@ def _pg(statements: list[str]) -> None:
 def install_echo_job_type() -> None:
     """A lab's own job type (tests/fixtures/echo_job_type), installed beside the stack as a lab would install it."""
     target = Path(HOME) / "plugins"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                     str(target), str(Path(__file__).resolve().parents[1] / "fixtures" / "echo_job_type")],
                    check=True, capture_output=True)  # fmt: skip
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
