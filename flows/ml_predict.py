@@ -47,7 +47,7 @@ def predict_job(
     from kiln.tasks.ml import executors as steps
     from kiln.tasks.ml import predict as ml
     from kiln.tasks.ml.models import MODELS
-    from kiln.tasks.ml.structures import domain_report
+    from kiln.schemas.structures import domain_report
 
     logger = get_run_logger()
     # one client for every step of this thread; without it each task run opens its own
@@ -147,4 +147,5 @@ JOB_TYPE = JobType(
     flow=ml_predict,
     requires=("matgl", "torch", "torch_geometric", "pymatgen", "ase"),
     check="kiln.tasks.ml.models:require_model",
+    versions="kiln.tasks.ml.models:model_version",
 )

@@ -138,5 +138,6 @@ JOB_TYPE = JobType(
     flow=simulation,
     requires=("matgl", "torch", "ase", "pymatgen", "tblite", "pyscf", "dask_jobqueue"),
     check="kiln.tasks.simulation.replicas:require_model",
+    versions="kiln.tasks.ml.models:model_version",
     runs_on_clusters=True,
 )

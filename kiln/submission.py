@@ -69,16 +69,16 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def input_hash(job_type: str, job_input: BaseModel) -> str:
-    """sha256 of the type, the canonical input and the code version.
+def input_hash(job_type: str, job_input: BaseModel, versions: dict[str, Any] | None = None) -> str:
+    """sha256 of the type, the canonical input, the versions of what else decides the result, and kiln's version.
 
     The canonical input is the validated input with its defaults filled in (`canonical()` where the
-    input model has one: ml_predict writes every structure encoding as one pymatgen dict and adds the
-    model's version), keys sorted and floats normalised.
+    input model has one: ml_predict writes every structure encoding as one pymatgen dict), keys sorted
+    and floats normalised; `versions` are the job type's (a model's version).
     """
     canonical = job_input.canonical() if hasattr(job_input, "canonical") else job_input.model_dump(mode="json")
-    text = json.dumps({"type": job_type, "input": _normal(canonical), "code": code_version()}, sort_keys=True,
-                      separators=(",", ":"))  # fmt: skip
+    text = json.dumps({"type": job_type, "input": _normal(canonical), "versions": versions or {},
+                       "code": code_version()}, sort_keys=True, separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -105,7 +105,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
 
     def validate_and_hash() -> tuple[BaseModel, str]:
         job_input = read_input(job_type, raw_input)
-        return job_input, input_hash(body.type, job_input)
+        return job_input, input_hash(body.type, job_input, job_type.versions_of(job_input))
 
     try:
         if in_thread:

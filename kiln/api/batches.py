@@ -12,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from kiln.api.contract import error_responses
 from kiln.api.jobs import SSE_KEEPALIVE_SECONDS, Project, job_page
 from kiln.errors import InvalidRequest, NotFound, QuotaExceeded, RateLimited, ServerError, TooLarge, Unauthorized
-from kiln.events.bus import ANY_JOB
+from kiln.store.bus import ANY_JOB
 from kiln.schemas import JobPage
 from kiln.schemas.batches import Batch, BatchCreate, BatchResult, Hardware
 from kiln.schemas.statuses import FINAL_STATUSES, JobStatus

@@ -10,13 +10,14 @@ from uuid import UUID
 from prefect.client.orchestration import PrefectClient
 from prefect.states import Cancelled
 
-from kiln.dispatch.runs import apply_project, cancel_run, create_job_run, force_state
+from kiln.dispatch.runs import apply_project, cancel_run, create_job_run
 from kiln.errors import NotFound
 from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
 from kiln.store.models import JobRow, utcnow
 from kiln.store.policy import Source
+from kiln.worker.worker import force_state
 from kiln.store.store import Capacity, Store
 
 log = logging.getLogger("kiln.dispatcher")

@@ -16,7 +16,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.schedules import construct_schedule
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import LocalFileSystem
 from prefect.states import Cancelled, Cancelling, Crashed
 from prefect.utilities.callables import parameter_schema
@@ -27,6 +27,7 @@ from kiln.prefect_env import RESULTS_BLOCK
 from kiln.registry import available_job_types, job_types
 from kiln.schemas.statuses import MERGING_STATE_NAME, JobStatus
 from kiln.store.models import JobRow
+from kiln.worker.worker import KilnWorker, force_state
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ async def apply_project(client: PrefectClient, path: Path | None = None) -> dict
 
     Returns job type → the deployment kiln releases that type's jobs to.
     """
-    from kiln.worker.worker import KilnWorker
-
     project = load_project(path)
     try:
         await client.create_work_pool(
@@ -197,13 +196,6 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
         work_queue_name=band.queue,
         job_variables={k: v for k, v in resources.items() if v not in (None, 0, False)},
     )
-
-
-async def force_state(client: PrefectClient, flow_run_id: str | UUID, state) -> None:
-    try:
-        await client.set_flow_run_state(UUID(str(flow_run_id)), state, force=True)
-    except ObjectNotFound:
-        log.warning("flow run %s vanished before it could be set %s", flow_run_id, state.type)
 
 
 async def cancel_run(client: PrefectClient, flow_run_id: str | UUID, reason: str) -> None:

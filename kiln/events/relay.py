@@ -20,7 +20,6 @@ from kiln.dispatch.dispatcher import Dispatcher
 from kiln.dispatch.runs import (
     cancel_run,
     crash_run,
-    force_state,
     job_of_tags,
     reason_of_state,
     run_output,
@@ -37,7 +36,7 @@ from kiln.store.models import utcnow
 from kiln.store.policy import Source
 from kiln.store.store import Store
 from kiln.submission import accept_batch
-from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT
+from kiln.worker.worker import HEARTBEAT_EVENT, STOPPED_EVENT, force_state
 
 log = logging.getLogger("kiln.relay")
 

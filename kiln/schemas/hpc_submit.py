@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kiln.tasks.hpc.payloads import COMMAND, callable_path
-
 MAX_TASKS = 1000
+
+# name → "module:function"; any callable under kiln.tasks may also be named by its path
+CALLABLES: dict[str, str] = {
+    "spin": "kiln.tasks.hpc.payloads:spin",
+    "allocate": "kiln.tasks.hpc.payloads:allocate",
+    "simulation": "kiln.tasks.simulation.replicas:run_replica",
+}
+COMMAND = "command"
+
+_PATH = re.compile(r"^kiln\.tasks(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$")
+
+
+def callable_path(name: str) -> str:
+    """The 'module:function' a registered name or a kiln.tasks path stands for; ValueError otherwise."""
+    if name in CALLABLES:
+        return CALLABLES[name]
+    if _PATH.match(name):
+        return name
+    raise ValueError(
+        f"{name!r} is neither a registered callable ({', '.join(sorted(CALLABLES))}) "
+        "nor a path 'kiln.tasks.<module>:<function>'"
+    )
 
 
 class HpcSubmitInput(BaseModel):

@@ -44,6 +44,9 @@ class JobType:
     # a finished job answers later ones with the same input; not for a job whose result depends on
     # more than its input (a batch run reads files that change between runs)
     cacheable: bool = True
+    # "module:function" called with the input: the versions of what decides a result besides the input (a
+    # model's weights), as a dict; part of the cache key, so new weights never reuse old results
+    versions: str | None = None
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI
@@ -71,6 +74,12 @@ class JobType:
         if self.check:
             module, function = self.check.split(":")
             getattr(importlib.import_module(module), function)(job_input, settings)
+
+    def versions_of(self, job_input: BaseModel) -> dict[str, Any]:
+        if not self.versions:
+            return {}
+        module, function = self.versions.split(":")
+        return getattr(importlib.import_module(module), function)(job_input)
 
     def resources_for(self, requested: Resources | None) -> Resources:
         """The job's resources: what it asked for, over the type's defaults."""

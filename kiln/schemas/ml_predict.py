@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from kiln.tasks.ml.structures import MAX_ATOMS, ParsedStructure, parse_structure
+from kiln.schemas.structures import MAX_ATOMS, ParsedStructure, parse_structure
 
 
 def _readable(value: str | dict | None, info: ValidationInfo) -> str | dict | None:
@@ -125,17 +125,13 @@ class MLPredictInput(BaseModel):
 
     def canonical(self) -> dict:
         """The input as the cache compares it: each structure as its lattice and sorted sites, whatever form
-        it came in, and the model's version beside its name."""
-        from kiln.tasks.ml.models import MODELS
-
+        it came in (the model's version joins it through the job type's `versions`)."""
         data = self.model_dump(mode="json", exclude={"structure", "structures"})
         # a formula's prototype is relaxed before predicting: not the same calculation as that structure sent
         structures = [{**_canonical_structure(item.structure), "prototype": item.prototype} for item in self.parsed()]
         data["structure" if self.structure is not None else "structures"] = (
             structures[0] if self.structure is not None else structures
         )
-        model = MODELS.get(self.model)
-        data["model_version"] = model.version if model is not None else None
         return data
 
     def parsed(self) -> list[ParsedStructure]:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from kiln.schemas.ml_predict import STRUCTURE_FORMS, RelaxOptions
-from kiln.tasks.ml.structures import MAX_ATOMS, parse_structure
+from kiln.schemas.structures import MAX_ATOMS, parse_structure
 
 # Cost of a run, in atom-steps (atoms × steps × replicas; a single point counts as one step per atom
 # for xTB and as basis functions³/10⁴ for DFT). On the 2-core development machine the TensorNet
@@ -27,7 +27,7 @@ def _crystal(value: str | dict | None) -> str | dict | None:
 
 def _molecule(value: str | dict | None) -> str | dict | None:
     if value is not None:
-        from kiln.tasks.simulation.molecules import parse_molecule
+        from kiln.schemas.molecules import parse_molecule
 
         parse_molecule(value)
     return value
@@ -99,7 +99,7 @@ class SimulationInput(BaseModel):
 
     def atoms(self) -> int:
         if self.calculation == "single_point":
-            from kiln.tasks.simulation.molecules import parse_molecule
+            from kiln.schemas.molecules import parse_molecule
 
             return len(parse_molecule(self.molecule))
         sites = len(parse_structure(self.structure).structure)
@@ -115,6 +115,6 @@ class SimulationInput(BaseModel):
             return atoms * self.relax.steps
         if self.method == "GFN2-xTB":
             return atoms
-        from kiln.tasks.simulation.molecules import basis_functions
+        from kiln.schemas.molecules import basis_functions
 
         return basis_functions(self.molecule, self.basis, self.charge, self.multiplicity) ** 3 // 10_000

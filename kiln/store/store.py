@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 
 from kiln.errors import Conflict, InvalidRequest, NotFound
-from kiln.events.bus import EventBus
+from kiln.store.bus import EventBus
 from kiln.schemas.statuses import (
     CANCELLABLE_STATUSES,
     FINAL_STATUSES,

@@ -18,16 +18,17 @@ from prefect.client.schemas.filters import (
     FlowRunFilterState,
     FlowRunFilterStateType,
 )
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.events import emit_event
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled, Crashed
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field
 
 from kiln.deployments.project import DeploymentSpec
-from kiln.dispatch.runs import force_state
 from kiln.worker import executor
 
 log = logging.getLogger("kiln.worker")
@@ -64,6 +65,14 @@ class KilnJobConfiguration(BaseJobConfiguration):
 
 class KilnWorkerResult(BaseWorkerResult):
     """How a flow run ended on the Dask cluster."""
+
+
+async def force_state(client: PrefectClient, flow_run_id: str | UUID, state) -> None:
+    """Sets a flow run's state whatever Prefect's orchestration rules say: kiln's way to end or stop a run."""
+    try:
+        await client.set_flow_run_state(UUID(str(flow_run_id)), state, force=True)
+    except ObjectNotFound:
+        log.warning("flow run %s vanished before it could be set %s", flow_run_id, state.type)
 
 
 def describe_dask_failure(exc: BaseException) -> str:

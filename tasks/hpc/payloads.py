@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import subprocess
 import time
 from typing import Any, Callable
 
-# name → "module:function"; any callable under kiln.tasks may also be named by its path
-CALLABLES: dict[str, str] = {
-    "spin": "kiln.tasks.hpc.payloads:spin",
-    "allocate": "kiln.tasks.hpc.payloads:allocate",
-    "simulation": "kiln.tasks.simulation.replicas:run_replica",
-}
-COMMAND = "command"
+from kiln.schemas.hpc_submit import COMMAND, callable_path
+
 # the Dask event topic tasks report on; the flow subscribes to it
 TOPIC = "kiln-task"
 REPORT_INTERVAL_SECONDS = 0.5
-
-_PATH = re.compile(r"^kiln\.tasks(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$")
-
-
-def callable_path(name: str) -> str:
-    """The 'module:function' a registered name or a kiln.tasks path stands for; ValueError otherwise."""
-    if name in CALLABLES:
-        return CALLABLES[name]
-    if _PATH.match(name):
-        return name
-    raise ValueError(
-        f"{name!r} is neither a registered callable ({', '.join(sorted(CALLABLES))}) "
-        "nor a path 'kiln.tasks.<module>:<function>'"
-    )
 
 
 def resolve(name: str) -> Callable[..., Any]:

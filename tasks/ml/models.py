@@ -132,6 +132,12 @@ def model_info(name: str) -> ModelInfo:
         raise UnknownModel(name) from None
 
 
+def model_version(job_input: Any) -> dict[str, str | None]:
+    """The version of the model a job names (a JobType's `versions`): part of its cache key."""
+    model = MODELS.get(job_input.model)
+    return {"model_version": model.version if model is not None else None}
+
+
 def model_path(name: str, model_dirs: Path | Sequence[Path]) -> Path:
     """The folder holding `name`'s weights in the first of `model_dirs` that has it.
 

@@ -1,82 +1,13 @@
-"""Molecules for single points: reading them, and their energy from GFN2-xTB (tblite) or DFT/HF (PySCF)."""
+"""Molecules' energies for single points, from GFN2-xTB (tblite) or DFT/HF (PySCF)."""
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
+from kiln.schemas.molecules import parse_molecule, pyscf_mole
+
 HARTREE_EV = 27.211386245988  # CODATA 2018, as ASE's units.Hartree
-
-
-class MoleculeError(ValueError):
-    """A molecule that cannot be read; the message says what to send instead."""
-
-
-SEND_INSTEAD = (
-    "send XYZ text, a dict {symbols, positions}, a pymatgen Molecule dict, or a G2 name such as 'H2O' "
-    "(SMILES needs RDKit, which this installation lacks)"
-)
-
-
-def parse_molecule(value: str | dict):
-    """The molecule as ASE Atoms (no cell, not periodic)."""
-    from ase import Atoms
-
-    if isinstance(value, dict):
-        if value.get("@class") == "Molecule":
-            from pymatgen.core import Molecule
-            from pymatgen.io.ase import AseAtomsAdaptor
-
-            try:
-                return AseAtomsAdaptor.get_atoms(Molecule.from_dict(value))
-            except Exception as exc:  # noqa: BLE001 - pymatgen raises many kinds
-                raise MoleculeError(
-                    f"molecule: not a readable pymatgen Molecule dict ({exc}); {SEND_INSTEAD}"
-                ) from None
-        try:
-            atoms = Atoms(symbols=value["symbols"], positions=value["positions"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise MoleculeError(
-                f"molecule: a dict needs `symbols` and `positions` (Å) ({exc}); {SEND_INSTEAD}"
-            ) from None
-        return atoms
-    if not isinstance(value, str) or not value.strip():
-        raise MoleculeError(f"molecule: empty; {SEND_INSTEAD}")
-    text = value.strip()
-    if "\n" in text:
-        from ase.io import read
-
-        try:
-            atoms = read(io.StringIO(text + "\n"), format="xyz")
-        except Exception as exc:  # noqa: BLE001 - ASE's readers raise many kinds
-            raise MoleculeError(f"molecule: could not read XYZ text ({exc}); {SEND_INSTEAD}") from None
-        atoms.pbc = False
-        atoms.cell = None
-        return atoms
-    from ase.build import molecule
-    from ase.collections import g2
-
-    if text in g2.names:
-        return molecule(text)
-    raise MoleculeError(f"molecule: {text!r} is not a G2 molecule name nor XYZ text; {SEND_INSTEAD}")
-
-
-def _pyscf_mole(atoms, basis: str, charge: int, multiplicity: int):
-    from pyscf import gto
-
-    spec = [(symbol, tuple(position)) for symbol, position in zip(atoms.get_chemical_symbols(), atoms.positions)]
-    try:
-        return gto.M(atom=spec, basis=basis, charge=charge, spin=multiplicity - 1, unit="Angstrom", verbose=0)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise MoleculeError(
-            f"basis/charge/multiplicity: PySCF cannot build {atoms.get_chemical_formula()} in {basis!r} "
-            f"with charge {charge} and multiplicity {multiplicity} ({exc})"
-        ) from None
-
-
-def basis_functions(value: str | dict, basis: str, charge: int, multiplicity: int) -> int:
-    return int(_pyscf_mole(parse_molecule(value), basis, charge, multiplicity).nao_nr())
 
 
 def single_point(value: str | dict, method: str, basis: str, charge: int, multiplicity: int) -> dict[str, Any]:
@@ -97,7 +28,7 @@ def single_point(value: str | dict, method: str, basis: str, charge: int, multip
     else:
         from pyscf import dft, scf
 
-        mol = _pyscf_mole(atoms, basis, charge, multiplicity)
+        mol = pyscf_mole(atoms, basis, charge, multiplicity)
         if method == "HF":
             mf = scf.RHF(mol) if multiplicity == 1 else scf.UHF(mol)
         else:

@@ -41,7 +41,7 @@ def _use_the_batch_jobs_cores() -> None:
 def _crystal_atoms(request: SimulationInput):
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from kiln.tasks.ml.structures import parse_structure
+    from kiln.schemas.structures import parse_structure
 
     structure = parse_structure(request.structure).structure
     if request.supercell:

@@ -13,7 +13,7 @@ from pymatgen.io.vasp import Poscar
 
 from kiln.submission import field_errors
 from kiln.schemas.ml_predict import MLPredictInput
-from kiln.tasks.ml.structures import (
+from kiln.schemas.structures import (
     ELEMENT_LATTICES,
     MAX_ATOMS,
     ParsedStructure,

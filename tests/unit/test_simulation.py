@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from kiln.schemas.simulation import LOCAL_COST_LIMIT, SimulationInput
-from kiln.tasks.simulation.molecules import MoleculeError, parse_molecule
+from kiln.schemas.molecules import MoleculeError, parse_molecule
 from kiln.tasks.simulation.replicas import merge_replicas, run_replica
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"

@@ -57,3 +57,13 @@ def test_the_rate_limit_counts_per_key_and_kind_and_says_when_to_retry():
     assert 1 <= caught.value.retry_after <= 60
     limiter.take("b", "batch submissions", 2)
     limiter.take("a", "job submissions", 2)
+
+
+def test_the_model_version_is_part_of_the_cache_key_through_the_job_type():
+    from kiln.schemas.ml_predict import MLPredictInput
+
+    ml_predict = job_types()["ml_predict"]
+    request = MLPredictInput.model_validate({"structure": "Si"})
+    versions = ml_predict.versions_of(request)
+    assert versions["model_version"].startswith("matgl 2.1.2")
+    assert input_hash("ml_predict", request, versions) != input_hash("ml_predict", request, {"model_version": "new"})
