@@ -46,7 +46,7 @@ def main() -> None:
             accept = kiln_accept(settings, key, args.batches, args.jobs)
             kiln_rate, kiln_seconds = kiln_throughput(settings, key, args.jobs)
             deployment_id = asyncio.run(deploy_process_pool())
-            create_seconds = asyncio.run(create_runs(deployment_id, args.create_runs, {"seconds": 0}))
+            create_seconds = asyncio.run(create_runs(deployment_id, args.create_runs, {"input": {"seconds": 0}}))
             asyncio.run(cancel_all_scheduled(deployment_id))
             worker = start_process_worker(settings)
             prefect_rate, prefect_seconds = asyncio.run(prefect_throughput(deployment_id, args.baseline_runs))
@@ -162,7 +162,7 @@ async def prefect_throughput(deployment_id, runs: int) -> tuple[float, float]:
     async with get_client() as client:
         started = time.perf_counter()
         for _ in range(runs):
-            await client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": 0})
+            await client.create_flow_run_from_deployment(deployment_id, parameters={"input": {"seconds": 0}})
         final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
         while True:
             done = await client.count_flow_runs(

@@ -120,7 +120,7 @@ def measure_process_worker(settings, runs: int):
     async def one_run() -> float:
         async with get_client() as client:
             started = time.perf_counter()
-            run = await client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": 0})
+            run = await client.create_flow_run_from_deployment(deployment_id, parameters={"input": {"seconds": 0}})
             while True:
                 state = (await client.read_flow_run(run.id)).state
                 if state.is_running() or state.is_final():

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from kiln.schemas.batch_run import DEFAULT_STRUCTURE_JOB, BatchRunInput
+from kiln.schemas.batch_run import BatchRunInput
 from kiln.schemas.job_types import JobType
 from kiln.settings import get_settings
 from kiln.tasks.batch_run.executors import read_batch
@@ -19,16 +19,11 @@ from kiln.tasks.batch_run.source import SourceError, resolve_source
 
 
 @flow(name="batch_run", persist_result=True, result_serializer="json")
-async def batch_run(
-    source: str,
-    job: dict[str, Any] | None = None,
-    compute_target: str | None = None,
-    hardware: dict[str, Any] | None = None,
-    refresh: bool = False,
-) -> dict[str, Any]:
+async def batch_run(input: BatchRunInput) -> dict[str, Any]:
     settings = get_settings()
-    path = resolve_source(source, settings.home_dir)
-    entries, unreadable, origins = read_batch(path, job or DEFAULT_STRUCTURE_JOB, compute_target, refresh)
+    path = resolve_source(input.source, settings.home_dir)
+    entries, unreadable, origins = read_batch(path, input.job.model_dump(mode="json"), input.compute_target,
+                                              input.refresh)  # fmt: skip
     if len(entries) > settings.batch_max_jobs:
         raise SourceError(
             f"source: {path} holds {len(entries)} entries; a batch takes at most {settings.batch_max_jobs} "
@@ -41,7 +36,7 @@ async def batch_run(
         # JSON keys are text
         "unreadable": {str(index): why for index, why in unreadable.items()},
         "origins": origins,
-        "hardware": hardware,
+        "hardware": input.hardware.model_dump(mode="json") if input.hardware else None,
     }
 
 

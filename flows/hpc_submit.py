@@ -17,26 +17,13 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 
 
 @flow(name="hpc_submit", persist_result=True, result_serializer="json")
-async def hpc_submit(
-    callable: str | None = None,
-    command: list[str] | None = None,
-    args: list | None = None,
-    kwargs: dict | None = None,
-    task_kwargs: list[dict] | None = None,
-    ntasks: int = 1,
-    compute_target: str | None = None,
-    resources: dict | None = None,
-) -> dict:
+async def hpc_submit(input: HpcSubmitInput, compute_target: str | None = None, resources: dict | None = None) -> dict:
     from kiln.blocks.cluster import load_cluster
-    from kiln.schemas.hpc_submit import HpcSubmitInput
     from kiln.schemas.resources import Resources
     from kiln.tasks.hpc.executors import merge, run_tasks
     from kiln.tasks.hpc.runner import RunStopped
 
-    request = HpcSubmitInput(
-        callable=callable, command=command, args=args or [], kwargs=kwargs or {}, task_kwargs=task_kwargs,
-        ntasks=ntasks,
-    )
+    request = input
     job_resources = Resources.model_validate(resources or {})
     if not compute_target:
         raise ValueError("compute_target: an hpc_submit job needs a registered cluster")

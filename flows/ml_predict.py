@@ -18,44 +18,25 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 
 
 @flow(name="ml_predict", persist_result=True, result_serializer="json")
-async def ml_predict(
-    model: str = "tensornet-matpes-pbe",
-    structure: Any = None,
-    structures: list[Any] | None = None,
-    property: str = "energy",
-    relax: dict | None = None,
-    batch_size: int | None = None,
-) -> dict:
+async def ml_predict(input: MLPredictInput) -> dict:
     # An async flow whose work runs in a thread: Prefect's synchronous engine joins its heartbeat
     # thread at the end of every run, about 1 s per job here (measured in bench/ml_predict.py).
-    return await asyncio.to_thread(
-        predict_job, model, structure, structures, property, relax, batch_size
-    )
+    return await asyncio.to_thread(predict_job, input)
 
 
-def predict_job(
-    model: str,
-    structure: Any,
-    structures: list[Any] | None,
-    property: str,
-    relax: dict | None,
-    batch_size: int | None,
-) -> dict:
+def predict_job(request: MLPredictInput) -> dict:
     from prefect.context import SyncClientContext
     from pymatgen.core import Structure
 
+    from kiln.schemas.structures import domain_report
     from kiln.tasks.ml import executors as steps
     from kiln.tasks.ml import predict as ml
     from kiln.tasks.ml.models import MODELS
-    from kiln.schemas.structures import domain_report
 
     logger = get_run_logger()
     # one client for every step of this thread; without it each task run opens its own
     with SyncClientContext.get_or_create():
-        request = steps.read_structures({
-            "model": model, "structure": structure, "structures": structures, "property": property,
-            **({"relax": relax} if relax else {}), "batch_size": batch_size,
-        })
+        steps.read_structures(request)
         info = MODELS[request.model]
         potential, load_seconds = steps.load_model(request.model, get_settings().models_path)
 

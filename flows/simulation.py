@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 
 from kiln.flows.hpc_submit import hpc_submit
 from kiln.runtime import areport_merging, current_job, report_tasks, run_child_job
+from kiln.schemas.hpc_submit import HpcSubmitInput
 from kiln.schemas.job_types import JobType
 from kiln.schemas.simulation import SimulationInput
 
@@ -18,30 +19,12 @@ PROGRESS_INTERVAL_SECONDS = 1.0
 
 
 @flow(name="simulation", persist_result=True, result_serializer="json")
-async def simulation(
-    calculation: str,
-    structure: Any = None,
-    supercell: list[int] | None = None,
-    molecule: Any = None,
-    model: str = "tensornet-matpes-pbe",
-    method: str = "GFN2-xTB",
-    basis: str = "def2-SVP",
-    charge: int = 0,
-    multiplicity: int = 1,
-    relax: dict | None = None,
-    md: dict | None = None,
-    ntasks: int = 1,
-    compute_target: str | None = None,
-    resources: dict | None = None,
-) -> dict:
-    from kiln.schemas.simulation import LOCAL_COST_LIMIT, SimulationInput
+async def simulation(input: SimulationInput, compute_target: str | None = None, resources: dict | None = None) -> dict:
+    from kiln.schemas.simulation import LOCAL_COST_LIMIT
     from kiln.settings import get_settings
     from kiln.tasks.simulation.executors import merge
 
-    fields = dict(calculation=calculation, structure=structure, supercell=supercell, molecule=molecule, model=model,
-                  method=method, basis=basis, charge=charge, multiplicity=multiplicity, relax=relax, md=md,
-                  ntasks=ntasks)
-    request = SimulationInput.model_validate({k: v for k, v in fields.items() if v is not None})
+    request = input
     settings = get_settings()
     job_id = current_job()[0] or "local"
     results = settings.results_dir
@@ -64,11 +47,11 @@ async def simulation(
     started = time.perf_counter()
     payload = request.model_dump(mode="json")
     if target:
-        child = await run_child_job(
-            hpc_submit, callable="simulation", kwargs={"request": payload, "trajectory_dir": str(folder)},
+        replicas = HpcSubmitInput(
+            callable="simulation", kwargs={"request": payload, "trajectory_dir": str(folder)},
             task_kwargs=[{"replica": i} for i in range(1, request.ntasks + 1)], ntasks=request.ntasks,
-            compute_target=target, resources=resources or {},
         )
+        child = await run_child_job(hpc_submit, input=replicas, compute_target=target, resources=resources or {})
         outputs = child["outputs"]
         where = {"where": target, "batch_jobs": child["batch_jobs"]}
     else:

@@ -183,10 +183,11 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
     band = load_project().band_for(job.priority)
     resources = job.resources or {}
     job_type = job_types().get(job.type)
-    flow_input = job.input
+    # the flow takes the type's input model as `input`; a type that may run on a cluster, where too
+    values = {"input": job.input}
     if job_type is not None and job_type.runs_on_clusters:
-        flow_input = {**flow_input, "compute_target": job.compute_target, "resources": resources}
-    parameters = await flow_parameters(job.id, job.attempt, flow_input)
+        values.update(compute_target=job.compute_target, resources=resources)
+    parameters = await flow_parameters(job.id, job.attempt, values)
     return await client.create_flow_run_from_deployment(
         deployment_id,
         parameters=parameters,

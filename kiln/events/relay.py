@@ -179,7 +179,7 @@ class Relay:
                 job_id=job_id,
                 project_id=parent.project_id,
                 type=job_type,
-                input=flow_run.parameters,
+                input=flow_run.parameters.get("input") or {},
                 # a child that runs on a cluster (hpc_submit under a simulation) says which
                 resources=flow_run.parameters.get("resources") or {},
                 compute_target=flow_run.parameters.get("compute_target"),
@@ -213,7 +213,8 @@ class Relay:
         job_type = next((t[5:] for t in tags if t.startswith("type:")), flow_run.name)
         try:
             return await self.store.add_job(
-                job_id=flow_run_id, project_id=project_id, type=job_type, input=flow_run.parameters, resources={},
+                job_id=flow_run_id, project_id=project_id, type=job_type, input=flow_run.parameters.get("input") or {},
+                resources={},
                 status=JobStatus.QUEUED, flow_run_id=flow_run_id,
             )  # fmt: skip
         except Conflict:  # two events raced to adopt it

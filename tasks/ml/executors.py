@@ -13,21 +13,21 @@ from typing import Any
 from prefect import get_run_logger
 
 from kiln.schemas.ml_predict import MLPredictInput
+from kiln.schemas.structures import ParsedStructure
 from kiln.tasks.executor import executor
 from kiln.tasks.ml import predict as ml
 from kiln.tasks.ml.models import load_potential
 
 
 @executor(name="read structures", task_run_name="read structures")
-def read_structures(data: dict) -> MLPredictInput:
-    """The validated input with its structures read into pymatgen."""
-    request = MLPredictInput.read(data)
+def read_structures(request: MLPredictInput) -> list[ParsedStructure]:
+    """The input's structures read into pymatgen (once: validation may have read them already)."""
     parsed = request.parsed()
     get_run_logger().info(
         "read %d structure(s), %d atoms in all, %d of them given as a formula",
         len(parsed), sum(len(item.structure) for item in parsed), sum(item.prototype is not None for item in parsed),
     )
-    return request
+    return parsed
 
 
 @executor(name="load model", task_run_name="load model {name}")

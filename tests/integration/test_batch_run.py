@@ -113,7 +113,7 @@ def test_a_cron_deployment_in_the_project_file_runs_a_scheduled_batch_as_a_job(t
     deployment = f"every-minute-{name}"
     project_file["deployments"].append({
         "name": deployment, "entrypoint": "flows/batch_run.py:batch_run", "tags": ["kiln", "type:batch_run",
-        f"project:{name}"], "parameters": {"source": str(source)}, "schedules": [{"cron": "* * * * *",
+        f"project:{name}"], "parameters": {"input": {"source": str(source)}}, "schedules": [{"cron": "* * * * *",
         "timezone": "UTC"}], "work_pool": {"name": "kiln", "work_queue_name": "normal"},
     })  # fmt: skip
     path = tmp_path / "prefect.yaml"

@@ -43,7 +43,7 @@ def test_the_flow_run_is_named_and_tagged_for_the_prefect_ui(http):
     other = http.post("/api/v1/jobs", json={**body, "project_id": "beta"})
     assert other.status_code == 404 and other.json()["detail"] == "project_id: project beta not found"
     assert run["work_queue_name"] == "high"
-    assert run["parameters"] == {"seconds": 0.0, "children": 0, "fail": False}
+    assert run["parameters"] == {"input": {"seconds": 0.0, "children": 0, "fail": False}}
 
 
 def test_unknown_type_is_a_400_naming_the_available_types(http):

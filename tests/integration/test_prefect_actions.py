@@ -82,7 +82,7 @@ def test_a_completed_ml_predict_job_triggers_a_simulation_through_a_prefect_depl
     deployment = f"relax-after-ml-predict-{name}"
     trigger = {**example["triggers"][0], "enabled": True}
     trigger["match"] = {**trigger["match"], "kiln.project": name}
-    trigger["parameters"] = {**trigger["parameters"], "relax": {"steps": 20}}
+    trigger["parameters"] = {"input": {**trigger["parameters"]["input"], "relax": {"steps": 20}}}
     project_file["deployments"] = [{**example, "name": deployment, "triggers": [trigger],
                                     "tags": ["kiln", "type:simulation", f"project:{name}"]}]  # fmt: skip
     path = tmp_path / "prefect.yaml"

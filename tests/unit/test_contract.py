@@ -134,7 +134,7 @@ def test_a_project_file_may_schedule_by_interval_too(tmp_path):
     path = tmp_path / "prefect.yaml"
     path.write_text(PROJECT_FILE)
     (spec,) = load_project(path).deployments
-    assert spec.parameters == {"source": "/data/x.jsonl"} and not spec.serves_jobs
+    assert spec.parameters == {"input": {"source": "/data/x.jsonl"}} and not spec.serves_jobs
     schedule = deployment_schedule(spec.schedules[0])
     assert schedule.active and schedule.schedule.interval.total_seconds() == 3600
 
@@ -146,7 +146,7 @@ kiln:
 deployments:
   - name: hourly
     entrypoint: flows/batch_run.py:batch_run
-    parameters: {source: /data/x.jsonl}
+    parameters: {input: {source: /data/x.jsonl}}
     schedules: [{interval: 3600}]
     work_pool: {name: kiln, work_queue_name: normal}
 """
