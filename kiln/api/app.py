@@ -7,14 +7,14 @@ import json
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prefect.client.orchestration import get_client
 from starlette.exceptions import HTTPException
 
 from kiln.api.batches import router as batches_router
-from kiln.api.contract import AllowedMethods, contract_openapi, error_responses
+from kiln.api.contract import AllowedMethods, contract_openapi, error_responses, one_value_per_query_parameter
 from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import router as jobs_router
 from kiln.api.models import router as models_router
@@ -77,6 +77,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
         version="1",
         description="A unified compute-job platform for materials science, built on Prefect 3.",
         lifespan=lifespan,
+        dependencies=[Depends(one_value_per_query_parameter)],
     )
 
     # every error answer carries ErrorBody: kiln's own errors, request validation, and Starlette's 404s

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import iter_route_contexts
 from pydantic import ConfigDict, Field, TypeAdapter, create_model
@@ -92,6 +92,16 @@ def _batch_request_schema(job_request: Any) -> dict[str, Any]:
         hardware=(BatchCreate.model_fields["hardware"].annotation, BatchCreate.model_fields["hardware"]),
     )
     return body.model_json_schema(ref_template=REF)
+
+
+def one_value_per_query_parameter(request: Request) -> None:
+    """Every query parameter of the API takes one value: a repeated one is refused, not silently cut to its last."""
+    for name in set(request.query_params):
+        values = request.query_params.getlist(name)
+        if len(values) > 1:
+            raise InputInvalid(f"{name}: given {len(values)} times; this query parameter takes one value",
+                               details=[{"loc": ["query", name], "msg": "a single value is expected",
+                                         "type": "single_value"}])  # fmt: skip
 
 
 class AllowedMethods:

@@ -92,3 +92,15 @@ def test_an_unknown_route_is_a_404_with_the_error_body(app):
 def test_a_missing_key_is_kilns_401_not_fastapis_403(app):
     response = TestClient(app).get("/api/v1/jobs")
     assert response.status_code == 401 and "Bearer" in response.json()["detail"]
+
+
+def test_a_repeated_query_parameter_is_refused_naming_it():
+    from fastapi.testclient import TestClient
+
+    from kiln.api.app import create_app
+
+    # the dependency runs before any route (and before auth): no lifespan, no stack is needed to see it
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    response = client.get("/healthz", params=[("limit", "1"), ("limit", "2")])
+    assert response.status_code == 422
+    assert response.json()["detail"] == "limit: given 2 times; this query parameter takes one value"
