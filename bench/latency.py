@@ -74,6 +74,9 @@ def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float
                     elapsed = time.perf_counter() - started
                     break
             job.wait(timeout=60)
+            if job.status.value != "completed" or job.flow_run_id is None:
+                # a timed job must have run: not a cache hit, not failed
+                raise SystemExit(f"job {job.id} ended {job.status.value} ({job.status_reason}); it did not run")
             if i >= warmup:
                 if elapsed is None:
                     # no `running` status event before the stream ended: nothing to count for this job
@@ -127,8 +130,10 @@ def measure_process_worker(settings, runs: int):
                     elapsed = time.perf_counter() - started
                     break
                 await asyncio.sleep(0.02)
-            while not (await client.read_flow_run(run.id)).state.is_final():
+            while not (state := (await client.read_flow_run(run.id)).state).is_final():
                 await asyncio.sleep(0.1)
+            if not state.is_completed():
+                raise SystemExit(f"baseline run {run.id} ended {state.type.value}: {state.message}")
             return elapsed
 
     results = [asyncio.run(one_run()) for _ in range(runs)]

@@ -83,9 +83,11 @@ def matgl_ase_loop(structures) -> float:
 
 def kiln_job(client, payload: dict) -> tuple[float, dict]:
     started = time.perf_counter()
-    job = client.jobs.create(type="ml_predict", input=payload).wait(timeout=1800)
+    # refresh: every timed job runs, none is answered from an earlier one's result
+    job = client.jobs.create(type="ml_predict", input=payload, refresh=True).wait(timeout=1800)
     elapsed = time.perf_counter() - started
-    assert job.status.value == "completed", job.status_reason
+    if job.status.value != "completed" or job.flow_run_id is None:
+        raise SystemExit(f"job {job.id} ended {job.status.value} ({job.status_reason}); it did not run")
     return elapsed, job.output
 
 
