@@ -31,7 +31,8 @@ BATCH_EVENTS_INTERVAL = 0.25
     status_code=202,
     response_model=BatchResult,
     summary="Submit up to 1000 jobs",
-    responses=error_responses(QuotaExceeded, TooLarge, RateLimited),
+    # InvalidRequest: a body that is not JSON at all
+    responses=error_responses(InvalidRequest, QuotaExceeded, TooLarge, RateLimited),
 )
 async def submit_batch(request: Request, body: BatchCreate, project_id: Project) -> BatchResult:
     """Each entry is read on its own: a bad one fails alone, with its index and field, and the rest go on.

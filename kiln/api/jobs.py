@@ -150,7 +150,8 @@ async def job_page(request: Request, project_id: str, limit: int, cursor: str | 
     "/jobs/{job_id}",
     response_model=Job,
     summary="Change a pending job's priority",
-    responses=error_responses(NotFound, Conflict),
+    # InvalidRequest: a body that is not JSON at all
+    responses=error_responses(InvalidRequest, NotFound, Conflict),
 )
 async def patch_job(request: Request, job_id: str, body: JobPatch, project_id: Project) -> Job:
     row = await request.app.state.store.set_priority(job_id, project_id, body.priority)
