@@ -95,6 +95,16 @@ class CacheHitsAreFinal(Rule):
         return job.status is JobStatus.CACHE_HIT
 
 
+def _of_its_own_run(job: Job, proposal: Proposal) -> bool:
+    """The proposal is a state of the flow run the job runs on."""
+    return proposal.source is Source.PREFECT and job.flow_run_id is not None and proposal.flow_run_id == job.flow_run_id
+
+
+def _after_its_end(job: Job, proposal: Proposal) -> bool:
+    """The state was entered after the job ended (not a late report of the run's earlier life)."""
+    return job.completed_at is not None and proposal.at is not None and proposal.at > job.completed_at
+
+
 class RunRestartedInPrefect(Rule):
     """A finished job whose own flow run is scheduled or running again (Retry in the Prefect UI) runs again."""
 
@@ -103,14 +113,9 @@ class RunRestartedInPrefect(Rule):
     def applies(self, job, proposal):
         return (
             job.status in FINAL_STATUSES
-            and proposal.source is Source.PREFECT
             and proposal.to in _RANK
-            and job.flow_run_id is not None
-            and proposal.flow_run_id == job.flow_run_id
-            # a late report of the run's earlier life is older than the job's end
-            and proposal.at is not None
-            and job.completed_at is not None
-            and proposal.at > job.completed_at
+            and _of_its_own_run(job, proposal)
+            and _after_its_end(job, proposal)
         )
 
 
@@ -121,13 +126,11 @@ class CompletedRunIsCompleted(Rule):
 
     def applies(self, job, proposal):
         return (
-            proposal.source is Source.PREFECT
-            and proposal.to is JobStatus.COMPLETED
+            proposal.to is JobStatus.COMPLETED
             and job.status is not JobStatus.COMPLETED
-            and job.flow_run_id is not None
-            and proposal.flow_run_id == job.flow_run_id
+            and _of_its_own_run(job, proposal)
             # a finished job is overruled only by a completion after its end, not by a replay of an older one
-            and (job.completed_at is None or (proposal.at is not None and proposal.at > job.completed_at))
+            and (job.completed_at is None or _after_its_end(job, proposal))
         )
 
 
