@@ -13,14 +13,13 @@ from kiln.flows.hpc_submit import hpc_submit
 from kiln.runtime import areport_merging, current_job, report_tasks, run_child_job
 from kiln.schemas.hpc_submit import HpcSubmitInput
 from kiln.schemas.job_types import JobType
-from kiln.schemas.simulation import SimulationInput
+from kiln.schemas.simulation import LOCAL_COST_LIMIT, SimulationInput
 
 PROGRESS_INTERVAL_SECONDS = 1.0
 
 
 @flow(name="simulation", persist_result=True, result_serializer="json")
 async def simulation(input: SimulationInput, compute_target: str | None = None, resources: dict | None = None) -> dict:
-    from kiln.schemas.simulation import LOCAL_COST_LIMIT
     from kiln.settings import get_settings
     from kiln.tasks.simulation.executors import merge
 

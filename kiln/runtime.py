@@ -28,7 +28,7 @@ def _tag_value(prefix: str, tag_list) -> str | None:
 
 
 def current_job() -> tuple[str | None, str | None, str | None]:
-    """(job id, project id, flow run id) of the job whose flow is running here."""
+    """(job id, project name, flow run id) of the job whose flow is running here, from its run's tags."""
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         return None, None, None
@@ -70,9 +70,9 @@ def report_progress(percent: float, message: str | None = None) -> None:
 
 async def run_child_job(flow, **parameters: Any) -> Any:
     """Runs `flow` as a child job of the current one: a subflow in Prefect, a child under the parent in kiln."""
-    parent_id, project_id, _ = current_job()
+    parent_id, project, _ = current_job()
     child_id = str(uuid.uuid4())
-    child_tags = ["kiln", f"job:{child_id}", f"parent:{parent_id}", f"project:{project_id}", f"type:{flow.name}"]
+    child_tags = ["kiln", f"job:{child_id}", f"parent:{parent_id}", f"project:{project}", f"type:{flow.name}"]
     with tags(*child_tags):
         return await flow.with_options(flow_run_name=f"{flow.name}-{child_id[:8]}-child")(**parameters)
 
