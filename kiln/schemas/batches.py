@@ -11,7 +11,7 @@ from kiln.schemas.jobs import JobCreate
 
 
 class Hardware(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     cpu: int | None = Field(None, ge=1, description="CPU cores each job of the batch needs (its cpu_count).")
     memory_gb: float | None = Field(None, gt=0, description="Memory each job needs, in GB (its min_ram_gb).")
@@ -19,7 +19,7 @@ class Hardware(BaseModel):
 
 
 class BatchEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     job: JobCreate = Field(description="The job, as for POST /api/v1/jobs.")
     compute_target: str | None = Field(
@@ -31,7 +31,7 @@ class BatchEntry(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # the entries are read one by one, so one bad entry fails alone
     jobs: list[dict[str, Any]] = Field(description="The jobs, each {job, compute_target, refresh}.")

@@ -24,7 +24,8 @@ def iso(value: datetime | None) -> str | None:
 class JobFields(BaseModel):
     """What every job request carries besides its type and input."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict, as the OpenAPI document describes it: JSON types are not coerced (0 is no boolean)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     project_id: str | None = Field(None, description="The project; the API key's project when omitted.")
     priority: int = Field(0, **INT32, description="Higher runs first; FIFO among jobs of the same priority.")
@@ -71,7 +72,7 @@ def job_request_union(job_types: Mapping[str, Any]) -> Any:
 
 
 class JobPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     priority: int = Field(**INT32, description="The new priority; only a pending job can change it.")
 

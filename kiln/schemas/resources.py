@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     cpu_count: int = Field(0, ge=0, description="CPU cores the job needs on its worker.")
     gpu_count: int = Field(0, ge=0, description="GPUs the job needs on its worker.")
