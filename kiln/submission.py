@@ -31,6 +31,7 @@ from kiln.errors import (
 from kiln.registry import job_type as registered_type
 from kiln.schemas import JobCreate, JobType, Resources
 from kiln.schemas.batches import BatchEntry, BatchEntryResult, BatchResult, Hardware
+from kiln.schemas.strict import integral_floats
 from kiln.schemas.statuses import JobStatus
 from kiln.store import batches as store_batches
 from kiln.store.batches import NewJob
@@ -139,8 +140,9 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
 
 def read_input(job_type: JobType, raw_input: dict[str, Any]) -> BaseModel:
     """The input validated strictly, as the OpenAPI document describes it: JSON types are not coerced (0 is no
-    boolean, "1" no number). `read` where the input model has one: it keeps what it parsed for canonical()."""
-    text = json.dumps(raw_input)
+    boolean, "1" no number; 2.0 is an integer, kiln.schemas.strict). `read` where the input model has one: it
+    keeps what it parsed for canonical()."""
+    text = json.dumps(integral_floats(raw_input))
     reader = getattr(job_type.input_model, "read", None)
     return reader(text) if reader else job_type.input_model.model_validate_json(text, strict=True)
 

@@ -5,21 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, Field, field_serializer
 
 from kiln.schemas.jobs import JobCreate
+from kiln.schemas.strict import StrictRequest
 
 
-class Hardware(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Hardware(StrictRequest):
 
     cpu: int | None = Field(None, ge=1, description="CPU cores each job of the batch needs (its cpu_count).")
     memory_gb: float | None = Field(None, gt=0, description="Memory each job needs, in GB (its min_ram_gb).")
     filesystems: list[str] = Field(default_factory=list, description="Filesystems the jobs need mounted.")
 
 
-class BatchEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class BatchEntry(StrictRequest):
 
     job: JobCreate = Field(description="The job, as for POST /api/v1/jobs.")
     compute_target: str | None = Field(
@@ -30,8 +29,7 @@ class BatchEntry(BaseModel):
     refresh: bool = Field(False, description="Run again even when a finished job with the same input exists.")
 
 
-class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class BatchCreate(StrictRequest):
 
     # the entries are read one by one, so one bad entry fails alone
     jobs: list[dict[str, Any]] = Field(description="The jobs, each {job, compute_target, refresh}.")

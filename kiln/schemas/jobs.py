@@ -6,9 +6,10 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer
+from pydantic import BaseModel, Field, create_model, field_serializer
 
 from kiln.schemas.resources import Resources
+from kiln.schemas.strict import StrictRequest
 from kiln.schemas.statuses import JobStatus
 
 
@@ -21,11 +22,8 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat(timespec="microseconds") if value else None
 
 
-class JobFields(BaseModel):
+class JobFields(StrictRequest):
     """What every job request carries besides its type and input."""
-
-    # strict, as the OpenAPI document describes it: JSON types are not coerced (0 is no boolean)
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     project_id: str | None = Field(None, description="The project; the API key's project when omitted.")
     priority: int = Field(0, **INT32, description="Higher runs first; FIFO among jobs of the same priority.")
@@ -71,8 +69,7 @@ def job_request_union(job_types: Mapping[str, Any]) -> Any:
     return Annotated[Union[tuple(branches)], Field(discriminator="type")]  # noqa: UP007 - built from a tuple
 
 
-class JobPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class JobPatch(StrictRequest):
 
     priority: int = Field(**INT32, description="The new priority; only a pending job can change it.")
 

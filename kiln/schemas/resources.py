@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from kiln.schemas.strict import StrictRequest
 
 
-class Resources(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class Resources(StrictRequest):
     cpu_count: int = Field(0, ge=0, description="CPU cores the job needs on its worker.")
     gpu_count: int = Field(0, ge=0, description="GPUs the job needs on its worker.")
     gpu_name: str | None = Field(None, description="A GPU model the worker must have, e.g. 'NVIDIA RTX 4090'.")

@@ -104,3 +104,18 @@ def test_a_repeated_query_parameter_is_refused_naming_it():
     response = client.get("/healthz", params=[("limit", "1"), ("limit", "2")])
     assert response.status_code == 422
     assert response.json()["detail"] == "limit: given 2 times; this query parameter takes one value"
+
+
+@pytest.mark.parametrize("body, accepted", [
+    ({"priority": 3}, True), ({"priority": 3.0}, True),           # JSON Schema: 3.0 is an integer
+    ({"priority": 3.5}, False), ({"priority": "3"}, False), ({"priority": True}, False),
+])  # fmt: skip
+def test_requests_take_json_types_as_json_schema_does(body, accepted):
+    from pydantic import ValidationError
+
+    from kiln.schemas import JobPatch
+
+    try:
+        assert JobPatch.model_validate(body).priority == 3 and accepted
+    except ValidationError:
+        assert not accepted
