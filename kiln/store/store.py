@@ -346,6 +346,11 @@ class Store:
             except Exception:  # noqa: BLE001 - a listener (an event for Prefect automations) never undoes a move
                 log.exception("transition listener failed for job %s", row.id)
 
+    async def set_output(self, job_id: str, output: Any) -> None:
+        """Stores what a job produced without moving its status: a failed LLM call's partial answer."""
+        async with self.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job_id).values(output=output))
+
     async def mark_picked(self, job_id: str, flow_run_id: str, at: datetime) -> None:
         """A worker took the job's flow run (Prefect state Pending)."""
         async with self.session.begin() as s:
