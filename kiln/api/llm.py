@@ -329,10 +329,10 @@ class _Call:
             relayed = True
         finally:
             await upstream.aclose()
-            if not relayed and failed is None:
-                failed = f"stopped: the client went away after {self.record.chunks} chunks"
             if failed is None and self.record.error is not None:
                 failed = f"sent an error in the stream: {self.record.error[:300]}"
+            elif failed is None and not relayed:
+                failed = f"stopped: the client went away after {self.record.chunks} chunks"
             self._finish(name, provider, f"provider {name!r} {failed} (upstream_midstream)" if failed else None)
 
     def _finish(self, name: str | None, provider, failed: str | None) -> None:
