@@ -383,6 +383,15 @@ class Store:
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
         self.bus.notify([job_id])
 
+    async def add_delta(self, job_id: str, text: str) -> None:
+        """Logs a piece of a running job's streamed text (an llm_proxy job's `delta` event)."""
+        async with self.session.begin() as s:
+            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            if status is None or JobStatus(status) in FINAL_STATUSES:
+                return
+            s.add(JobEventRow(job_id=job_id, event="delta", data={"text": text}))
+        self.bus.notify([job_id])
+
     async def events_after(self, job_id: str, after: int = 0) -> list[JobEventRow]:
         async with self.session() as s:
             return list(

@@ -267,6 +267,29 @@ def test_errors_are_in_the_providers_format(providers, api_key):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
 
 
+def test_an_llm_proxy_job_streams_delta_events_and_repeats_at_temperature_0_as_a_cache_hit(providers):
+    from tests.integration.support import create_key, wait_final
+
+    key = create_key(f"llm-{uuid.uuid4().hex[:8]}")  # a project with its cache on, as by default
+    job = {"type": "llm_proxy", "input": {"model": "golden", "provider": "golden-anthropic", "messages": MESSAGES,
+                                          "max_tokens": 50, "temperature": 0}}  # fmt: skip
+    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        submitted = h.post("/api/v1/jobs", json=job).json()
+        done = wait_final(h, submitted["id"], timeout=90)
+        assert done["status"] == "completed", done
+        out = done["output"]
+        assert out["text"] == "BaTiO3 is a perovskite." and out["usage"] == ANTHROPIC_FINAL_USAGE
+        assert out["provider"] == "golden-anthropic" and out["cost_usd"] > 0
+        events = [line for line in h.get(f"/api/v1/jobs/{submitted['id']}/events").text.splitlines()]
+        deltas = [json.loads(events[i + 1][6:])["text"] for i, line in enumerate(events) if line == "event: delta"]
+        assert "".join(deltas) == out["text"]
+        again = h.post("/api/v1/jobs", json=job).json()
+        assert again["status"] == "cache_hit" and again["output"]["text"] == out["text"]
+        sampled = h.post("/api/v1/jobs", json={**job, "input": {**job["input"], "temperature": 0.7}}).json()
+        assert sampled["status"] != "cache_hit"
+        assert wait_final(h, sampled["id"], timeout=90)["status"] == "completed"
+
+
 def test_zz_the_provider_key_appears_nowhere_kiln_writes(providers, http):
     time.sleep(1)  # the last records and logs are written
     # every file: logs, results, the job index and Prefect's database (which keeps block data encrypted)
