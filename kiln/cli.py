@@ -20,6 +20,10 @@ worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", n
 clusters_app = typer.Typer(help="HPC clusters (Prefect blocks) jobs can name as compute_target.", no_args_is_help=True)
 projects_app = typer.Typer(help="Projects: their core-hour budgets.", no_args_is_help=True)
 batch_app = typer.Typer(help="Batches of up to 1000 jobs.", no_args_is_help=True)
+llm_app = typer.Typer(help="LLM calls through kiln: providers, their keys and models.", no_args_is_help=True)
+providers_app = typer.Typer(help="LLM providers (Prefect blocks; keys in Prefect Secret blocks).", no_args_is_help=True)
+llm_app.add_typer(providers_app, name="providers")
+app.add_typer(llm_app, name="llm")
 app.add_typer(batch_app, name="batch")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
@@ -330,6 +334,93 @@ def clusters_remove(name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
         _fail(f"{name}: no such cluster ({exc})")
     typer.echo(f"cluster {name!r} removed")
+
+
+# LLM providers
+
+
+@providers_app.command("add")
+def providers_add(
+    name: str = typer.Argument(..., help="The provider's name, shown in job outputs and GET /api/v1/llm/providers."),
+    kind: str = typer.Option(..., help="openai (also any OpenAI-compatible server) or anthropic."),
+    base_url: str = typer.Option(..., help="e.g. https://api.openai.com/v1 or https://api.anthropic.com."),
+    model: list[str] = typer.Option(..., help="A model the provider serves (repeatable)."),
+    key_env: Optional[str] = typer.Option(
+        None, help="Read the API key from this environment variable (keys never go on the command line)."
+    ),
+    key_stdin: bool = typer.Option(False, help="Read the API key from standard input."),
+    priority: int = typer.Option(0, help="Failover order among providers of one model: lower is tried first."),
+    input_price: float = typer.Option(0.0, help="USD per million input tokens."),
+    output_price: float = typer.Option(0.0, help="USD per million output tokens."),
+    cache_read_price: Optional[float] = typer.Option(None, help="USD per million cache-read tokens (input price unset)."),
+    cache_write_price: Optional[float] = typer.Option(None, help="USD per million cache-write tokens (input price unset)."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for the provider to answer or send its next chunk."),
+    overwrite: bool = typer.Option(False, help="Replace a provider already registered under this name."),
+) -> None:
+    """Registers an LLM provider as a Prefect block, its key in a Prefect Secret block."""
+    import os
+
+    _prefect_ready(get_settings())
+    from prefect.blocks.system import Secret
+    from pydantic import ValidationError
+
+    from kiln.blocks.llm import LlmProvider, key_block_name
+
+    key = None
+    if key_env is not None:
+        key = os.environ.get(key_env)
+        if not key:
+            _fail(f"--key-env: the environment variable {key_env} is not set or empty")
+    elif key_stdin:
+        key = sys.stdin.readline().strip()
+        if not key:
+            _fail("--key-stdin: no key on standard input")
+    try:
+        provider = LlmProvider(
+            kind=kind, base_url=base_url, models=model, priority=priority, input_price=input_price,
+            output_price=output_price, cache_read_price=cache_read_price, cache_write_price=cache_write_price,
+            timeout_seconds=timeout, key_secret=key_block_name(name) if key else None,
+        )  # fmt: skip
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+    if key:
+        Secret(value=key).save(key_block_name(name), overwrite=True)
+    try:
+        provider.save(name, overwrite=overwrite)
+    except ValueError as exc:
+        _fail(f"{name}: {exc}; pass --overwrite to replace it")
+    typer.echo(f"LLM provider {name!r} registered ({kind}, {base_url}, models {', '.join(model)}"
+               f"{', key in Secret block ' + repr(key_block_name(name)) if key else ', no key'})")  # fmt: skip
+
+
+@providers_app.command("list")
+def providers_list() -> None:
+    """Lists the registered LLM providers (never their keys)."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.llm import registered_providers
+
+    for name, p in sorted(asyncio.run(registered_providers()).items()):
+        typer.echo(f"{name}\t{p.kind}\t{p.base_url}\tmodels={','.join(p.models)}\tpriority={p.priority}"
+                   f"\tprice(in/out)={p.input_price:g}/{p.output_price:g}\tkey={'yes' if p.key_secret else 'no'}")
+
+
+@providers_app.command("remove")
+def providers_remove(name: str) -> None:
+    """Removes a registered LLM provider and its key's Secret block."""
+    _prefect_ready(get_settings())
+    from prefect.blocks.system import Secret
+
+    from kiln.blocks.llm import LlmProvider, key_block_name
+
+    try:
+        LlmProvider.delete(name)
+    except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
+        _fail(f"{name}: no such LLM provider ({exc})")
+    try:
+        Secret.delete(key_block_name(name))
+    except Exception:  # noqa: BLE001 - a provider without a key has no Secret block
+        pass
+    typer.echo(f"LLM provider {name!r} removed")
 
 
 # jobs

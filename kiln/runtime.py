@@ -15,6 +15,8 @@ from prefect.utilities.asyncutils import run_coro_as_sync
 log = logging.getLogger(__name__)
 
 PROGRESS_EVENT = "kiln.job.progress"
+# a piece of an llm_proxy job's streamed text (kiln.tasks.llm.call sends it)
+DELTA_EVENT = "kiln.job.delta"
 
 # flow run id → its progress artifact, so each job shows one bar in the Prefect UI
 _progress_artifacts: dict[str, uuid.UUID] = {}

@@ -17,6 +17,8 @@ from kiln.api.batches import router as batches_router
 from kiln.api.contract import AllowedMethods, contract_openapi, error_responses, one_value_per_query_parameter
 from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import router as jobs_router
+from kiln.api.llm import Gateway
+from kiln.api.llm import install as install_llm
 from kiln.api.models import router as models_router
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
@@ -57,6 +59,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             await dispatcher.start()
             relay = Relay(store, client, dispatcher, settings)
             app.state.rate_limiter = RateLimiter()
+            app.state.llm = Gateway(store)
             app.state.settings, app.state.store, app.state.dispatcher, app.state.relay = (
                 settings,
                 store,
@@ -70,6 +73,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await app.state.llm.close()
                 await store.close()
 
     app = FastAPI(
@@ -124,6 +128,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(models_router)
     app.include_router(hpc_router)
+    install_llm(app)
     # the registered job types (kiln's own and other packages') are the request body's union
     app.openapi = contract_openapi(app, available_job_types())
     app.add_middleware(AllowedMethods, api=app)

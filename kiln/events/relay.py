@@ -27,7 +27,7 @@ from kiln.dispatch.runs import (
 )
 from kiln.errors import Conflict, KilnError
 from kiln.events.job_events import JOB_STATUS_EVENTS
-from kiln.runtime import PROGRESS_EVENT
+from kiln.runtime import DELTA_EVENT, PROGRESS_EVENT
 from kiln.schemas.batches import Hardware
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
@@ -108,6 +108,8 @@ class Relay:
                 await record_task_progress(self.store, job_id, event.payload)
             else:
                 await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
+        elif name == DELTA_EVENT:
+            await self.store.add_delta(event.resource.id.removeprefix("kiln.job."), str(event.payload.get("text", "")))
         elif name == HEARTBEAT_EVENT:
             payload = event.payload
             worker = event.resource.id.removeprefix("kiln.worker.")

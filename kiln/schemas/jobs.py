@@ -106,7 +106,8 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")
 
 
-EventKind = Literal["status", "progress", "completed", "failed", "cancelled"]
+# `delta`: a piece of an llm_proxy job's streamed text, {"text": "…"}
+EventKind = Literal["status", "progress", "delta", "completed", "failed", "cancelled"]
 
 
 class JobEvent(BaseModel):

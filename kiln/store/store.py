@@ -346,6 +346,11 @@ class Store:
             except Exception:  # noqa: BLE001 - a listener (an event for Prefect automations) never undoes a move
                 log.exception("transition listener failed for job %s", row.id)
 
+    async def set_output(self, job_id: str, output: Any) -> None:
+        """Stores what a job produced without moving its status: a failed LLM call's partial answer."""
+        async with self.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job_id).values(output=output))
+
     async def mark_picked(self, job_id: str, flow_run_id: str, at: datetime) -> None:
         """A worker took the job's flow run (Prefect state Pending)."""
         async with self.session.begin() as s:
@@ -376,6 +381,15 @@ class Store:
             if status is None or JobStatus(status) in FINAL_STATUSES:
                 return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
+        self.bus.notify([job_id])
+
+    async def add_delta(self, job_id: str, text: str) -> None:
+        """Logs a piece of a running job's streamed text (an llm_proxy job's `delta` event)."""
+        async with self.session.begin() as s:
+            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
+            if status is None or JobStatus(status) in FINAL_STATUSES:
+                return
+            s.add(JobEventRow(job_id=job_id, event="delta", data={"text": text}))
         self.bus.notify([job_id])
 
     async def events_after(self, job_id: str, after: int = 0) -> list[JobEventRow]:

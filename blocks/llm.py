@@ -1,0 +1,122 @@
+"""An LLM provider as a Prefect Block: where llm_proxy calls go, with the key kept in a Prefect Secret block.
+
+A provider is registered by name (`kiln llm providers add NAME …`, or `prefect block register -m
+kiln.blocks.llm` and the Prefect UI). Its API key is never a field of this block: the block names a
+Prefect `Secret` block that holds it, so no summary, job, event or flow-run parameter that carries a
+provider can carry its key. A model name routes to every provider that lists it, in failover order
+(`priority` ascending, then name).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+# prices are per million tokens, as providers publish them
+PER_TOKEN = 1e-6
+
+
+def key_block_name(provider: str) -> str:
+    """The Secret block that holds a provider's key, as `kiln llm providers add` names it."""
+    return f"kiln-llm-{provider}-key"
+
+
+class LlmProvider(Block):
+    """An OpenAI or Anthropic API (or an OpenAI-compatible server) that kiln routes LLM calls to."""
+
+    _block_type_name: ClassVar[str] = "kiln LLM provider"
+    _block_type_slug: ClassVar[str] = "kiln-llm-provider"
+    _description: ClassVar[str] = (
+        "An OpenAI or Anthropic API, or an OpenAI-compatible server, that kiln's llm_proxy calls go to; "
+        "its key lives in a Prefect Secret block."
+    )
+
+    kind: Literal["openai", "anthropic"] = Field(
+        description="The wire protocol: openai (Chat Completions; any OpenAI-compatible server) or anthropic "
+        "(Messages)."
+    )
+    base_url: str = Field(
+        description="The API's base URL as its SDK takes it: https://api.openai.com/v1 (kiln appends "
+        "/chat/completions, /models) or https://api.anthropic.com (kiln appends /v1/messages, /v1/models)."
+    )
+    key_secret: str | None = Field(
+        None, description="Name of the Prefect Secret block holding the API key; no key is sent when unset."
+    )
+    models: list[str] = Field(description="The model names this provider serves, e.g. ['gpt-4o-mini'].")
+    priority: int = Field(0, description="Failover order among providers of one model: lower is tried first.")
+    input_price: float = Field(0.0, ge=0, description="USD per million input (prompt) tokens not read from cache.")
+    output_price: float = Field(0.0, ge=0, description="USD per million output (completion) tokens.")
+    cache_read_price: float | None = Field(
+        None, ge=0, description="USD per million input tokens read from the prompt cache; the input price when unset."
+    )
+    cache_write_price: float | None = Field(
+        None, ge=0, description="USD per million input tokens written to the prompt cache; the input price when unset."
+    )
+    timeout_seconds: float = Field(
+        60.0, gt=0, description="Longest wait for the provider to connect, answer, or send the next streamed chunk."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str]) -> list[str]:
+        if not value or any(not m.strip() for m in value):
+            raise ValueError("list at least one model, none of them empty")
+        return value
+
+    def url(self, endpoint: Literal["chat", "models"]) -> str:
+        """The URL of the provider's chat (completions or messages) or models endpoint."""
+        if self.kind == "openai":
+            return f"{self.base_url}/{'chat/completions' if endpoint == 'chat' else 'models'}"
+        return f"{self.base_url}/v1/{'messages' if endpoint == 'chat' else 'models'}"
+
+    def cost(self, tokens: dict[str, int]) -> float:
+        """USD for a call's tokens: {'input', 'output', 'cache_read', 'cache_write'}, input counting only uncached
+        tokens (kiln.tasks.llm.wire.tokens_of reads them from either provider's usage)."""
+        cache_read = self.input_price if self.cache_read_price is None else self.cache_read_price
+        cache_write = self.input_price if self.cache_write_price is None else self.cache_write_price
+        return PER_TOKEN * (
+            tokens.get("input", 0) * self.input_price
+            + tokens.get("output", 0) * self.output_price
+            + tokens.get("cache_read", 0) * cache_read
+            + tokens.get("cache_write", 0) * cache_write
+        )
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """What GET /api/v1/llm/providers shows: everything but the key (the Secret's name is no secret)."""
+        return {"name": name, **self.model_dump(mode="json", exclude={"block_type_slug"})}
+
+    async def aload_key(self) -> str | None:
+        """The API key from its Secret block; held only in memory, never logged or stored."""
+        if self.key_secret is None:
+            return None
+        from prefect.blocks.system import Secret
+
+        return (await Secret.aload(self.key_secret)).get()
+
+
+async def registered_providers() -> dict[str, LlmProvider]:
+    """Every registered provider by name, read from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            documents = await client.read_block_documents_by_type(LlmProvider.get_block_type_slug())
+        except ObjectNotFound:
+            return {}
+    return {doc.name: LlmProvider._from_block_document(doc) for doc in documents if not doc.is_anonymous}
+
+
+def route(providers: dict[str, LlmProvider], model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
+    """The providers serving `model` (of that wire `kind`, when given), in failover order."""
+    serving = [(name, p) for name, p in providers.items() if model in p.models and kind in (None, p.kind)]
+    return sorted(serving, key=lambda item: (item[1].priority, item[0]))
