@@ -73,7 +73,7 @@ def measure_kiln(settings, key: str, jobs: int, warmup: int) -> tuple[list[float
                 if event.event == "status" and event.data.get("status") == "running":
                     elapsed = time.perf_counter() - started
                     break
-            job.wait(timeout=60)
+            job.wait(timeout=300)
             if job.status.value != "completed" or job.flow_run_id is None:
                 # a timed job must have run: not a cache hit, not failed
                 raise SystemExit(f"job {job.id} ended {job.status.value} ({job.status_reason}); it did not run")

@@ -24,7 +24,5 @@ JOB_TYPE = JobType(
     "text as `delta` events, the output with usage and cost. Identical calls at temperature 0 are cache hits.",
     input_model=LlmProxyInput,
     flow=llm_proxy,
-    # a call above temperature 0 samples: its cache key carries a fresh nonce (kiln.schemas.llm_proxy)
-    versions="kiln.schemas.llm_proxy:sampling_versions",
     tags=("llm",),
 )

@@ -117,6 +117,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
     resources = job_type.resources_for(body.resources)
+    cacheable = job_type.cacheable_for(job_input)
     job_type.check_input(job_input, state.settings)
     await check_compute_target(job_type, body.compute_target, resources)
     if body.parent_id is not None:
@@ -128,13 +129,13 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         type=body.type,
         input=job_input.model_dump(mode="json"),
         resources=resources.model_dump(mode="json"),
-        # a type that is not cacheable never answers, nor is answered by, another job
-        input_hash=digest if job_type.cacheable else None,
+        # a job that is not cacheable never answers, nor is answered by, another job
+        input_hash=digest if cacheable else None,
         core_hours=job_type.core_hours(job_input, resources),
         priority=body.priority,
         compute_target=body.compute_target,
         parent_id=body.parent_id,
-        refresh=body.refresh or not job_type.cacheable,
+        refresh=body.refresh or not cacheable,
     )
 
 

@@ -42,7 +42,8 @@ class JobType:
     # the job must name a registered cluster as its compute_target
     needs_cluster: bool = False
     # a finished job answers later ones with the same input; not for a job whose result depends on
-    # more than its input (a batch run reads files that change between runs)
+    # more than its input (a batch run reads files that change between runs). An input model may also say
+    # so per input, with a `cacheable` property (an LLM call samples above temperature 0)
     cacheable: bool = True
     # "module:function" called with the input: the versions of what decides a result besides the input (a
     # model's weights), as a dict; part of the cache key, so new weights never reuse old results
@@ -80,6 +81,10 @@ class JobType:
             return {}
         module, function = self.versions.split(":")
         return getattr(importlib.import_module(module), function)(job_input)
+
+    def cacheable_for(self, job_input: BaseModel) -> bool:
+        """Whether this job may answer, and be answered by, another with the same input."""
+        return self.cacheable and getattr(job_input, "cacheable", True)
 
     def resources_for(self, requested: Resources | None) -> Resources:
         """The job's resources: what it asked for, over the type's defaults."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,7 +27,7 @@ class LlmProxyInput(BaseModel):
     tools: list[dict[str, Any]] | None = Field(None, description="Tools the model may call, in the provider's format.")
     stream: bool = Field(True, description="Stream the answer to the job's SSE stream as `delta` events.")
 
-
-def sampling_versions(job_input: LlmProxyInput) -> dict[str, Any]:
-    """Part of the cache key: a call above temperature 0 samples, so no two are the same and none is a cache hit."""
-    return {} if job_input.temperature == 0 else {"sample": str(uuid.uuid4())}
+    @property
+    def cacheable(self) -> bool:
+        """A call above temperature 0 samples: no two are the same, so none answers another (JobType.cacheable_for)."""
+        return self.temperature == 0

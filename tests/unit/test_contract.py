@@ -80,10 +80,10 @@ def test_priorities_fall_into_bands(priority, queue):
 
 
 def test_kilns_own_job_types_are_registered_as_entry_points():
-    assert set(job_types()) >= {"sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"}
+    assert set(job_types()) >= {"sleep", "ml_predict", "hpc_submit", "simulation", "batch_run", "llm_proxy"}
 
 
-@pytest.mark.parametrize("name", ["sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"])
+@pytest.mark.parametrize("name", sorted(job_types()))
 def test_a_job_type_is_one_object_its_deployment_and_flow_are_read_from(name):
     job_type = job_types()[name]
     assert job_type.available
@@ -93,7 +93,7 @@ def test_a_job_type_is_one_object_its_deployment_and_flow_are_read_from(name):
     assert spec.serves_jobs and set(spec.tags) >= {"kiln", f"type:{name}"} and spec.work_queue_name == "normal"
 
 
-@pytest.mark.parametrize("name", ["sleep", "ml_predict", "hpc_submit", "simulation", "batch_run"])
+@pytest.mark.parametrize("name", sorted(job_types()))
 def test_input_models_are_strict_and_every_field_says_what_it_means(name):
     model = job_types()[name].input_model
     assert model.model_config.get("extra") == "forbid"
@@ -167,3 +167,13 @@ def test_settings_defaults_and_env(monkeypatch, tmp_path):
     assert settings.api_url == "http://127.0.0.1:8123"
     for name, field in KilnSettings.model_fields.items():
         assert field.description, f"setting {name} has no description"
+
+
+def test_an_input_may_say_it_is_not_cacheable():
+    from kiln.schemas.llm_proxy import LlmProxyInput
+
+    llm = job_types()["llm_proxy"]
+    call = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert llm.cacheable_for(LlmProxyInput(**call, temperature=0))
+    assert not llm.cacheable_for(LlmProxyInput(**call, temperature=0.7))
+    assert not job_types()["batch_run"].cacheable_for(None)
