@@ -1,1 +1,22 @@
 """Prefect Block types for registered infrastructure."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from prefect.blocks.core import Block
+
+B = TypeVar("B", bound=Block)
+
+
+async def registered(block_type: type[B]) -> dict[str, B]:
+    """Every saved block of the type (HPC clusters, LLM providers) by name, read from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            documents = await client.read_block_documents_by_type(block_type.get_block_type_slug())
+        except ObjectNotFound:
+            return {}
+    return {doc.name: block_type._from_block_document(doc) for doc in documents if not doc.is_anonymous}

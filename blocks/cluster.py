@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
+from kiln.blocks import registered
 from kiln.schemas.resources import Resources
 
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{1,2}):(\d{1,2})$")
@@ -186,15 +187,7 @@ def _dask_jobqueue():
 
 async def registered_clusters() -> dict[str, HpcCluster]:
     """Every registered cluster by name, read from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    async with get_client() as client:
-        try:
-            documents = await client.read_block_documents_by_type(HpcCluster.get_block_type_slug())
-        except ObjectNotFound:
-            return {}
-    return {doc.name: HpcCluster._from_block_document(doc) for doc in documents if not doc.is_anonymous}
+    return await registered(HpcCluster)
 
 
 async def load_cluster(name: str) -> HpcCluster | None:

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
+from kiln.blocks import registered
+
 # prices are per million tokens, as providers publish them
 PER_TOKEN = 1e-6
 
@@ -105,15 +107,7 @@ class LlmProvider(Block):
 
 async def registered_providers() -> dict[str, LlmProvider]:
     """Every registered provider by name, read from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    async with get_client() as client:
-        try:
-            documents = await client.read_block_documents_by_type(LlmProvider.get_block_type_slug())
-        except ObjectNotFound:
-            return {}
-    return {doc.name: LlmProvider._from_block_document(doc) for doc in documents if not doc.is_anonymous}
+    return await registered(LlmProvider)
 
 
 def route(providers: dict[str, LlmProvider], model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
