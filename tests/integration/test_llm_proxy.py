@@ -27,7 +27,8 @@ from tests.llm_golden import ANTHROPIC_FINAL_USAGE, OPENAI_USAGE, golden_stream
 pytestmark = pytest.mark.integration
 
 KEY = f"sk-kiln-test-{uuid.uuid4().hex}"  # the providers' key: it must never come back out of kiln
-LLMOCK = str(Path(sys.executable).with_name("llmock"))
+# llmock's console script, run by this interpreter (its script may sit in another bin than sys.executable's)
+LLMOCK = [sys.executable, "-c", "from llmock.cli import app; app()"]
 MESSAGES = [{"role": "user", "content": "What is BaTiO3?"}]
 
 
@@ -50,7 +51,7 @@ def _serve(argv: list[str], port: int, probe: str) -> subprocess.Popen:
 
 def _llmock(*options: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    argv = [LLMOCK, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options]
+    argv = [*LLMOCK, "serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *options]
     return _serve(argv, port, "/v1/models"), port
 
 
