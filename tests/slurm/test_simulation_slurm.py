@@ -105,7 +105,8 @@ def test_a_simulation_above_the_cost_limit_goes_to_the_configured_cluster(http, 
     parent_id = created.json()["id"]
     children = wait_until(lambda: http.get(f"/api/v1/jobs/{parent_id}/children").json(), timeout=60,
                           interval=0.5, what="the hpc_submit child job")
-    assert children[0]["type"] == "hpc_submit" and children[0]["input"]["compute_target"] == cluster
+    assert children[0]["type"] == "hpc_submit" and children[0]["compute_target"] == cluster
+    assert children[0]["input"]["callable"] == "simulation" and children[0]["input"]["ntasks"] == 2
     name = f"kiln-{children[0]['id'][:8]}"
     wait_until(lambda: len(squeue(name)) == 2, timeout=60, interval=0.2, what="two batch jobs in squeue")
     cancel_and_see_squeue_empty(http, parent_id, name)
