@@ -1,6 +1,7 @@
 """kiln job transitions as Prefect events, so a Prefect automation or deployment trigger can start work when a job ends.
 
-Each change of a job's status is emitted as `kiln.job.<status>` (kiln.job.completed, kiln.job.failed, …)
+A job's end is emitted as `kiln.job.<status>` (kiln.job.completed, kiln.job.failed, kiln.job.cancelled;
+kiln.job.pending when a failed attempt goes back for a retry)
 with the job as its resource, labelled with its type and its project's name, and with the scalar fields
 of its input and output in the payload: a trigger matches on the labels and templates its run's
 parameters from the payload (`{{ event.payload.input.structure }}`).
@@ -27,8 +28,14 @@ def scalars(document: Any) -> dict[str, Any]:
 
 
 async def emit_job_event(store, row) -> None:
-    """A transition listener of the job index (Store.transition_listeners)."""
+    """A transition listener of the job index (Store.transition_listeners): a job's end, and a retry, as an event.
+
+    The steps between (queued, running) are not sent: Prefect's own flow-run events carry them, and every
+    event is a write to Prefect's database, which on SQLite already stalls under load.
+    """
     status = JobStatus(row.status)
+    if status not in FINAL_STATUSES and status is not JobStatus.PENDING:
+        return
     if status in FINAL_STATUSES:
         row = await store.get_job(row.id, documents=True)
     project = await store.project_name(row.project_id)
