@@ -14,9 +14,11 @@ from tests.integration.support import DATABASE, wait_until
 from tests.integration.test_batches import counts, new_project, sleep_entry
 
 
-# 940 sleep jobs run one after another on the session's one slot: about ten minutes, so once per CI run;
-# the other batch tests, bulk insert and cache included, run on both databases
-@pytest.mark.skipif(DATABASE == "postgresql", reason="run in the SQLite pass; ten minutes on one worker slot")
+# 940 sleep jobs run one after another on the session's one slot, so once per CI run, in the PostgreSQL
+# pass: Prefect's SQLite server holds its write lock for 60 s every minute or two under this load (its
+# log: "database is locked"), which stretched the run past half an hour; the other batch tests, bulk
+# insert and cache included, run on both databases
+@pytest.mark.skipif(DATABASE != "postgresql", reason="run in the PostgreSQL pass; Prefect on SQLite stalls under it")
 def test_a_thousand_entries_with_bad_ones_and_repeats_all_run(idle):
     http, _ = new_project()
     # 50 finished jobs whose inputs the batch repeats
