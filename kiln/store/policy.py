@@ -9,6 +9,7 @@ a rule below says why. The job index (kiln.store.store.Store.transition) carries
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -65,13 +66,14 @@ class Decision:
     why: str = ""
 
 
-class Rule:
+class Rule(ABC):
     """One named rule: `applies` says whether it has an opinion on the proposal, `action` what it is."""
 
     action: Action = Action.IGNORE
 
-    def applies(self, job: Job, proposal: Proposal) -> bool:  # pragma: no cover - every rule overrides it
-        raise NotImplementedError
+    @abstractmethod
+    def applies(self, job: Job, proposal: Proposal) -> bool:
+        """Whether the rule decides this proposal."""
 
     def decide(self, job: Job, proposal: Proposal) -> Decision:
         return Decision(self.action, type(self).__name__, (type(self).__doc__ or "").strip().splitlines()[0])
