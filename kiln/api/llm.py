@@ -110,8 +110,7 @@ class Gateway:
                 await self.store.transition(job_id, JobStatus.COMPLETED, output=output, at=ended)
             else:
                 # a failed call keeps what it said: the partial text, usage as far as reported
-                await self.store.set_output(job_id, output)
-                await self.store.transition(job_id, JobStatus.FAILED, reason=failed, at=ended)
+                await self.store.transition(job_id, JobStatus.FAILED, reason=failed, output=output, at=ended)
         except Exception:  # noqa: BLE001 - the call was answered; a lost record is logged, never raised
             log.exception("could not record LLM call %s as a job", job_id)
 

@@ -70,7 +70,8 @@ def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at
     else:
         row.completed_at = at
         row.status_reason = reason
-        if status is JobStatus.COMPLETED:
+        # a failed job keeps what it produced when there is any (an LLM call's partial answer)
+        if status is JobStatus.COMPLETED or output is not None:
             row.output = output
     if status in _TERMINAL_EVENT:
         data = {"output": output} if status is JobStatus.COMPLETED else {"reason": reason}
@@ -345,11 +346,6 @@ class Store:
                 await listener(self, row)
             except Exception:  # noqa: BLE001 - a listener (an event for Prefect automations) never undoes a move
                 log.exception("transition listener failed for job %s", row.id)
-
-    async def set_output(self, job_id: str, output: Any) -> None:
-        """Stores what a job produced without moving its status: a failed LLM call's partial answer."""
-        async with self.session.begin() as s:
-            await s.execute(update(JobRow).where(JobRow.id == job_id).values(output=output))
 
     async def mark_picked(self, job_id: str, flow_run_id: str, at: datetime) -> None:
         """A worker took the job's flow run (Prefect state Pending)."""
