@@ -9,6 +9,7 @@ provider can carry its key. A model name routes to every provider that lists it,
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
@@ -92,6 +93,12 @@ class LlmProvider(Block):
             + tokens.get("cache_write", 0) * cache_write
         )
 
+    def most_cost(self, request_bytes: int, max_tokens: int) -> float:
+        """The most a call can cost: every byte of its request an input token at the dearest input price (none
+        is ever more than a byte), and max_tokens of output. What a call holds of its project's budget."""
+        dearest = max(self.input_price, self.cache_read_price or 0.0, self.cache_write_price or 0.0)
+        return PER_TOKEN * (request_bytes * dearest + max_tokens * self.output_price)
+
     def summary(self, name: str) -> dict[str, Any]:
         """What GET /api/v1/llm/providers shows: everything but the key (the Secret's name is no secret)."""
         return {"name": name, **self.model_dump(mode="json", exclude={"block_type_slug"})}
@@ -110,7 +117,40 @@ async def registered_providers() -> dict[str, LlmProvider]:
     return await registered(LlmProvider)
 
 
+# how long a process keeps the provider table before reading Prefect's blocks again
+PROVIDERS_TTL_SECONDS = 5.0
+_table: tuple[float, dict[str, LlmProvider]] = (float("-inf"), {})
+
+
+async def current_providers() -> dict[str, LlmProvider]:
+    """The registered providers, re-read from Prefect at most every PROVIDERS_TTL_SECONDS."""
+    global _table
+    if time.monotonic() - _table[0] > PROVIDERS_TTL_SECONDS:
+        _table = (time.monotonic(), await registered_providers())
+    return _table[1]
+
+
 def route(providers: dict[str, LlmProvider], model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
     """The providers serving `model` (of that wire `kind`, when given), in failover order."""
     serving = [(name, p) for name, p in providers.items() if model in p.models and kind in (None, p.kind)]
     return sorted(serving, key=lambda item: (item[1].priority, item[0]))
+
+
+def hold_usd(targets: list[tuple[str, LlmProvider]], request_bytes: int, max_tokens: int) -> float:
+    """What a call to any of `targets` (failover may reach each) holds of its project's LLM budget."""
+    return max((p.most_cost(request_bytes, max_tokens) for _, p in targets), default=0.0)
+
+
+async def hold_for_job(job_input) -> float:
+    """An llm_proxy job's hold (JobType.usd_hold): its call's most possible cost at any provider it may reach."""
+    from kiln.errors import InputInvalid
+
+    targets = route(await current_providers(), job_input.model)
+    if job_input.provider is not None:
+        targets = [(n, p) for n, p in targets if n == job_input.provider]
+    if not targets:
+        raise InputInvalid(f"input.model: {job_input.model!r} is served by no registered provider"
+                           + (f" named {job_input.provider!r}" if job_input.provider else "")
+                           + "; `kiln llm providers list` shows them")  # fmt: skip
+    request = job_input.model_dump_json(include={"messages", "system", "tools"})
+    return hold_usd(targets, len(request.encode()), job_input.max_tokens)

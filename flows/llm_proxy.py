@@ -24,5 +24,6 @@ JOB_TYPE = JobType(
     "text as `delta` events, the output with usage and cost. Identical calls at temperature 0 are cache hits.",
     input_model=LlmProxyInput,
     flow=llm_proxy,
+    usd_hold="kiln.blocks.llm:hold_for_job",
     tags=("llm",),
 )

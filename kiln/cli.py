@@ -197,11 +197,47 @@ async def _create_key(settings: KilnSettings, project: str) -> str:
 
 
 @keys_app.command("create")
-def keys_create(project: str = typer.Option(..., "--project", help="The project the key belongs to.")) -> None:
+def keys_create(
+    project: str = typer.Option(..., "--project", help="The project the key belongs to."),
+    llm_calls_per_minute: int = typer.Option(None, min=1, help="At most this many LLM calls a minute with the key."),
+    llm_tokens_per_minute: int = typer.Option(None, min=1, help="At most this many LLM tokens a minute with the key."),
+) -> None:
     """Creates an API key for the project (and the project, if new); the key is the last line printed."""
     key = asyncio.run(_create_key(get_settings(), project))
+    if llm_calls_per_minute is not None or llm_tokens_per_minute is not None:
+        _set_limits(key, llm_calls_per_minute, llm_tokens_per_minute)
     typer.echo(f"new API key for project {project!r}; it is shown only now:")
     typer.echo(key)
+
+
+@keys_app.command("limits")
+def keys_limits(
+    key: str = typer.Argument(..., help="The key, or the first 12 characters of it."),
+    llm_calls_per_minute: int = typer.Option(None, min=1, help="At most this many LLM calls a minute; none if left out."),
+    llm_tokens_per_minute: int = typer.Option(None, min=1, help="At most this many LLM tokens a minute; none if left out."),
+) -> None:
+    """Sets a key's LLM rate limits (the drop-in endpoints answer 429 with Retry-After past them)."""
+    count = _set_limits(key, llm_calls_per_minute, llm_tokens_per_minute)
+    if count == 0:
+        _fail(f"no active key matches {key[:12]}…")
+    calls = f"{llm_calls_per_minute} calls" if llm_calls_per_minute else "no limit on calls"
+    tokens = f"{llm_tokens_per_minute} tokens" if llm_tokens_per_minute else "no limit on tokens"
+    typer.echo(f"{count} key(s): {calls}, {tokens} per minute")
+
+
+def _set_limits(key: str, calls: int | None, tokens: int | None) -> int:
+    from kiln.store import llm
+    from kiln.store.store import Store
+
+    async def main() -> int:
+        store = Store(get_settings().job_index_url)
+        try:
+            await store.migrate()
+            return await llm.set_key_limits(store, key, calls, tokens)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
 
 
 def _on_project(change, project: str, value) -> None:
@@ -227,15 +263,35 @@ def _on_project(change, project: str, value) -> None:
 @projects_app.command("budget")
 def projects_budget(
     project: str = typer.Argument(..., help="The project's name."),
-    core_hours: float = typer.Option(
-        None, "--core-hours", min=0, help="The budget in core-hours; leave out to remove the limit."
-    ),
+    core_hours: str = typer.Option(None, "--core-hours", help="The budget in core-hours, or 'none' for no limit."),
+    usd: str = typer.Option(None, "--usd", help="The LLM budget in US dollars, or 'none' for no limit."),
 ) -> None:
-    """Sets a project's core-hour budget: a batch that would exceed it is refused (402), nothing submitted."""
+    """Sets a project's budgets: core-hours (a batch that would exceed it is refused, 402, nothing submitted) and
+    USD for LLM calls (each call holds max_tokens × price until it ends; one that cannot is refused, 402)."""
+    from kiln.store import llm
     from kiln.store.batches import set_budget
 
-    _on_project(set_budget, project, core_hours)
-    typer.echo(f"project {project!r}: " + (f"budget {core_hours:g} core-hours" if core_hours is not None else "no limit"))
+    if core_hours is None and usd is None:
+        _fail("give --core-hours and/or --usd: a number, or 'none' to remove the limit")
+    for value, change, unit in ((core_hours, set_budget, "core-hours"), (usd, llm.set_budget, "USD for LLM calls")):
+        if value is None:
+            continue
+        limit = _limit(value, "--core-hours" if change is set_budget else "--usd")
+        _on_project(change, project, limit)
+        typer.echo(f"project {project!r}: " + (f"budget {limit:g} {unit}" if limit is not None else f"no limit on {unit}"))
+
+
+def _limit(value: str, option: str) -> float | None:
+    """A limit as the CLI takes it: a number ≥ 0, or 'none'."""
+    if value.strip().lower() == "none":
+        return None
+    try:
+        limit = float(value)
+    except ValueError:
+        limit = -1.0
+    if not limit >= 0:
+        _fail(f"{option}: {value!r} is neither a number ≥ 0 nor 'none'")
+    return limit
 
 
 @projects_app.command("cache")

@@ -119,6 +119,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
     resources = job_type.resources_for(body.resources)
     cacheable = job_type.cacheable_for(job_input)
     job_type.check_input(job_input, state.settings)
+    held_usd = await job_type.usd_hold_for(job_input)
     await check_compute_target(job_type, body.compute_target, resources)
     if body.parent_id is not None:
         try:
@@ -136,6 +137,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         compute_target=body.compute_target,
         parent_id=body.parent_id,
         refresh=body.refresh or not cacheable,
+        held_usd=held_usd,
     )
 
 
@@ -185,6 +187,7 @@ async def accept_batch(
     unreadable: dict[int, str] | None = None,
     parent_id: str | None = None,
     batch_id: str | None = None,
+    key_prefix: str | None = None,
 ) -> BatchResult:
     """Reads each entry on its own and stores the good ones as one batch; a bad entry fails alone.
 
@@ -218,7 +221,7 @@ async def accept_batch(
 
     batch_id, stored = await store_batches.add_jobs(
         state.store, project_id, [job for _, job in accepted], batch_size=len(entries), batch_id=batch_id,
-        hardware=hardware.model_dump(mode="json") if hardware else None, parent_id=parent_id,
+        hardware=hardware.model_dump(mode="json") if hardware else None, parent_id=parent_id, key_prefix=key_prefix,
     )  # fmt: skip
     if any(item.status is JobStatus.PENDING for item in stored):
         state.dispatcher.wake()
@@ -271,22 +274,38 @@ class _TargetSlots:
 
 
 class RateLimiter:
-    """Requests of one kind per API key in any 60 s; the one over the limit gets a 429 with Retry-After."""
+    """Requests of one kind per API key in any 60 s, or tokens of them; the one over the limit gets a 429 with
+    Retry-After."""
 
     WINDOW = 60.0
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[str, str], deque[float]] = defaultdict(deque)
+        self._seen: dict[tuple[str, str], deque[tuple[float, int]]] = defaultdict(deque)
 
-    def take(self, key: str, kind: str, per_minute: int) -> None:
+    def take(self, key: str, kind: str, per_minute: int, amount: int = 1) -> None:
+        """Counts `amount` (0 checks only: tokens are counted once a call has used them) against the limit."""
         now = time.monotonic()
         seen = self._seen[(key, kind)]
-        while seen and now - seen[0] >= self.WINDOW:
+        while seen and now - seen[0][0] >= self.WINDOW:
             seen.popleft()
-        if len(seen) >= per_minute:
-            retry_after = max(1, math.ceil(self.WINDOW - (now - seen[0])))
+        used = sum(n for _, n in seen)
+        if used >= per_minute or used + amount > per_minute:
+            # until enough of the window has passed for this one to fit
+            freed, until = 0, seen[-1][0] if seen else now
+            for at, n in seen:
+                freed += n
+                if used - freed < per_minute and used - freed + amount <= per_minute:
+                    until = at
+                    break
+            retry_after = max(1, math.ceil(self.WINDOW - (now - until)))
             raise RateLimited(
                 f"{kind}: at most {per_minute} per minute per API key; try again in {retry_after} s",
                 retry_after=retry_after,
             )
-        seen.append(now)
+        if amount:
+            seen.append((now, amount))
+
+    def spend(self, key: str, kind: str, amount: int) -> None:
+        """Counts what was used without checking: the tokens of a call that was let through."""
+        if amount:
+            self._seen[(key, kind)].append((time.monotonic(), amount))

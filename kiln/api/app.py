@@ -20,6 +20,7 @@ from kiln.api.jobs import router as jobs_router
 from kiln.api.llm import Gateway
 from kiln.api.llm import install as install_llm
 from kiln.api.models import router as models_router
+from kiln.store.llm import reconcile_holds
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
 from kiln.errors import ErrorBody, KilnError, RateLimited, ServerError
@@ -52,6 +53,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         store = Store(settings.job_index_url)
         await store.migrate()
+        await reconcile_holds(store)
         store.transition_listeners.append(emit_job_event)
         async with get_client() as client:
             await wait_for_prefect(client)
@@ -59,7 +61,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             await dispatcher.start()
             relay = Relay(store, client, dispatcher, settings)
             app.state.rate_limiter = RateLimiter()
-            app.state.llm = Gateway(store)
+            app.state.llm = Gateway(store, client)
             app.state.settings, app.state.store, app.state.dispatcher, app.state.relay = (
                 settings,
                 store,

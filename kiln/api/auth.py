@@ -20,8 +20,9 @@ async def project_of_caller(
     if credentials is None or not credentials.credentials.strip():
         raise Unauthorized("Authorization: send 'Bearer <api key>'; create a key with `kiln keys create --project NAME`")
     key = credentials.credentials.strip()
-    project_id = await request.app.state.store.project_for_key(key)
-    if project_id is None:
+    caller = await request.app.state.store.caller(key)
+    if caller is None:
         raise Unauthorized("Authorization: the API key is unknown or revoked")
     request.state.key_hash = hash_key(key)  # what rate limits count by
-    return project_id
+    request.state.caller = caller
+    return caller.project_id

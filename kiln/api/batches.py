@@ -46,7 +46,7 @@ async def submit_batch(request: Request, body: BatchCreate, project_id: Project)
     if len(body.jobs) > limit:
         raise TooLarge(f"jobs: {len(body.jobs)} entries; a batch takes at most {limit}, send the rest in more batches")
     state.rate_limiter.take(request.state.key_hash, "batch submissions", state.settings.batch_rate_per_minute)
-    return await accept_batch(state, project_id, body.jobs, body.hardware)
+    return await accept_batch(state, project_id, body.jobs, body.hardware, key_prefix=request.state.caller.key_prefix)
 
 
 def _batch_view(batch, counts: dict[str, int] | None = None) -> Batch:

@@ -100,7 +100,7 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
     state = request.app.state
     state.rate_limiter.take(request.state.key_hash, "job submissions", state.settings.submit_rate_per_minute)
     new_job = await read_job(state, project_id, body)
-    _, (stored,) = await add_jobs(state.store, project_id, [new_job])
+    _, (stored,) = await add_jobs(state.store, project_id, [new_job], key_prefix=request.state.caller.key_prefix)
     if stored.status is JobStatus.PENDING:
         state.dispatcher.wake()
     return await job_view(request, await state.store.get_job(stored.job_id, documents=True))

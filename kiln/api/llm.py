@@ -24,24 +24,27 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any
+from functools import partial
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
-from kiln.errors import ServerError, Unauthorized
+from kiln.errors import InvalidRequest, QuotaExceeded, RateLimited, ServerError, Unauthorized
+from kiln.schemas.llm_proxy import LlmUsage
 from kiln.schemas.statuses import JobStatus
+from kiln.store import llm as llm_money
 from kiln.store.models import utcnow
+from kiln.store.store import Caller, hash_key
 from kiln.tasks.llm.wire import CallRecord, Kind, SseParser, error_body, stream_error
 
 log = logging.getLogger("kiln.llm")
 
 JOB_TYPE = "llm_proxy"
-# how long the API keeps the provider table (and keys, in memory only) before reading Prefect's blocks again
-PROVIDERS_TTL_SECONDS = 5.0
 # statuses after which the next provider of the model is tried: the provider's trouble, not the request's
 FAILOVER_STATUSES = {408, 409, 429} | set(range(500, 600))
 # the input fields a call's job records, per protocol (never headers: the key is in none of them)
@@ -54,25 +57,26 @@ router = APIRouter(prefix="/api/v1/llm")
 class ProviderError(Exception):
     """An answer in the provider's own error format (the drop-in routes' ErrorBody)."""
 
-    def __init__(self, kind: Kind, status: int, message: str, error_type: str, code: str | None = None):
+    def __init__(self, kind: Kind, status: int, message: str, error_type: str, code: str | None = None,
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.kind, self.status, self.message, self.error_type, self.code = kind, status, message, error_type, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.kind, self.message, self.error_type, self.code), status_code=self.status)
+        body = error_body(self.kind, self.message, self.error_type, self.code)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class Gateway:
     """The API process's side of LLM calls: one HTTP client for every provider, the provider table, recording."""
 
-    def __init__(self, store) -> None:
-        self.store = store
+    def __init__(self, store, prefect) -> None:
+        self.store, self.prefect = store, prefect
         # one pooled client for the process: no per-call client, connection or TLS setup
         self.http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
         self._providers: dict[str, Any] = {}
         self._keys: dict[str, str | None] = {}
-        self._read_at = float("-inf")
-        self._lock = asyncio.Lock()
         self._recording: set[asyncio.Task] = set()
 
     async def close(self) -> None:
@@ -81,15 +85,13 @@ class Gateway:
         await self.http.aclose()
 
     async def providers(self) -> dict[str, Any]:
-        """The registered providers, re-read from Prefect at most every PROVIDERS_TTL_SECONDS."""
-        if time.monotonic() - self._read_at > PROVIDERS_TTL_SECONDS:
-            async with self._lock:
-                if time.monotonic() - self._read_at > PROVIDERS_TTL_SECONDS:
-                    from kiln.blocks.llm import registered_providers
+        """The registered providers (kiln.blocks.llm.current_providers), with their keys held in memory."""
+        from kiln.blocks.llm import current_providers
 
-                    providers = await registered_providers()
-                    self._keys = {name: await p.aload_key() for name, p in providers.items()}
-                    self._providers, self._read_at = providers, time.monotonic()
+        providers = await current_providers()
+        if providers is not self._providers:
+            self._keys = {name: await p.aload_key() for name, p in providers.items()}
+            self._providers = providers
         return self._providers
 
     def key(self, name: str) -> str | None:
@@ -101,36 +103,61 @@ class Gateway:
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
-    async def _record(self, *, job_id: str, project_id: str, job_input: dict, output: dict, failed: str | None,
-                      ended) -> None:  # fmt: skip
+    async def _record(self, *, job_id: str, caller: Caller, job_input: dict, output: dict, failed: str | None,
+                      ended, held_usd: float) -> None:  # fmt: skip
         try:
-            await self.store.add_job(job_id=job_id, project_id=project_id, type=JOB_TYPE, input=job_input,
-                                     resources={}, status=JobStatus.RUNNING)  # fmt: skip
+            # the hold rides on the job until its end settles it to the call's cost (kiln.store.llm)
+            await self.store.add_job(job_id=job_id, project_id=caller.project_id, type=JOB_TYPE, input=job_input,
+                                     resources={}, status=JobStatus.RUNNING, held_usd=held_usd,
+                                     key_prefix=caller.key_prefix)  # fmt: skip
             if failed is None:
                 await self.store.transition(job_id, JobStatus.COMPLETED, output=output, at=ended)
             else:
                 # a failed call keeps what it said: the partial text, usage as far as reported
                 await self.store.transition(job_id, JobStatus.FAILED, reason=failed, output=output, at=ended)
+            await self._show_in_prefect(job_id, caller, job_input, output, failed)
         except Exception:  # noqa: BLE001 - the call was answered; a lost record is logged, never raised
             log.exception("could not record LLM call %s as a job", job_id)
 
+    async def _show_in_prefect(self, job_id: str, caller: Caller, job_input: dict, output: dict,
+                               failed: str | None) -> None:  # fmt: skip
+        """The call as a flow run of the llm_proxy flow, made after it ended, in its final state: the Prefect UI
+        shows it beside every other job. The job is already final, so the relay takes nothing from it."""
+        from prefect.states import Completed, Failed
 
-async def llm_caller(request: Request) -> str:
-    """The caller's project from the kiln key, sent as the OpenAI SDK sends keys (Authorization: Bearer) or as the
-    Anthropic SDK does (x-api-key)."""
+        from kiln.dispatch.runs import job_tags
+        from kiln.registry import job_types
+
+        job = await self.store.get_job(job_id)
+        summary = (f"{output['provider']}: {output['tokens']['input'] + output['tokens']['cache_read']} tokens in, "
+                   f"{output['tokens']['output']} out, ${output['cost_usd']:.6f}, {output['latency_s']:.3f} s")  # fmt: skip
+        run = await self.prefect.create_flow_run(
+            job_types()[JOB_TYPE].flow,
+            name=f"{JOB_TYPE}-{job_id[:8]}",
+            parameters={"input": job_input},
+            tags=[*job_tags(job, await self.store.project_name(caller.project_id)), "llm-call"],
+            state=Failed(message=failed) if failed else Completed(message=summary),
+        )
+        await self.store.record_flow_run(job_id, str(run.id))
+
+
+async def llm_caller(request: Request) -> Caller:
+    """The caller (project, key, limits) from the kiln key, sent as the OpenAI SDK sends keys (Authorization:
+    Bearer) or as the Anthropic SDK does (x-api-key)."""
     kind: Kind = "anthropic" if "/anthropic/" in request.url.path else "openai"
     authorization = request.headers.get("authorization", "")
     key = authorization[7:].strip() if authorization[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
     if not key.strip():
         raise ProviderError(kind, 401, "send the kiln API key as 'Authorization: Bearer <key>' or 'x-api-key: <key>'; "
                             "create one with `kiln keys create --project NAME`", "authentication_error")  # fmt: skip
-    project_id = await request.app.state.store.project_for_key(key.strip())
-    if project_id is None:
+    caller = await request.app.state.store.caller(key.strip())
+    if caller is None:
         raise ProviderError(kind, 401, "the kiln API key is unknown or revoked", "authentication_error")
-    return project_id
+    request.state.key_hash = hash_key(key.strip())
+    return caller
 
 
-Caller = Annotated[str, Depends(llm_caller)]
+LlmCaller = Annotated[Caller, Depends(llm_caller)]
 
 
 # the registered providers, in kiln's own contract
@@ -145,18 +172,42 @@ async def list_providers(project_id: Annotated[str, Depends(project_of_caller)])
     return [providers[name].summary(name) for name in sorted(providers)]
 
 
+@router.get("/usage", summary="The project's LLM calls in a period, per model or per API key, and its budget",
+            response_model=LlmUsage, response_model_by_alias=True,
+            responses=error_responses(InvalidRequest, Unauthorized, ServerError))  # fmt: skip
+async def llm_usage(
+    request: Request,
+    project_id: Annotated[str, Depends(project_of_caller)],
+    start: Annotated[datetime | None, Query(alias="from", description="Calls ended at or after this time.")] = None,
+    end: Annotated[datetime | None, Query(alias="to", description="Calls ended before this time.")] = None,
+    group_by: Annotated[Literal["model", "key"], Query(description="Sum per model or per API key.")] = "model",
+) -> LlmUsage:
+    start, end = (_utc(t) for t in (start, end))
+    if start is not None and end is not None and end < start:
+        raise InvalidRequest(f"to: {end.isoformat()} is before from ({start.isoformat()})")
+    report = await llm_money.usage(request.app.state.store, project_id, start, end, group_by)
+    return LlmUsage(start=start, end=end, group_by=group_by, **report)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """A time as asked, in UTC; one without a zone is taken as UTC."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 # the drop-in APIs
 
 
 @router.get("/openai/v1/models", include_in_schema=False)
-async def openai_models(request: Request, project_id: Caller) -> dict:
+async def openai_models(request: Request, caller: LlmCaller) -> dict:
     served = await _served(request, "openai")
     return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": name}
                                        for m, name in served]}  # fmt: skip
 
 
 @router.get("/anthropic/v1/models", include_in_schema=False)
-async def anthropic_models(request: Request, project_id: Caller) -> dict:
+async def anthropic_models(request: Request, caller: LlmCaller) -> dict:
     served = await _served(request, "anthropic")
     data = [{"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"} for m, _ in served]
     return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
@@ -173,17 +224,17 @@ async def _served(request: Request, kind: Kind) -> list[tuple[str, str]]:
 
 
 @router.post("/openai/v1/chat/completions", include_in_schema=False)
-async def openai_chat(request: Request, project_id: Caller) -> Response:
-    return await _call(request, project_id, "openai")
+async def openai_chat(request: Request, caller: LlmCaller) -> Response:
+    return await _call(request, caller, "openai")
 
 
 @router.post("/anthropic/v1/messages", include_in_schema=False)
-async def anthropic_messages(request: Request, project_id: Caller) -> Response:
-    return await _call(request, project_id, "anthropic")
+async def anthropic_messages(request: Request, caller: LlmCaller) -> Response:
+    return await _call(request, caller, "anthropic")
 
 
-async def _call(request: Request, project_id: str, kind: Kind) -> Response:
-    from kiln.blocks.llm import route
+async def _call(request: Request, caller: Caller, kind: Kind) -> Response:
+    from kiln.blocks.llm import hold_usd, route
 
     try:
         body = json.loads(await request.body())
@@ -196,16 +247,40 @@ async def _call(request: Request, project_id: str, kind: Kind) -> Response:
     if not targets:
         raise ProviderError(kind, 404, f"model: {body['model']!r} is served by no registered {kind} provider; "
                             f"`kiln llm providers list` shows them", "not_found_error", "model_not_found")  # fmt: skip
-    call = _Call(gateway, project_id, kind, body, request.headers)
+    call = _Call(gateway, caller, kind, body, request.headers)
+    state = request.app.state
+    try:
+        if caller.llm_calls_per_minute is not None:
+            state.rate_limiter.take(request.state.key_hash, "LLM calls", caller.llm_calls_per_minute)
+        if caller.llm_tokens_per_minute is not None:
+            state.rate_limiter.take(request.state.key_hash, "LLM tokens", caller.llm_tokens_per_minute, amount=0)
+            call.count_tokens = partial(state.rate_limiter.spend, request.state.key_hash, "LLM tokens")
+    except RateLimited as exc:
+        raise ProviderError(kind, 429, exc.message, "rate_limit_error", "rate_limit_exceeded",
+                            headers={"Retry-After": str(exc.retry_after)}) from None  # fmt: skip
+    if caller.llm_budgeted:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ProviderError(kind, 400, "max_tokens: a positive integer is required when the project has an LLM "
+                                "budget: a call holds max_tokens × price of it until it ends", "invalid_request_error")  # fmt: skip
+        call.held_usd = hold_usd(targets, len(call.payload), max_tokens)
+        try:
+            await llm_money.hold_for_call(state.store, caller.project_id, call.held_usd)
+        except QuotaExceeded as exc:
+            raise ProviderError(kind, 402, exc.message, "insufficient_quota" if kind == "openai" else "billing_error",
+                                "insufficient_quota") from None  # fmt: skip
     return await call.run(targets)
 
 
 class _Call:
     """One proxied call: its failover over the model's providers, its stream, and its record."""
 
-    def __init__(self, gateway: Gateway, project_id: str, kind: Kind, body: dict, headers) -> None:
-        self.gateway, self.project_id, self.kind = gateway, project_id, kind
+    def __init__(self, gateway: Gateway, caller: Caller, kind: Kind, body: dict, headers) -> None:
+        self.gateway, self.caller, self.kind = gateway, caller, kind
         self.job_id = str(uuid.uuid4())
+        self.held_usd = 0.0
+        # counts the call's tokens against its key's tokens per minute, once it has used them
+        self.count_tokens = None
         self.stream = bool(body.get("stream"))
         self.job_input = {"protocol": kind, **{k: body[k] for k in RECORDED_FIELDS if k in body}}
         self.record = CallRecord(kind)
@@ -337,6 +412,7 @@ class _Call:
     def _finish(self, name: str | None, provider, failed: str | None) -> None:
         ended = time.perf_counter()
         output = {
+            "model": self.job_input["model"],
             "text": self.record.text,
             "tool_calls": self.record.tool_calls,
             "stop_reason": self.record.stop_reason,
@@ -348,8 +424,10 @@ class _Call:
             "attempts": self.attempts,
             **self.record.timing(ended),
         }
-        self.gateway.record(job_id=self.job_id, project_id=self.project_id, job_input=self.job_input, output=output,
-                            failed=failed, ended=utcnow())  # fmt: skip
+        if self.count_tokens is not None:
+            self.count_tokens(sum(self.record.tokens.values()))
+        self.gateway.record(job_id=self.job_id, caller=self.caller, job_input=self.job_input, output=output,
+                            failed=failed, ended=utcnow(), held_usd=self.held_usd)  # fmt: skip
 
 
 def _usage_only(data: str) -> bool:

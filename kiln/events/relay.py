@@ -145,6 +145,8 @@ class Relay:
                 return
         if state_type == StateType.PENDING.value:
             await self.store.mark_picked(job.id, flow_run_id, at)
+        if status is JobStatus.COMPLETED and job.status == JobStatus.COMPLETED.value:
+            return  # its output is recorded (a drop-in LLM call's run is made after the call, completed)
         if status is JobStatus.COMPLETED:
             output, refused = await run_output(self.client, flow_run_id), None
             if job.type == BATCH_RUN and not JobStatus(job.status).is_final:

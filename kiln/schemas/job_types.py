@@ -48,6 +48,10 @@ class JobType:
     # "module:function" called with the input: the versions of what decides a result besides the input (a
     # model's weights), as a dict; part of the cache key, so new weights never reuse old results
     versions: str | None = None
+    # "module:function" awaited with the input at submission: the USD the project's LLM budget holds for
+    # the job until it ends and is charged its output's `cost_usd` (an LLM call's most possible cost);
+    # raises a KilnError when the input cannot be priced
+    usd_hold: str | None = None
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI
@@ -81,6 +85,12 @@ class JobType:
             return {}
         module, function = self.versions.split(":")
         return getattr(importlib.import_module(module), function)(job_input)
+
+    async def usd_hold_for(self, job_input: BaseModel) -> float:
+        if not self.usd_hold:
+            return 0.0
+        module, function = self.usd_hold.split(":")
+        return await getattr(importlib.import_module(module), function)(job_input)
 
     def cacheable_for(self, job_input: BaseModel) -> bool:
         """Whether this job may answer, and be answered by, another with the same input."""

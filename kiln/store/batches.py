@@ -10,6 +10,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from kiln.errors import Conflict, NotFound, QuotaExceeded
 from kiln.schemas.statuses import JobStatus
+from kiln.store import llm
 from kiln.store.models import (
     BatchRow,
     CacheEntryRow,
@@ -37,6 +38,8 @@ class NewJob:
     compute_target: str | None = None
     parent_id: str | None = None
     refresh: bool = False
+    # what the project's LLM budget holds for it until it ends (an LLM call's most possible cost)
+    held_usd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ async def add_jobs(
     batch_id: str | None = None,
     hardware: dict[str, Any] | None = None,
     parent_id: str | None = None,
+    key_prefix: str | None = None,
 ) -> tuple[str | None, list[Stored]]:
     """Stores the jobs in one transaction: each pending, or a cache hit answered from a finished job's result.
 
@@ -84,6 +88,7 @@ async def add_jobs(
                     "by unfinished jobs); nothing was submitted",
                     details={"estimated_core_hours": cost, "left_core_hours": left, "held_core_hours": held},
                 )
+        await llm.hold(s, project_id, sum(j.held_usd for j in jobs if j.refresh or j.input_hash not in hits))
         if batch_size is not None:
             batch_id = batch_id or str(uuid.uuid4())
             if await s.get(BatchRow, batch_id) is not None:
@@ -97,19 +102,20 @@ async def add_jobs(
                 "id": job_id, "project_id": project_id, "type": job.type, "priority": job.priority,
                 "input": job.input, "resources": job.resources, "compute_target": job.compute_target,
                 "parent_id": job.parent_id, "in_parent_run": False, "input_hash": job.input_hash,
-                "batch_id": batch_id, "created_at": now,
+                "batch_id": batch_id, "created_at": now, "key_prefix": key_prefix,
             }  # fmt: skip
             hit = None if job.refresh else hits.get(job.input_hash)
             if hit is None:
                 rows.append({**row, "status": JobStatus.PENDING.value, "output": None, "status_reason": None,
-                             "completed_at": None, "estimated_core_hours": job.core_hours})  # fmt: skip
+                             "completed_at": None, "estimated_core_hours": job.core_hours,
+                             "held_usd": job.held_usd})  # fmt: skip
                 events.append({"job_id": job_id, "event": "status", "data": {"status": "pending"}, "created_at": now})
                 stored.append(Stored(job_id, JobStatus.PENDING))
             else:
                 source, output = hit
                 reason = f"the result of job {source}, which had the same type, input and code version"
                 rows.append({**row, "status": JobStatus.CACHE_HIT.value, "output": output, "completed_at": now,
-                             "status_reason": reason, "estimated_core_hours": 0.0})  # fmt: skip
+                             "status_reason": reason, "estimated_core_hours": 0.0, "held_usd": 0.0})  # fmt: skip
                 data = {"output": output, "status": JobStatus.CACHE_HIT.value, "cache_of": source}
                 events.append({"job_id": job_id, "event": "completed", "data": data, "created_at": now})
                 stored.append(Stored(job_id, JobStatus.CACHE_HIT))
@@ -135,9 +141,10 @@ async def _cache_hits(s, project_id: str, hashes: set[str]) -> dict[str, tuple[s
     return found
 
 
-async def record_finish(s, row: JobRow, status: JobStatus, at, *, charge: bool = True) -> None:
+async def record_finish(s, row: JobRow, status: JobStatus, at, output: Any = None, *, charge: bool = True) -> None:
     """In a final transition's transaction: a completed job enters the cache, and a job that ran is charged
-    its real run time × its cores (at least one) to its project's core-hours (unless `charge` is off)."""
+    its real run time × its cores (at least one) to its project's core-hours (unless `charge` is off), and
+    the cost_usd of its `output` to its LLM budget, releasing what that held (kiln.store.llm.settle)."""
     if status is JobStatus.COMPLETED and row.input_hash:
         await s.merge(CacheEntryRow(project_id=row.project_id, input_hash=row.input_hash, type=row.type,
                                     job_id=row.id, created_at=at))  # fmt: skip
@@ -147,6 +154,8 @@ async def record_finish(s, row: JobRow, status: JobStatus, at, *, charge: bool =
         await s.execute(
             update(Project).where(Project.id == row.project_id).values(used_core_hours=Project.used_core_hours + hours)
         )
+    if charge:
+        await llm.settle(s, row, output, at)
 
 
 async def unfinished_on_target(store, target: str) -> int:

@@ -56,6 +56,11 @@ class Project(Base):
     used_core_hours: Mapped[float] = mapped_column(Float, default=0.0)
     # whether a job repeating a finished one is answered from its result (a cache hit)
     reuse_results: Mapped[bool] = mapped_column(Boolean, default=True)
+    # USD the project may spend on LLM calls; None is no limit (kiln.store.llm). `held` is what calls
+    # under way have reserved: max_tokens × price each, until they end and are charged their real cost
+    llm_budget_usd: Mapped[float | None] = mapped_column(Float, default=None)
+    llm_spent_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    llm_held_usd: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class ApiKey(Base):
@@ -68,6 +73,9 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # LLM calls through the drop-in endpoints, per minute: how many, and how many tokens; None is no limit
+    llm_calls_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
+    llm_tokens_per_minute: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class JobRow(Base):
@@ -101,6 +109,10 @@ class JobRow(Base):
     input_hash: Mapped[str | None] = mapped_column(String(64), index=True, default=None)
     # what the quota holds for the job until it ends and is charged its real run time
     estimated_core_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    # what the project's LLM budget holds for the job until it ends and is charged its output's cost_usd
+    held_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    # the first characters of the API key that submitted it (ApiKey.prefix), for usage by key
+    key_prefix: Mapped[str | None] = mapped_column(String(16), default=None)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -135,6 +147,27 @@ class CacheEntryRow(Base):
     type: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(String(36))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LlmUsageRow(Base):
+    """One LLM call's usage, as the provider reported it, and its cost: what GET /api/v1/llm/usage sums."""
+
+    __tablename__ = "llm_usage"
+    __table_args__ = (Index("ix_llm_usage_project_at", "project_id", "at"),)
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(36))
+    key_prefix: Mapped[str | None] = mapped_column(String(16), default=None)
+    model: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str | None] = mapped_column(String(200), default=None)
+    input_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    output_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    # the call failed (a refused request, a stream cut short); its usage is what was reported before
+    failed: Mapped[bool] = mapped_column(Boolean, default=False)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobEventRow(Base):

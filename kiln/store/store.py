@@ -43,6 +43,18 @@ def hash_key(key: str) -> str:
 
 
 @dataclass(frozen=True)
+class Caller:
+    """Who an API key is: its project, its prefix (what usage is grouped by) and its LLM limits."""
+
+    project_id: str
+    key_prefix: str
+    llm_calls_per_minute: int | None
+    llm_tokens_per_minute: int | None
+    # whether the project has an LLM budget: only then does a call reserve before it starts
+    llm_budgeted: bool
+
+
+@dataclass(frozen=True)
 class Capacity:
     """What the live workers offer, as the dispatcher last saw it."""
 
@@ -135,11 +147,25 @@ class Store:
             )
             return result.rowcount
 
-    async def project_for_key(self, key: str) -> str | None:
+    async def caller(self, key: str) -> Caller | None:
+        """The key's caller, in one read; None for an unknown or revoked key."""
         async with self.session() as s:
-            return await s.scalar(
-                select(ApiKey.project_id).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-            )
+            found = (
+                await s.execute(
+                    select(ApiKey.project_id, ApiKey.prefix, ApiKey.llm_calls_per_minute, ApiKey.llm_tokens_per_minute,
+                           Project.llm_budget_usd)
+                    .join(Project, Project.id == ApiKey.project_id)
+                    .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
+                )  # fmt: skip
+            ).first()
+        if found is None:
+            return None
+        project_id, prefix, calls, tokens, budget = found
+        return Caller(project_id, prefix, calls, tokens, budget is not None)
+
+    async def project_for_key(self, key: str) -> str | None:
+        caller = await self.caller(key)
+        return caller.project_id if caller else None
 
     async def project_name(self, project_id: str) -> str:
         """The project's name, what users and the Prefect UI's tags call it; names never change, so kept."""
@@ -171,6 +197,8 @@ class Store:
         job_id: str | None = None,
         flow_run_id: str | None = None,
         in_parent_run: bool = False,
+        held_usd: float = 0.0,
+        key_prefix: str | None = None,
     ) -> JobRow:
         now = utcnow()
         row = JobRow(
@@ -188,6 +216,8 @@ class Store:
             flow_run_id=flow_run_id,
             created_at=now,
             queued_at=now if status is not JobStatus.PENDING else None,
+            held_usd=held_usd,
+            key_prefix=key_prefix,
         )
         async with self.session.begin() as s:
             if parent_id is not None:
@@ -334,7 +364,7 @@ class Store:
                 _move(s, row, status, reason, output, at)
                 if status in FINAL_STATUSES:
                     # a job Prefect overrules (its run completed after kiln ended it) was charged already
-                    await record_finish(s, row, status, at, charge=not was_final)
+                    await record_finish(s, row, status, at, output, charge=not was_final)
                 row.flow_run_id = row.flow_run_id or flow_run_id
         self.bus.notify([job_id])
         await self._transitioned(row)
@@ -451,6 +481,11 @@ class Store:
             await s.execute(update(JobRow).where(JobRow.id == job_id).values(flow_run_id=flow_run_id))
             s.add(JobEventRow(job_id=job_id, event="status", data={"status": "queued", "flow_run_id": flow_run_id}))
         self.bus.notify([job_id])
+
+    async def record_flow_run(self, job_id: str, flow_run_id: str) -> None:
+        """Names the flow run that shows an ended job in Prefect (a drop-in LLM call's, made after it)."""
+        async with self.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job_id).values(flow_run_id=flow_run_id))
 
     async def in_flight_count(self) -> int:
         async with self.session() as s:

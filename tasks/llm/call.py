@@ -110,7 +110,7 @@ async def call_llm(job_input: LlmProxyInput) -> dict[str, Any]:
                 await _read_stream(name, response, record)
         finally:
             await response.aclose()
-        return {"text": record.text, "tool_calls": record.tool_calls, "stop_reason": record.stop_reason,
+        return {"model": job_input.model, "text": record.text, "tool_calls": record.tool_calls, "stop_reason": record.stop_reason,
                 "usage": record.usage, "tokens": record.tokens, "cost_usd": provider.cost(record.tokens),
                 "provider": name, "attempts": attempts, **record.timing(time.perf_counter())}  # fmt: skip
     raise RuntimeError(f"no provider of {job_input.model!r} answered: {'; '.join(attempts)}")

@@ -37,7 +37,7 @@ def _serve(argv: list[str], port: int, probe: str) -> subprocess.Popen:
 
     def up():
         try:
-            return httpx.get(f"http://127.0.0.1:{port}{probe}", timeout=1) is not None
+            return httpx.get(f"http://127.0.0.1:{port}{probe}", timeout=10) is not None
         except httpx.HTTPError:
             return False
 
@@ -78,6 +78,9 @@ def _registered(port: int, started: list):
     started.append(down)
     cutting, cut_port = _llmock("--stream-fault", "truncate=1.0")
     started.append(cutting)
+    # slow enough that 20 concurrent calls all hold their share of a budget before the first has ended
+    slow, slow_port = _llmock("--latency-ms", "4000")
+    started.append(slow)
     golden_port = free_port()
     started.append(_serve([sys.executable, "-m", "tests.llm_golden", str(golden_port), KEY], golden_port, "/"))
     prices = ["--input-price", "1", "--output-price", "2", "--cache-read-price", "0.1", "--cache-write-price", "1.25"]
@@ -89,6 +92,8 @@ def _registered(port: int, started: list):
                   "--model", "mock-claude", *prices)  # fmt: skip
     _add_provider("mock-cut", "--kind", "openai", "--base-url", f"http://127.0.0.1:{cut_port}/v1",
                   "--model", "mock-cut")  # fmt: skip
+    _add_provider("mock-slow", "--kind", "openai", "--base-url", f"http://127.0.0.1:{slow_port}/v1",
+                  "--model", "mock-slow", *prices)  # fmt: skip
     for kind in ("openai", "anthropic"):
         base = f"http://127.0.0.1:{golden_port}/{kind}" + ("/v1" if kind == "openai" else "")
         _add_provider(f"golden-{kind}", "--kind", kind, "--base-url", base, "--model", "golden",
@@ -289,6 +294,90 @@ def test_an_llm_proxy_job_streams_delta_events_and_repeats_at_temperature_0_as_a
         sampled = h.post("/api/v1/jobs", json={**job, "input": {**job["input"], "temperature": 0.7}}).json()
         assert sampled["status"] != "cache_hit"
         assert wait_final(h, sampled["id"], timeout=90)["status"] == "completed"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kiln.cli", *args], check=True, capture_output=True, text=True)
+
+
+def test_a_drop_in_call_is_a_flow_run_in_prefect_made_after_it(oai, http):
+    raw = oai.chat.completions.with_raw_response.create(model="golden", messages=MESSAGES)
+    job_id = raw.headers["x-kiln-job-id"]
+    job = wait_until(lambda: (j := http.get(f"/api/v1/jobs/{job_id}").json()).get("flow_run_id") and j,
+                     timeout=15, what="the call's flow run")  # fmt: skip
+    run = httpx.get(f"{SETTINGS.prefect_api}/flow_runs/{job['flow_run_id']}", timeout=10).json()
+    assert run["state"]["type"] == "COMPLETED" and "golden-openai" in run["state"]["message"]
+    assert f"job:{job_id}" in run["tags"] and "type:llm_proxy" in run["tags"]
+    assert run["parameters"]["input"]["messages"] == MESSAGES
+    assert job["status"] == "completed" and job["output"]["text"] == "BaTiO3 is a perovskite."
+
+
+def test_20_concurrent_calls_against_a_budget_for_10_never_overspend(providers):
+    import asyncio
+
+    from tests.integration.support import create_key
+
+    name = f"llm-budget-{uuid.uuid4().hex[:8]}"
+    key = create_key(name)
+    body = {"model": "mock-slow", "messages": MESSAGES, "max_tokens": 40}
+    # what each call holds: every byte of its request an input token at the dearest input price (1.25 $/M, the
+    # cache write's), and max_tokens of output at 2 $/M
+    hold = (len(json.dumps(body)) * 1.25 + 40 * 2) / 1e6
+    budget = 10.5 * hold
+    _cli("projects", "budget", name, "--usd", repr(budget))
+    url = f"{SETTINGS.api_url}/api/v1/llm/openai/v1/chat/completions"
+
+    async def calls():
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            return await asyncio.gather(*(client.post(url, json=body) for _ in range(20)))
+
+    answers = asyncio.run(calls())
+    ok = [a for a in answers if a.status_code == 200]
+    refused = [a for a in answers if a.status_code != 200]
+    assert len(ok) == 10, [a.status_code for a in answers]
+    assert all(a.status_code == 402 and a.json()["error"]["type"] == "insufficient_quota" for a in refused)
+    assert "budget" in refused[0].json()["error"]["message"]
+    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
+        for answer in ok:
+            recorded(h, answer.headers["x-kiln-job-id"])
+        usage = wait_until(lambda: (u := h.get("/api/v1/llm/usage").json())["held_usd"] == 0 and u, timeout=15,
+                           what="every hold settled")  # fmt: skip
+        costs = sum(a.json()["usage"]["prompt_tokens"] * 1 + a.json()["usage"]["completion_tokens"] * 2 for a in ok) / 1e6
+        assert usage["spent_usd"] == pytest.approx(costs) and usage["spent_usd"] <= budget
+        (group,) = usage["groups"]
+        assert group["model"] == "mock-slow" and group["calls"] == 10 and group["failed_calls"] == 0
+        assert group["cost_usd"] == pytest.approx(costs)
+        assert group["output_tokens"] == sum(a.json()["usage"]["completion_tokens"] for a in ok)
+        by_key = h.get("/api/v1/llm/usage", params={"group_by": "key"}).json()["groups"]
+        assert [(g["key"], g["calls"]) for g in by_key] == [(key[:12], 10)]
+        later = h.get("/api/v1/llm/usage", params={"from": "2999-01-01T00:00:00Z"}).json()
+        assert later["groups"] == [] and later["budget_usd"] == pytest.approx(budget)
+        backwards = h.get("/api/v1/llm/usage", params={"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"})
+        assert backwards.status_code == 400 and backwards.json()["detail"].startswith("to:")
+        # an llm_proxy job holds its most possible cost at submission too: past the budget, a 402 and no job
+        _cli("projects", "budget", name, "--usd", repr(usage["spent_usd"] + hold / 10))
+        over = h.post("/api/v1/jobs", json={"type": "llm_proxy", "input": {**body, "stream": False}})
+        assert over.status_code == 402 and "LLM budget" in over.json()["detail"], over.text
+        assert h.get("/api/v1/jobs", params={"type": "llm_proxy"}).json()["jobs"].__len__() == 10
+
+
+def test_a_keys_llm_limits_answer_429_with_retry_after_in_the_providers_format(providers):
+    from tests.integration.support import create_key
+
+    key = create_key(f"llm-limits-{uuid.uuid4().hex[:8]}")
+    _cli("keys", "limits", key[:12], "--llm-calls-per-minute", "2")
+    url = f"{SETTINGS.api_url}/api/v1/llm/anthropic/v1/messages"
+    body = {"model": "golden", "messages": MESSAGES, "max_tokens": 50}
+    headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
+    assert [httpx.post(url, json=body, headers=headers, timeout=30).status_code for _ in range(2)] == [200, 200]
+    limited = httpx.post(url, json=body, headers=headers, timeout=30)
+    assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 60
+    assert limited.json()["type"] == "error" and limited.json()["error"]["type"] == "rate_limit_error"
+    assert "2 per minute" in limited.json()["error"]["message"]
+    # tokens: the first call is let through, and its tokens count against the next
+    _cli("keys", "limits", key[:12], "--llm-tokens-per-minute", "10")
+    assert httpx.post(url, json=body, headers=headers, timeout=30).status_code == 200
+    assert httpx.post(url, json=body, headers=headers, timeout=30).status_code == 429
 
 
 def test_zz_the_provider_key_appears_nowhere_kiln_writes(providers, http):
