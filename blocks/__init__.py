@@ -12,11 +12,16 @@ B = TypeVar("B", bound=Block)
 async def registered(block_type: type[B]) -> dict[str, B]:
     """Every saved block of the type (HPC clusters, LLM providers) by name, read from the Prefect API."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     async with get_client() as client:
         try:
             documents = await client.read_block_documents_by_type(block_type.get_block_type_slug())
         except ObjectNotFound:
             return {}
+        except PrefectHTTPStatusError as exc:
+            # no block of the type was ever saved, so Prefect does not know the type yet
+            if exc.response.status_code == 404:
+                return {}
+            raise
     return {doc.name: block_type._from_block_document(doc) for doc in documents if not doc.is_anonymous}
