@@ -107,7 +107,7 @@ def main() -> None:
                 target(DIRECT, f"{upstream}/v1", f"{upstream}/anthropic", UPSTREAM_KEY),
                 target(KILN, f"{kiln}/openai/v1", f"{kiln}/anthropic", key),
             ]
-            litellm_note = "left out (--no-litellm)"
+            litellm_note = "LiteLLM left out (--no-litellm)"
             if not args.no_litellm:
                 litellm, litellm_note = start_litellm(args.litellm_venv, upstream, settings.home_dir)
                 if litellm is not None:
@@ -199,7 +199,8 @@ def start_litellm(venv: Path, upstream: str, workdir: Path) -> tuple[tuple[subpr
         except subprocess.TimeoutExpired:
             return None, f"LiteLLM left out: installing it into {venv} took over 20 minutes"
     version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                             capture_output=True, text=True).stdout.strip() or "unknown version"  # fmt: skip
+                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    name = f"LiteLLM {version}" if version else f"LiteLLM (no version found in {venv})"
     config = workdir / "litellm.yaml"
     config.write_text(
         "model_list:\n"
@@ -218,8 +219,8 @@ def start_litellm(venv: Path, upstream: str, workdir: Path) -> tuple[tuple[subpr
     try:
         process = serve(argv, port, "/health/liveliness", log, env, timeout=120)
     except RuntimeError as exc:
-        return None, f"LiteLLM {version} left out: its proxy did not start ({exc}); log at {log}"
-    return (process, port), f"through LiteLLM {version}"
+        return None, f"{name} left out: its proxy did not start ({exc}); log at {log}"
+    return (process, port), f"through {name}"
 
 
 # the calls
