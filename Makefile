@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm test-unit test-sqlite test-postgres bench
+.PHONY: run test install install-test postgres chromium slurm test-unit test-sqlite test-postgres bench bench-llm
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -41,3 +41,7 @@ slurm:
 
 bench: install
 	$(PYTHON) bench/latency.py
+
+# llmock comes with the test tools; LiteLLM's proxy, the peer, goes into a venv of its own (/tmp/venv-litellm)
+bench-llm: install-test
+	$(PYTHON) bench/llm_proxy.py

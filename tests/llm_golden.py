@@ -7,7 +7,8 @@ cache creation tokens, a tool_use block and `event: error`), written out here ra
 401 unless the key kiln forwards is KEY.
 
 Models: `golden` answers normally; `golden-cut` ends its stream after three events with no end marker
-(a truncated upstream); `golden-error` sends the provider's own in-stream error.
+(a truncated upstream); `golden-error` sends the provider's own in-stream error; `golden-linger` answers as
+`golden` but holds the stream open a second after its end marker before closing it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ ANTHROPIC_ANSWER = {"id": "msg_golden", "type": "message", "role": "assistant", 
                     "stop_sequence": None, "usage": ANTHROPIC_FINAL_USAGE}  # fmt: skip
 
 
+# how long `golden-linger` keeps its stream open after the end marker: longer than a client takes to hang up
+LINGER_SECONDS = 1.0
+
+
 def golden_stream(kind: str, model: str) -> list[bytes]:
     """The events the golden provider sends for a streamed call to `model`."""
     events = OPENAI_STREAM if kind == "openai" else ANTHROPIC_STREAM
@@ -107,6 +112,8 @@ def make_app(key: str) -> Starlette:
             for event in golden_stream(kind, body["model"]):
                 yield event
                 await asyncio.sleep(0.005)
+            if body["model"] == "golden-linger":
+                await asyncio.sleep(LINGER_SECONDS)
 
         return StreamingResponse(replay(), media_type="text/event-stream")
 

@@ -405,7 +405,9 @@ class _Call:
             await upstream.aclose()
             if failed is None and self.record.error is not None:
                 failed = f"sent an error in the stream: {self.record.error[:300]}"
-            elif failed is None and not relayed:
+            elif failed is None and not relayed and not self.record.finished:
+                # not once the end marker has passed: the OpenAI SDK hangs up at [DONE], often before the provider
+                # has closed its stream, and that call is whole
                 failed = f"stopped: the client went away after {self.record.chunks} chunks"
             self._finish(name, provider, f"provider {name!r} {failed} (upstream_midstream)" if failed else None)
 

@@ -97,7 +97,8 @@ def _registered(port: int, started: list):
     for kind in ("openai", "anthropic"):
         base = f"http://127.0.0.1:{golden_port}/{kind}" + ("/v1" if kind == "openai" else "")
         _add_provider(f"golden-{kind}", "--kind", kind, "--base-url", base, "--model", "golden",
-                      "--model", "golden-cut", "--model", "golden-error", *prices)  # fmt: skip
+                      "--model", "golden-cut", "--model", "golden-error", "--model", "golden-linger",
+                      *prices)  # fmt: skip
     yield
 
 
@@ -164,6 +165,16 @@ def test_openai_sdk_streams_with_usage_and_the_recorded_usage_is_the_final_chunk
     out = recorded(http, job_id)["output"]
     assert text and out["text"] == text and out["usage"] == usage.model_dump(exclude_none=True)
     assert out["ttft_s"] is not None and 0 < out["ttft_s"] <= out["latency_s"]
+
+
+def test_an_openai_sdk_hanging_up_at_done_before_the_provider_closes_leaves_a_completed_job(oai, http):
+    # the SDK stops reading at [DONE] and closes the connection; the provider ends its stream a second later
+    with oai.chat.completions.with_streaming_response.create(model="golden-linger", messages=MESSAGES,
+                                                             stream=True) as response:  # fmt: skip
+        job_id = response.headers["x-kiln-job-id"]
+        text = "".join(c.choices[0].delta.content or "" for c in response.parse() if c.choices)
+    job = recorded(http, job_id)
+    assert job["output"]["text"] == text == "BaTiO3 is a perovskite." and job["output"]["partial"] is False
 
 
 def test_an_openai_stream_without_include_usage_is_still_priced_and_the_client_sees_no_usage_chunk(oai, http):
