@@ -15,7 +15,7 @@ import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ERRORS_BY_STATUS, ErrorBody, JobFailed, KilnError, RateLimited, ServerError
+from kiln.errors import ErrorBody, JobFailed, KilnError, RateLimited, ServerError, error_for_status
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.jobs import EventKind
@@ -86,13 +86,8 @@ def _error_from(response: httpx.Response) -> KilnError:
     except ValueError:  # not kiln's answer: a proxy's error page, or no body at all
         request = response.request
         message, details = f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}", None
-    status = response.status_code
-    cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
-    error = cls(message, details=details)
-    error.status_code = status
-    if isinstance(error, RateLimited):
-        error.retry_after = int(response.headers.get("retry-after", "1"))
-    return error
+    retry_after = int(response.headers.get("retry-after", "1"))
+    return error_for_status(response.status_code, message, details=details, retry_after=retry_after)
 
 
 def _answer(response: httpx.Response, call: _Call[T]) -> T:
