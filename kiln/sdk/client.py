@@ -19,6 +19,7 @@ from kiln.errors import ErrorBody, JobFailed, KilnError, RateLimited, ServerErro
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.jobs import EventKind
+from kiln.sdk.llm import AsyncLlm, Llm
 from kiln.sdk.sse import ServerSentEvent, SSEParser
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ _FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 _SUCCEEDED = frozenset({JobStatus.COMPLETED, JobStatus.CACHE_HIT})
 _JOB_LIST = TypeAdapter(list[Job])
 _BATCH_LIST = TypeAdapter(list[Batch])
+_PROVIDER_LIST = TypeAdapter(list[dict[str, Any]])
 
 
 class JobStreamEvent(BaseModel):
@@ -190,6 +192,10 @@ class _BatchCalls:
     @staticmethod
     def delete(batch_id: str) -> _Call[None]:
         return _Call("DELETE", f"/api/v1/batches/{quote(batch_id, safe='')}", lambda _: None)
+
+
+# the registered LLM providers, from which client.llm learns the protocol of each model
+_LLM_PROVIDERS = _Call("GET", "/api/v1/llm/providers", _PROVIDER_LIST.validate_python)
 
 
 def _chunks(payloads: Iterable[dict[str, Any]], chunk: int) -> Iterator[builtins.list[dict[str, Any]]]:
@@ -650,7 +656,9 @@ class AsyncJobs:
 class Client:
     """kiln's client: `Client(url, key).jobs.create(type="sleep", seconds=1).result`; close it, or use `with`.
 
-    `transport` replaces httpx's network transport, e.g. with an httpx.MockTransport in tests.
+    `client.jobs` submits and follows jobs; `client.llm` calls LLMs through kiln (kiln.sdk.llm). `transport`
+    replaces httpx's network transport, e.g. with an httpx.MockTransport in tests; client.llm's calls go through
+    the official SDKs' own HTTP clients instead.
     """
 
     def __init__(
@@ -659,6 +667,7 @@ class Client:
         self.base_url = base_url
         self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = Jobs(self)
+        self.llm = Llm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     def _send(self, call: _Call[T]) -> T:
         try:
@@ -710,6 +719,7 @@ class Client:
         self._send(_BatchCalls.delete(batch_id))
 
     def close(self) -> None:
+        self.llm.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -722,8 +732,9 @@ class Client:
 class AsyncClient:
     """kiln's asyncio client: `await (await AsyncClient(url, key).jobs.create(type="sleep", seconds=1)).result()`.
 
-    Close it with `await client.aclose()`, or use `async with`. `transport` replaces httpx's network
-    transport, e.g. with an httpx.MockTransport in tests.
+    Close it with `await client.aclose()`, or use `async with`. `client.llm` calls LLMs through kiln
+    (kiln.sdk.llm). `transport` replaces httpx's network transport, e.g. with an httpx.MockTransport in tests;
+    client.llm's calls go through the official SDKs' own HTTP clients instead.
     """
 
     def __init__(
@@ -732,6 +743,7 @@ class AsyncClient:
         self.base_url = base_url
         self._http = httpx.AsyncClient(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = AsyncJobs(self)
+        self.llm = AsyncLlm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     async def _send(self, call: _Call[T]) -> T:
         try:
@@ -770,6 +782,7 @@ class AsyncClient:
         await self._send(_BatchCalls.delete(batch_id))
 
     async def aclose(self) -> None:
+        await self.llm.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:
