@@ -82,7 +82,10 @@ def chat_arguments(
     """The keyword arguments of the protocol's create(): the system prompt is Anthropic's `system`, or OpenAI's
     first message; an unset temperature is left to the provider."""
     arguments: dict[str, Any] = {"model": model, "max_tokens": max_tokens, **options}
-    if temperature is not None:
+    if temperature is not None and protocol == "anthropic":
+        # anthropic 2.x's create() has no temperature parameter: it goes in the body, as the llm_proxy job sends it
+        arguments["extra_body"] = {**(options.get("extra_body") or {}), "temperature": temperature}
+    elif temperature is not None:
         arguments["temperature"] = temperature
     if system is not None and protocol == "anthropic":
         arguments["system"] = system

@@ -492,10 +492,12 @@ def test_the_providers_are_read_once_and_again_only_for_a_model_they_lack():
         assert len(reads) == 2
 
 
-def test_the_system_prompt_is_anthropics_system_or_openais_first_message_and_temperature_is_sent_only_if_set():
+def test_the_system_prompt_and_temperature_go_where_each_protocols_sdk_takes_them():
     messages = [{"role": "user", "content": "hi"}]
-    assert chat_arguments("anthropic", "m", messages, "terse", 64, None, {"top_p": 0.5}) == {
-        "model": "m", "max_tokens": 64, "top_p": 0.5, "system": "terse", "messages": messages}  # fmt: skip
+    assert chat_arguments("anthropic", "m", messages, "terse", 64, None, {"stop_sequences": ["."]}) == {
+        "model": "m", "max_tokens": 64, "stop_sequences": ["."], "system": "terse", "messages": messages}  # fmt: skip
+    assert chat_arguments("anthropic", "m", messages, None, 64, 0.0, {"extra_body": {"top_k": 5}}) == {
+        "model": "m", "max_tokens": 64, "extra_body": {"top_k": 5, "temperature": 0.0}, "messages": messages}  # fmt: skip
     assert chat_arguments("openai", "m", messages, "terse", 64, 0.0, {}) == {
         "model": "m", "max_tokens": 64, "temperature": 0.0,
         "messages": [{"role": "system", "content": "terse"}, *messages]}  # fmt: skip
