@@ -479,6 +479,32 @@ def providers_remove(name: str) -> None:
     typer.echo(f"LLM provider {name!r} removed")
 
 
+@llm_app.command("chat")
+def llm_chat(
+    model: str = typer.Argument(..., help="A model a registered provider serves (`kiln llm providers list`)."),
+    prompt: str = typer.Argument(..., help="What to ask."),
+    system: Optional[str] = typer.Option(None, help="A system prompt."),
+    max_tokens: int = typer.Option(1024, min=1, help="Most tokens the answer may have."),
+    temperature: Optional[float] = typer.Option(None, min=0, max=2, help="Sampling temperature; the provider's "
+                                                "default unset."),  # fmt: skip
+) -> None:
+    """Asks a model through kiln and prints the answer as it streams in; the call is an llm_proxy job."""
+    from kiln.errors import KilnError
+
+    printed = False
+    with _client() as client:
+        try:
+            for delta in client.llm.chat(model, [{"role": "user", "content": prompt}], stream=True, system=system,
+                                         max_tokens=max_tokens, temperature=temperature):  # fmt: skip
+                typer.echo(delta, nl=False)  # click flushes after each
+                printed = True
+        except KilnError as exc:
+            if printed:
+                typer.echo()  # the error goes on a line of its own, after the partial answer
+            _fail(f"error: {exc.message}")
+    typer.echo()
+
+
 # jobs
 
 

@@ -138,3 +138,14 @@ ERRORS_BY_STATUS = {
     cls.status_code: cls
     for cls in (InvalidRequest, Unauthorized, QuotaExceeded, NotFound, Conflict, TooLarge, InputInvalid, RateLimited)
 }
+
+
+def error_for_status(status: int, message: str, *, details: Any = None, retry_after: int = 1) -> KilnError:
+    """The exception of an HTTP error answer, its status_code that status; a 5xx without a class of its own is a
+    ServerError, any other status without one a plain KilnError."""
+    cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
+    error = cls(message, details=details)
+    error.status_code = status
+    if isinstance(error, RateLimited):
+        error.retry_after = retry_after
+    return error

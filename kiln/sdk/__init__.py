@@ -1,5 +1,18 @@
-"""kiln's Python SDK: a sync and an async client for the kiln API, and handles on jobs."""
+"""kiln's Python SDK: a sync and an async client for the kiln API, handles on jobs, and LLM calls through kiln."""
 
 from kiln.sdk.client import AsyncClient, AsyncJobHandle, AsyncJobs, Client, JobHandle, Jobs, JobStreamEvent, Page
+from kiln.sdk.llm import AsyncLlm, ChatResult, Llm
 
-__all__ = ["AsyncClient", "AsyncJobHandle", "AsyncJobs", "Client", "JobHandle", "JobStreamEvent", "Jobs", "Page"]
+__all__ = [
+    "AsyncClient",
+    "AsyncJobHandle",
+    "AsyncJobs",
+    "AsyncLlm",
+    "ChatResult",
+    "Client",
+    "JobHandle",
+    "JobStreamEvent",
+    "Jobs",
+    "Llm",
+    "Page",
+]

@@ -15,10 +15,11 @@ import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ERRORS_BY_STATUS, ErrorBody, JobFailed, KilnError, RateLimited, ServerError
+from kiln.errors import ErrorBody, JobFailed, KilnError, RateLimited, ServerError, error_for_status
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.jobs import EventKind
+from kiln.sdk.llm import AsyncLlm, Llm
 from kiln.sdk.sse import ServerSentEvent, SSEParser
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ _FINAL_VALUES = frozenset(status.value for status in FINAL_STATUSES)
 _SUCCEEDED = frozenset({JobStatus.COMPLETED, JobStatus.CACHE_HIT})
 _JOB_LIST = TypeAdapter(list[Job])
 _BATCH_LIST = TypeAdapter(list[Batch])
+_PROVIDER_LIST = TypeAdapter(list[dict[str, Any]])
 
 
 class JobStreamEvent(BaseModel):
@@ -86,13 +88,8 @@ def _error_from(response: httpx.Response) -> KilnError:
     except ValueError:  # not kiln's answer: a proxy's error page, or no body at all
         request = response.request
         message, details = f"{response.status_code} {response.reason_phrase} from {request.method} {request.url}", None
-    status = response.status_code
-    cls = ERRORS_BY_STATUS.get(status) or (ServerError if status >= 500 else KilnError)
-    error = cls(message, details=details)
-    error.status_code = status
-    if isinstance(error, RateLimited):
-        error.retry_after = int(response.headers.get("retry-after", "1"))
-    return error
+    retry_after = int(response.headers.get("retry-after", "1"))
+    return error_for_status(response.status_code, message, details=details, retry_after=retry_after)
 
 
 def _answer(response: httpx.Response, call: _Call[T]) -> T:
@@ -195,6 +192,10 @@ class _BatchCalls:
     @staticmethod
     def delete(batch_id: str) -> _Call[None]:
         return _Call("DELETE", f"/api/v1/batches/{quote(batch_id, safe='')}", lambda _: None)
+
+
+# the registered LLM providers, from which client.llm learns the protocol of each model
+_LLM_PROVIDERS = _Call("GET", "/api/v1/llm/providers", _PROVIDER_LIST.validate_python)
 
 
 def _chunks(payloads: Iterable[dict[str, Any]], chunk: int) -> Iterator[builtins.list[dict[str, Any]]]:
@@ -655,7 +656,9 @@ class AsyncJobs:
 class Client:
     """kiln's client: `Client(url, key).jobs.create(type="sleep", seconds=1).result`; close it, or use `with`.
 
-    `transport` replaces httpx's network transport, e.g. with an httpx.MockTransport in tests.
+    `client.jobs` submits and follows jobs; `client.llm` calls LLMs through kiln (kiln.sdk.llm). `transport`
+    replaces httpx's network transport, e.g. with an httpx.MockTransport in tests; client.llm's calls go through
+    the official SDKs' own HTTP clients instead.
     """
 
     def __init__(
@@ -664,6 +667,7 @@ class Client:
         self.base_url = base_url
         self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = Jobs(self)
+        self.llm = Llm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     def _send(self, call: _Call[T]) -> T:
         try:
@@ -715,6 +719,7 @@ class Client:
         self._send(_BatchCalls.delete(batch_id))
 
     def close(self) -> None:
+        self.llm.close()
         self._http.close()
 
     def __enter__(self) -> Client:
@@ -727,8 +732,9 @@ class Client:
 class AsyncClient:
     """kiln's asyncio client: `await (await AsyncClient(url, key).jobs.create(type="sleep", seconds=1)).result()`.
 
-    Close it with `await client.aclose()`, or use `async with`. `transport` replaces httpx's network
-    transport, e.g. with an httpx.MockTransport in tests.
+    Close it with `await client.aclose()`, or use `async with`. `client.llm` calls LLMs through kiln
+    (kiln.sdk.llm). `transport` replaces httpx's network transport, e.g. with an httpx.MockTransport in tests;
+    client.llm's calls go through the official SDKs' own HTTP clients instead.
     """
 
     def __init__(
@@ -737,6 +743,7 @@ class AsyncClient:
         self.base_url = base_url
         self._http = httpx.AsyncClient(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = AsyncJobs(self)
+        self.llm = AsyncLlm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     async def _send(self, call: _Call[T]) -> T:
         try:
@@ -775,6 +782,7 @@ class AsyncClient:
         await self._send(_BatchCalls.delete(batch_id))
 
     async def aclose(self) -> None:
+        await self.llm.aclose()
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncClient:

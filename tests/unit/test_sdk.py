@@ -23,6 +23,7 @@ from kiln.errors import (
     Unauthorized,
 )
 from kiln.sdk import AsyncClient, Client, JobHandle, JobStreamEvent
+from kiln.sdk.llm import chat_arguments, drop_in_url, protocol_of
 from kiln.sdk.sse import SSEParser
 
 URL = "http://kiln.test"
@@ -69,16 +70,19 @@ def test_public_api_is_exactly_this():
         "AsyncClient",
         "AsyncJobHandle",
         "AsyncJobs",
+        "AsyncLlm",
+        "ChatResult",
         "Client",
         "JobHandle",
         "JobStreamEvent",
         "Jobs",
+        "Llm",
         "Page",
     ]
 
 
-def test_importing_kiln_does_not_import_prefect():
-    code = "import kiln, sys; assert 'prefect' not in sys.modules"
+def test_importing_kiln_does_not_import_prefect_nor_the_llm_sdks():
+    code = "import kiln, sys; assert not {'prefect', 'openai', 'anthropic'} & set(sys.modules), sys.modules.keys()"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -452,3 +456,50 @@ async def test_async_wait_times_out():
 def test_an_error_that_is_not_kilns_body_names_the_status_and_the_request():
     with pytest.raises(ServerError, match="502 Bad Gateway from GET"):
         client(lambda request: httpx.Response(502, text="<html>bad gateway</html>")).jobs.get("j1")
+
+
+# client.llm: what it does without a provider (tests/integration/test_llm_sdk.py calls real ones)
+
+PROVIDERS = [
+    {"name": "b-claude", "kind": "anthropic", "models": ["shared", "claude"], "priority": 0},
+    {"name": "a-gpt", "kind": "openai", "models": ["shared", "gpt"], "priority": 1},
+    {"name": "c-gpt", "kind": "openai", "models": ["tied"], "priority": 0},
+    {"name": "d-claude", "kind": "anthropic", "models": ["tied"], "priority": 0},
+]
+
+
+def test_a_model_is_called_in_the_protocol_of_the_provider_kiln_tries_first():
+    assert protocol_of(PROVIDERS, "gpt") == "openai" and protocol_of(PROVIDERS, "claude") == "anthropic"
+    assert protocol_of(PROVIDERS, "shared") == "anthropic"  # priority 0 before 1
+    assert protocol_of(PROVIDERS, "tied") == "openai"  # then by name
+    with pytest.raises(NotFound, match="'nope' is served by no registered LLM provider; served: claude, gpt, shared"):
+        protocol_of(PROVIDERS, "nope")
+
+
+def test_the_providers_are_read_once_and_again_only_for_a_model_they_lack():
+    reads = []
+
+    def handler(request):
+        reads.append(request.url.path)
+        return httpx.Response(200, json=PROVIDERS)
+
+    with client(handler) as c:
+        for _ in range(2):
+            with pytest.raises(NotFound):
+                c.llm.chat("nope", [{"role": "user", "content": "hi"}])
+        assert reads == ["/api/v1/llm/providers"] * 2
+        assert c.llm._protocol("gpt") == "openai" and c.llm._protocol("claude") == "anthropic"
+        assert len(reads) == 2
+
+
+def test_the_system_prompt_and_temperature_go_where_each_protocols_sdk_takes_them():
+    messages = [{"role": "user", "content": "hi"}]
+    assert chat_arguments("anthropic", "m", messages, "terse", 64, None, {"stop_sequences": ["."]}) == {
+        "model": "m", "max_tokens": 64, "stop_sequences": ["."], "system": "terse", "messages": messages}  # fmt: skip
+    assert chat_arguments("anthropic", "m", messages, None, 64, 0.0, {"extra_body": {"top_k": 5}}) == {
+        "model": "m", "max_tokens": 64, "extra_body": {"top_k": 5, "temperature": 0.0}, "messages": messages}  # fmt: skip
+    assert chat_arguments("openai", "m", messages, "terse", 64, 0.0, {}) == {
+        "model": "m", "max_tokens": 64, "temperature": 0.0,
+        "messages": [{"role": "system", "content": "terse"}, *messages]}  # fmt: skip
+    assert drop_in_url("http://kiln.test/", "openai") == "http://kiln.test/api/v1/llm/openai/v1"
+    assert drop_in_url("http://kiln.test", "anthropic") == "http://kiln.test/api/v1/llm/anthropic"
