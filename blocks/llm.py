@@ -9,6 +9,8 @@ provider can carry its key. A model name routes to every provider that lists it,
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +18,8 @@ from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
 from kiln.blocks import registered
+
+log = logging.getLogger("kiln.llm")
 
 # prices are per million tokens, as providers publish them
 PER_TOKEN = 1e-6
@@ -117,17 +121,58 @@ async def registered_providers() -> dict[str, LlmProvider]:
     return await registered(LlmProvider)
 
 
-# how long a process keeps the provider table before reading Prefect's blocks again
+# how old the provider table a process holds may get before it is read again from Prefect's blocks
 PROVIDERS_TTL_SECONDS = 5.0
-_table: tuple[float, dict[str, LlmProvider]] = (float("-inf"), {})
+
+
+class ProviderTable:
+    """The registered providers and their keys (in memory only), as one process knows them.
+
+    Read from Prefect at the first call; after that, a call that finds the table older than
+    PROVIDERS_TTL_SECONDS starts a re-read in the background and goes on with the table it has, so no
+    call waits on Prefect (reading blocks and secrets inline cost a call 300-800 ms every 5 s).
+    """
+
+    def __init__(self) -> None:
+        self.providers: dict[str, LlmProvider] = {}
+        self.keys: dict[str, str | None] = {}
+        self._read_at = float("-inf")
+        self._reading: asyncio.Task | None = None
+
+    async def current(self) -> dict[str, LlmProvider]:
+        if self._read_at == float("-inf"):
+            await self._read()
+        elif time.monotonic() - self._read_at > PROVIDERS_TTL_SECONDS and self._reading is None:
+            self._reading = asyncio.create_task(self._read())
+        return self.providers
+
+    async def fresh(self, max_age: float = 1.0) -> dict[str, LlmProvider]:
+        """The table read again now unless it is younger than `max_age`: for a model it does not know, which
+        may be a provider registered a moment ago."""
+        if time.monotonic() - self._read_at > max_age:
+            await self._read()
+        return self.providers
+
+    async def _read(self) -> None:
+        try:
+            providers = await registered_providers()
+            keys = {name: await p.aload_key() for name, p in providers.items()}
+            self.providers, self.keys, self._read_at = providers, keys, time.monotonic()
+        except Exception:  # noqa: BLE001 - Prefect unreachable: the table held goes on serving
+            if self._read_at == float("-inf"):
+                raise
+            log.exception("could not re-read the LLM providers from Prefect; using the table read before")
+            self._read_at = time.monotonic()
+        finally:
+            self._reading = None
+
+
+# the process's table: the API's drop-in calls and the holds of llm_proxy jobs read it
+TABLE = ProviderTable()
 
 
 async def current_providers() -> dict[str, LlmProvider]:
-    """The registered providers, re-read from Prefect at most every PROVIDERS_TTL_SECONDS."""
-    global _table
-    if time.monotonic() - _table[0] > PROVIDERS_TTL_SECONDS:
-        _table = (time.monotonic(), await registered_providers())
-    return _table[1]
+    return await TABLE.current()
 
 
 def route(providers: dict[str, LlmProvider], model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
@@ -145,7 +190,7 @@ async def hold_for_job(job_input) -> float:
     """An llm_proxy job's hold (JobType.usd_hold): its call's most possible cost at any provider it may reach."""
     from kiln.errors import InputInvalid
 
-    targets = route(await current_providers(), job_input.model)
+    targets = route(await current_providers(), job_input.model) or route(await TABLE.fresh(), job_input.model)
     if job_input.provider is not None:
         targets = [(n, p) for n, p in targets if n == job_input.provider]
     if not targets:

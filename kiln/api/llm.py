@@ -75,8 +75,6 @@ class Gateway:
         self.store, self.prefect = store, prefect
         # one pooled client for the process: no per-call client, connection or TLS setup
         self.http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        self._providers: dict[str, Any] = {}
-        self._keys: dict[str, str | None] = {}
         self._recording: set[asyncio.Task] = set()
 
     async def close(self) -> None:
@@ -85,17 +83,15 @@ class Gateway:
         await self.http.aclose()
 
     async def providers(self) -> dict[str, Any]:
-        """The registered providers (kiln.blocks.llm.current_providers), with their keys held in memory."""
-        from kiln.blocks.llm import current_providers
+        """The registered providers (kiln.blocks.llm.TABLE: refreshed in the background, never on a call's path)."""
+        from kiln.blocks.llm import TABLE
 
-        providers = await current_providers()
-        if providers is not self._providers:
-            self._keys = {name: await p.aload_key() for name, p in providers.items()}
-            self._providers = providers
-        return self._providers
+        return await TABLE.current()
 
     def key(self, name: str) -> str | None:
-        return self._keys.get(name)
+        from kiln.blocks.llm import TABLE
+
+        return TABLE.keys.get(name)
 
     def record(self, **call: Any) -> None:
         """Records a finished call as a job, off the response's path."""
@@ -244,6 +240,10 @@ async def _call(request: Request, caller: Caller, kind: Kind) -> Response:
         raise ProviderError(kind, 400, "model: a string naming the model is required", "invalid_request_error")
     gateway: Gateway = request.app.state.llm
     targets = route(await gateway.providers(), body["model"], kind)
+    if not targets:
+        from kiln.blocks.llm import TABLE
+
+        targets = route(await TABLE.fresh(), body["model"], kind)
     if not targets:
         raise ProviderError(kind, 404, f"model: {body['model']!r} is served by no registered {kind} provider; "
                             f"`kiln llm providers list` shows them", "not_found_error", "model_not_found")  # fmt: skip

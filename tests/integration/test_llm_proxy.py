@@ -60,7 +60,9 @@ def _add_provider(name: str, *options: str) -> None:
                     "--overwrite", *options], check=True, capture_output=True, env={**os.environ, "LLM_TEST_KEY": KEY})  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+# once per session: test_llm_sdk uses them too, and a provider re-registered under its name at a new port would
+# reach the API's provider table only at its next background re-read
+@pytest.fixture(scope="session")
 def providers(stack):
     started = []
     healthy, port = _llmock()

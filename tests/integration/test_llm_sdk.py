@@ -54,7 +54,7 @@ def test_chat_streams_text_deltas_that_join_to_the_recorded_answer(sdk, http, mo
     deltas = list(sdk.llm.chat(model, messages, stream=True, max_tokens=40))
     assert len(deltas) > 1 and all(isinstance(d, str) and d for d in deltas)
     job = job_of(http, messages)
-    assert job["status"] == "completed" and job["output"]["text"] == "".join(deltas)
+    assert job["status"] == "completed" and job["output"]["text"] == "".join(deltas), job
     assert job["input"]["protocol"] == protocol and job["input"]["stream"] is True
     assert job["input"]["max_tokens"] == 40
 
@@ -132,9 +132,9 @@ def slow_model(providers):
     """A model whose stream comes a chunk every CHUNK_DELAY_MS, as a real model's does."""
     process, port = _llmock("--stream-chunk-delay-ms", str(CHUNK_DELAY_MS))
     try:
-        _add_provider("mock-slow", "--kind", "anthropic", "--base-url", f"http://127.0.0.1:{port}/anthropic",
-                      "--model", "mock-slow")  # fmt: skip
-        yield "mock-slow"
+        _add_provider("mock-chunked", "--kind", "anthropic", "--base-url", f"http://127.0.0.1:{port}/anthropic",
+                      "--model", "mock-chunked")  # fmt: skip
+        yield "mock-chunked"
     finally:
         process.terminate()
         process.wait(10)

@@ -67,3 +67,13 @@ def test_the_model_version_is_part_of_the_cache_key_through_the_job_type():
     versions = ml_predict.versions_of(request)
     assert versions["model_version"].startswith("matgl 2.1.2")
     assert input_hash("ml_predict", request, versions) != input_hash("ml_predict", request, {"model_version": "new"})
+
+
+def test_tokens_count_once_used_and_the_call_after_the_limit_waits():
+    limiter = RateLimiter()
+    limiter.take("a", "LLM tokens", 100, amount=0)  # a check: nothing used yet
+    limiter.spend("a", "LLM tokens", 150)  # the call let through used more than the limit
+    with pytest.raises(RateLimited, match="at most 100 per minute") as caught:
+        limiter.take("a", "LLM tokens", 100, amount=0)
+    assert 59 <= caught.value.retry_after <= 60
+    limiter.take("b", "LLM tokens", 100, amount=0)
