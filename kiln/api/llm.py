@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
-from kiln.errors import InvalidRequest, QuotaExceeded, RateLimited, ServerError, Unauthorized
+from kiln.errors import InputInvalid, InvalidRequest, QuotaExceeded, RateLimited, ServerError, Unauthorized
 from kiln.schemas.llm_proxy import LlmUsage
 from kiln.schemas.statuses import JobStatus
 from kiln.store import llm as llm_money
@@ -168,27 +168,36 @@ async def list_providers(project_id: Annotated[str, Depends(project_of_caller)])
     return [providers[name].summary(name) for name in sorted(providers)]
 
 
+TIME = {"format": "date-time", "examples": ["2026-11-30T00:00:00Z"]}
+
+
 @router.get("/usage", summary="The project's LLM calls in a period, per model or per API key, and its budget",
             response_model=LlmUsage, response_model_by_alias=True,
-            responses=error_responses(InvalidRequest, Unauthorized, ServerError))  # fmt: skip
+            responses=error_responses(InvalidRequest, InputInvalid, Unauthorized, ServerError))  # fmt: skip
 async def llm_usage(
     request: Request,
     project_id: Annotated[str, Depends(project_of_caller)],
-    start: Annotated[datetime | None, Query(alias="from", description="Calls ended at or after this time.")] = None,
-    end: Annotated[datetime | None, Query(alias="to", description="Calls ended before this time.")] = None,
+    start: Annotated[str | None, Query(alias="from", description="Calls ended at or after this time (ISO 8601).",
+                                       json_schema_extra=TIME)] = None,  # fmt: skip
+    end: Annotated[str | None, Query(alias="to", description="Calls ended before this time (ISO 8601).",
+                                     json_schema_extra=TIME)] = None,  # fmt: skip
     group_by: Annotated[Literal["model", "key"], Query(description="Sum per model or per API key.")] = "model",
 ) -> LlmUsage:
-    start, end = (_utc(t) for t in (start, end))
-    if start is not None and end is not None and end < start:
-        raise InvalidRequest(f"to: {end.isoformat()} is before from ({start.isoformat()})")
-    report = await llm_money.usage(request.app.state.store, project_id, start, end, group_by)
-    return LlmUsage(start=start, end=end, group_by=group_by, **report)
+    since, until = _moment("from", start), _moment("to", end)
+    if since is not None and until is not None and until < since:
+        raise InvalidRequest(f"to: {end} is before from ({start})")
+    report = await llm_money.usage(request.app.state.store, project_id, since, until, group_by)
+    return LlmUsage(start=since, end=until, group_by=group_by, **report)
 
 
-def _utc(moment: datetime | None) -> datetime | None:
-    """A time as asked, in UTC; one without a zone is taken as UTC."""
-    if moment is None:
+def _moment(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 date-time of a query parameter, in UTC (one without a zone is taken as UTC); no other form."""
+    if value is None:
         return None
+    try:
+        moment = datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise InputInvalid(f"{name}: {value!r} is not an ISO 8601 date-time such as 2026-11-30T00:00:00Z") from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 

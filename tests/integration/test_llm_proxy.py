@@ -367,6 +367,8 @@ def test_20_concurrent_calls_against_a_budget_for_10_never_overspend(providers):
         assert later["groups"] == [] and later["budget_usd"] == pytest.approx(budget)
         backwards = h.get("/api/v1/llm/usage", params={"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"})
         assert backwards.status_code == 400 and backwards.json()["detail"].startswith("to:")
+        unix = h.get("/api/v1/llm/usage", params={"to": "0.5"})
+        assert unix.status_code == 422 and unix.json()["detail"].startswith("to: '0.5' is not an ISO 8601")
         # an llm_proxy job holds its most possible cost at submission too: past the budget, a 402 and no job
         _cli("projects", "budget", name, "--usd", repr(usage["spent_usd"] + hold / 10))
         over = h.post("/api/v1/jobs", json={"type": "llm_proxy", "input": {**body, "stream": False}})
