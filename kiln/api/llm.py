@@ -272,7 +272,8 @@ async def _call(request: Request, caller: Caller, kind: Kind) -> Response:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise ProviderError(kind, 400, "max_tokens: a positive integer is required when the project has an LLM "
                                 "budget: a call holds max_tokens × price of it until it ends", "invalid_request_error")  # fmt: skip
-        call.held_usd = hold_usd(targets, len(call.payload), max_tokens)
+        choices = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 1 else 1  # OpenAI's n answers
+        call.held_usd = hold_usd(targets, len(call.payload), max_tokens * choices)
         try:
             await llm_money.hold_for_call(state.store, caller.project_id, call.held_usd)
         except QuotaExceeded as exc:
