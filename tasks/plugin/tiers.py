@@ -189,8 +189,8 @@ class BwrapTier(Tier):
     name = "B"
     out_userns = True
     out_options = "mode=0755,nosuid,nodev"
-    # bwrap's own two processes in the sandbox's user namespace (the outer one and the pid 1 reaper)
-    NPROC_OVERHEAD = 2
+    # bwrap's own two processes, counted with the plugin's by its cgroup or RLIMIT_NPROC (the outer one, pid 1)
+    BWRAP_PROCESSES = 2
 
     def enforcement(self, limits: Limits) -> dict[str, str]:
         cgroups = can_limit()
@@ -226,12 +226,13 @@ class BwrapTier(Tier):
         argv += ["--seccomp", str(filter_fd), "--", *bundle.argv]
 
         cgroups = {c for c in LIMITING if "cgroup" in bundle.enforcement[LIMIT_OF_CONTROLLER[c]]}
-        procs = RunCgroups(bundle.id).create(limits, cgroups)
+        with_bwrap = limits.model_copy(update={"pids": limits.pids + self.BWRAP_PROCESSES})
+        procs = RunCgroups(bundle.id).create(with_bwrap, cgroups)
         rlimits = []
         if "memory" not in cgroups:
             rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
         if "pids" not in cgroups:
-            rlimits.append((resource.RLIMIT_NPROC, limits.pids + self.NPROC_OVERHEAD))
+            rlimits.append((resource.RLIMIT_NPROC, with_bwrap.pids))
         if "cpu" not in cgroups:
             seconds = self.cpu_seconds(limits)
             rlimits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))  # SIGXCPU first, SIGKILL a second later
