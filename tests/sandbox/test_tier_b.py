@@ -109,9 +109,10 @@ def test_isolation_as_nobody(image, place):
         outcome, lines = as_nobody(
             image, place,
             f"cat {secret} /etc/shadow; echo hi | nc -w 2 127.0.0.1 {listener.getsockname()[1]} && echo CONNECTED; "
-            # busybox's mount refuses by itself (not root); unshare and chroot reach the kernel
             "for f in /x /etc/x /in/x /tmp/x /out/x; do touch $f 2>/dev/null && echo ok $f; done; "
-            "mount -t tmpfs none /tmp && echo MOUNTED; unshare -r true && echo UNSHARED; chroot / true && echo CHROOTED",
+            # busybox's mount refuses by itself (not root); unshare and chroot reach the kernel
+            "mount -t tmpfs none /tmp && echo MOUNTED; unshare -r true && echo UNSHARED; "
+            "chroot / true && echo CHROOTED",
         )  # fmt: skip
         with pytest.raises(TimeoutError):
             listener.accept()
