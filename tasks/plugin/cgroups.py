@@ -71,20 +71,22 @@ def can_limit() -> set[str]:
 
 
 class RunCgroups:
-    """The cgroups of one run, named like its container, beneath this process's own."""
+    """The cgroups of one run, named like its container, beneath this process's own (as they are at its start)."""
 
     def __init__(self, name: str):
         self.name = name
+        self.hierarchies = hierarchies()
+        self.limiting = {c: h for c in LIMITING for h in self.hierarchies if c in h.controllers}
 
     def dir(self, controller: str) -> Path | None:
-        hierarchy = limiting_dirs().get(controller)
+        hierarchy = self.limiting.get(controller)
         return hierarchy.own / self.name if hierarchy else None
 
     def create(self, limits: Limits, controllers: set[str]) -> list[Path]:
         """Makes the run's cgroups of these controllers with their limits; the `cgroup.procs` files to join."""
         procs = []
         for controller in sorted(controllers):
-            path, v2 = self.dir(controller), limiting_dirs()[controller].version == 2
+            path, v2 = self.dir(controller), self.limiting[controller].version == 2
             path.mkdir(exist_ok=True)
             if controller == "memory":
                 size = str(limits.memory_mb * 1024 * 1024)
@@ -111,7 +113,7 @@ class RunCgroups:
             path = self.dir(controller)
             if path is None:
                 continue
-            file = path / (v2_file if limiting_dirs()[controller].version == 2 else v1_file)
+            file = path / (v2_file if self.limiting[controller].version == 2 else v1_file)
             if file.exists():
                 values = dict(line.split() for line in file.read_text().splitlines() if line.strip())
                 if int(values.get(key, 0)):
@@ -122,7 +124,7 @@ class RunCgroups:
         """Kills what is left in the run's cgroups and removes them; `anywhere`: in the whole tree of each
         hierarchy, for a predecessor whose own cgroup was elsewhere. The directories removed."""
         removed = []
-        for hierarchy in hierarchies():
+        for hierarchy in self.hierarchies:
             paths = [hierarchy.own / self.name] if not anywhere else \
                 [Path(d) / self.name for d, names, _ in os.walk(hierarchy.mount) if self.name in names]  # fmt: skip
             for path in paths:

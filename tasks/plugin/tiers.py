@@ -42,6 +42,10 @@ class Bundle:
     cwd: str
     limits: Limits
     enforcement: dict[str, str] = field(default_factory=dict)  # limit → how the tier enforces it
+    cgroups: RunCgroups = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cgroups = RunCgroups(self.id)
 
     @property
     def in_dir(self) -> Path:
@@ -82,10 +86,10 @@ class Tier:
 
     def hits(self, bundle: Bundle, exit_code: int) -> set[str]:
         """The limits the run ran into: a subset of {"memory", "pids", "cpu"}."""
-        return RunCgroups(bundle.id).hits()
+        return bundle.cgroups.hits()
 
     async def teardown(self, bundle: Bundle) -> None:
-        await RunCgroups(bundle.id).remove()
+        await bundle.cgroups.remove()
 
 
 class RuncTier(Tier):
@@ -227,7 +231,7 @@ class BwrapTier(Tier):
 
         cgroups = {c for c in LIMITING if "cgroup" in bundle.enforcement[LIMIT_OF_CONTROLLER[c]]}
         with_bwrap = limits.model_copy(update={"pids": limits.pids + self.BWRAP_PROCESSES})
-        procs = RunCgroups(bundle.id).create(with_bwrap, cgroups)
+        procs = bundle.cgroups.create(with_bwrap, cgroups)
         rlimits = []
         if "memory" not in cgroups:
             rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
