@@ -134,7 +134,11 @@ class _OutTmpfs:
                 if not source.is_file() or source.is_symlink():
                     continue
                 (results_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, results_dir / relative, follow_symlinks=False)
+                try:
+                    shutil.copyfile(source, results_dir / relative, follow_symlinks=False)
+                except PermissionError:  # the plugin took its own read permission away: its loss, not the run's
+                    log.warning("%s: /out/%s is not readable; not copied", self.path, relative)
+                    continue
                 copied.append(str(relative))
         return sorted(copied)
 

@@ -182,3 +182,8 @@ def test_a_root_worker_without_a_writable_pids_cgroup_refuses_the_pids_limit(ima
     assert message == ("limits.pids: sandbox tier B on this worker cannot enforce it (no writable pids cgroup, and "
                        "RLIMIT_NPROC does not bind root); run it on a worker that offers tier A")  # fmt: skip
     assert shutil.which("runc")  # the host itself still offers tier A
+
+
+def test_a_file_the_plugin_made_unreadable_is_left_out_and_the_rest_copied(image, place):
+    outcome, _ = as_nobody(image, place, "echo a > /out/a.txt; echo b > /out/b.txt; chmod 000 /out/a.txt")
+    assert (outcome.ending, outcome.files) == (Ending.COMPLETED, ["b.txt"])
