@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm test-unit test-sqlite test-postgres bench bench-llm
+.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -11,8 +11,9 @@ run: install
 	$(PYTHON) -m kiln.cli up
 
 ## make test: install kiln with its test tools, start PostgreSQL and a single-node SLURM, and run every test
-test: install-test postgres chromium slurm
+test: install-test postgres chromium slurm sandbox
 	$(PYTHON) -m pytest tests/unit -q
+	$(PYTHON) -m pytest tests/sandbox -q -x
 	$(PYTHON) -m pytest tests/integration -q -x
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
 	$(PYTHON) -m pytest tests/slurm -q -x
@@ -34,6 +35,10 @@ postgres:
 # headless Chromium from Debian: the test that opens a job's run page in the Prefect UI
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+# the plugin sandbox's tools from Debian (runc, umoci, skopeo, bubblewrap, busybox-static), installed if missing
+sandbox:
+	scripts/sandbox-deps.sh
 
 # a single-node SLURM on localhost (slurm-wlm and munge from Debian, installed if missing)
 slurm:

@@ -1,0 +1,21 @@
+"""The sandbox of plugin_exec: daemonless OCI images run under runc (tier A) or bwrap (tier B) with enforced limits."""
+
+from kiln.tasks.plugin.images import ImageRef, InvalidImage, import_image
+from kiln.tasks.plugin.limits import Ending, Limits, LimitUnenforceable, SandboxFailed
+from kiln.tasks.plugin.sandbox import Outcome, PluginRun, clean_leftovers
+from kiln.tasks.plugin.tiers import TierCheck, detect_tier
+
+__all__ = [
+    "Ending",
+    "ImageRef",
+    "InvalidImage",
+    "LimitUnenforceable",
+    "Limits",
+    "Outcome",
+    "PluginRun",
+    "SandboxFailed",
+    "TierCheck",
+    "clean_leftovers",
+    "detect_tier",
+    "import_image",
+]

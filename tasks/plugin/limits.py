@@ -1,0 +1,65 @@
+"""What a sandboxed plugin may use, how a run ended, and the sandbox's errors: a limit refused, a sandbox broken."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kiln.errors import InvalidRequest, ServerError
+
+
+class Limits(BaseModel):
+    """The resources of one plugin run; each is enforced by the tier or the run is refused before it starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus: float = Field(1.0, gt=0, le=64, description="CPU cores the plugin may keep busy (a CFS quota per period).")
+    memory_mb: int = Field(512, ge=16,
+                           description="Memory of all its processes together, tmpfs pages included; no swap.")
+    pids: int = Field(64, ge=4, le=4096, description="Processes and threads alive at once, the plugin included.")
+    wall_seconds: float = Field(60, gt=0, description="Time from start to kill, whatever the plugin is doing.")
+    output_mb: int = Field(10, ge=1, description="Size of /out, the only place whose files come back.")
+    tmp_mb: int = Field(64, ge=1, description="Size of /tmp (and of /dev/shm).")
+
+
+class Ending(str, Enum):
+    """How a run ended; exactly one per run, its `reason` the words a user reads."""
+
+    COMPLETED = "completed"
+    OUT_OF_MEMORY = "out_of_memory"
+    TOO_MANY_PROCESSES = "too_many_processes"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    CPU_TIME_LIMIT = "cpu_time_limit"
+    WALL_TIME_LIMIT = "wall_time_limit"
+    EXIT_CODE = "exit_code"
+    CANCELLED = "cancelled"
+
+    def reason(self, limits: Limits, exit_code: int | None = None) -> str:
+        """'out of memory (limit 256 MB)', 'exited with code 3', …"""
+        return {
+            Ending.COMPLETED: "completed",
+            Ending.OUT_OF_MEMORY: f"out of memory (limit {limits.memory_mb} MB)",
+            Ending.TOO_MANY_PROCESSES: f"too many processes (limit {limits.pids})",
+            Ending.OUTPUT_TOO_LARGE: f"output larger than {limits.output_mb} MB",
+            Ending.CPU_TIME_LIMIT: "cpu time limit",
+            Ending.WALL_TIME_LIMIT: f"wall time limit ({limits.wall_seconds:g} s)",
+            Ending.EXIT_CODE: f"exited with code {exit_code}",
+            Ending.CANCELLED: "cancelled",
+        }[self]
+
+
+class LimitUnenforceable(InvalidRequest):
+    """A limit this worker's sandbox tier cannot enforce; the run is refused rather than run without it."""
+
+    def __init__(self, limit: str, tier: str, why: str):
+        super().__init__(
+            f"limits.{limit}: sandbox tier {tier} on this worker cannot enforce it ({why}); "
+            f"run it on a worker that offers tier A",
+            details=[{"loc": ["limits", limit], "msg": why, "type": "limit_unenforceable", "tier": tier}],
+        )
+        self.limit = limit
+
+
+class SandboxFailed(ServerError):
+    """The sandbox itself could not be set up or torn down on this worker; the message says which step."""

@@ -1,0 +1,308 @@
+"""The two sandbox tiers over one unpacked image: runc with cgroups (A, root) and bwrap with rlimits (B, unprivileged).
+
+A tier says how it enforces each limit (or refuses), how it starts a bundle, stops it, reads which limits
+it hit, and removes what it made. The rest of a run (input, output, time, reasons) is sandbox.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kiln.tasks.plugin import seccomp
+from kiln.tasks.plugin.cgroups import LIMITING, RunCgroups, can_limit
+from kiln.tasks.plugin.limits import Limits, LimitUnenforceable, SandboxFailed
+
+NOBODY = 65534
+# runc's default masked and read-only /proc paths (`runc spec`)
+MASKED_PATHS = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware"]  # fmt: skip
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+LIMIT_OF_CONTROLLER = {"memory": "memory_mb", "pids": "pids", "cpu": "cpus"}
+
+
+@dataclass
+class Bundle:
+    """What one run starts from: its container id and folder under the work dir, the image's root, the process."""
+
+    id: str  # kiln-<run id>-<random>; also the name of its cgroups
+    dir: Path
+    rootfs: Path
+    argv: list[str]
+    env: list[str]
+    cwd: str
+    limits: Limits
+    enforcement: dict[str, str] = field(default_factory=dict)  # limit → how the tier enforces it
+    cgroups: RunCgroups = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cgroups = RunCgroups(self.id)
+
+    @property
+    def in_dir(self) -> Path:
+        return self.dir / "in"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.dir / "out"
+
+
+@dataclass
+class Launch:
+    """How to start a prepared bundle: its command and what the child does before exec."""
+
+    argv: list[str]
+    pass_fds: tuple[int, ...] = ()
+    preexec: Callable[[], None] | None = None
+
+
+class Tier:
+    """A way to sandbox a plugin; subclasses set the class attributes and the steps."""
+
+    name: str
+    # the namespace that holds /out's tmpfs needs a user namespace of its own to mount as an unprivileged user
+    out_userns: bool
+    out_options: str  # tmpfs options of /out besides its size
+
+    def enforcement(self, limits: Limits) -> dict[str, str]:
+        """How each limit is enforced here; raises LimitUnenforceable for one that cannot be."""
+        raise NotImplementedError
+
+    def prepare(self, bundle: Bundle) -> Launch:
+        raise NotImplementedError
+
+    async def stop(self, bundle: Bundle, process: asyncio.subprocess.Process) -> None:
+        """Kills every process of the run at once (SIGKILL: a plugin that ignores SIGTERM stops too)."""
+        raise NotImplementedError
+
+    def hits(self, bundle: Bundle, exit_code: int) -> set[str]:
+        """The limits the run ran into: a subset of {"memory", "pids", "cpu"}."""
+        return bundle.cgroups.hits()
+
+    async def teardown(self, bundle: Bundle) -> None:
+        await bundle.cgroups.remove()
+
+
+class RuncTier(Tier):
+    """Tier A: runc runs the bundle with an OCI config kiln writes; its cgroups (v1 or v2) hold every limit."""
+
+    name = "A"
+    out_userns = False
+    out_options = f"uid={NOBODY},gid={NOBODY},mode=0755,nosuid,nodev"
+
+    def enforcement(self, limits: Limits) -> dict[str, str]:
+        if os.geteuid() != 0:
+            raise SandboxFailed("sandbox: tier A runs runc, which needs root on this worker")
+        missing = set(LIMITING) - can_limit()
+        if missing:
+            controller = sorted(missing)[0]
+            raise LimitUnenforceable(LIMIT_OF_CONTROLLER[controller], self.name,
+                                     f"no writable {controller} cgroup")  # fmt: skip
+        return {"memory_mb": "memory cgroup (swap included)", "pids": "pids cgroup", "cpus": "cpu cgroup quota",
+                "wall_seconds": "kill at the deadline", "output_mb": "tmpfs size", "tmp_mb": "tmpfs size"}  # fmt: skip
+
+    def prepare(self, bundle: Bundle) -> Launch:
+        (bundle.dir / "config.json").write_text(json.dumps(oci_config(bundle), indent=1))
+        # --keep: the stopped container keeps its cgroups until `runc delete`, so hits() can read their counters
+        return Launch(["runc", "run", "--keep", "--bundle", str(bundle.dir), bundle.id])
+
+    async def stop(self, bundle: Bundle, process: asyncio.subprocess.Process) -> None:
+        # the plugin is the init of its pid namespace: when it dies the kernel kills the rest
+        if await _quiet("runc", "kill", bundle.id, "KILL") != 0:  # not created yet, or already gone
+            _kill_group(process)
+
+    async def teardown(self, bundle: Bundle) -> None:
+        await _quiet("runc", "delete", "--force", bundle.id)
+        await super().teardown(bundle)
+
+
+def oci_config(bundle: Bundle) -> dict:
+    """The OCI runtime config of a Tier A run: read-only root, uid 65534, no capabilities, seccomp, no network
+    but loopback, its own pid/ipc/uts/mount/cgroup namespaces, size-limited tmpfs, and its cgroup limits."""
+    limits = bundle.limits
+    memory = limits.memory_mb * 1024 * 1024
+    tmpfs = ["nosuid", "nodev", f"size={limits.tmp_mb}m", "mode=1777"]
+    return {
+        "ociVersion": "1.0.2",
+        "root": {"path": str(bundle.rootfs), "readonly": True},
+        "hostname": "kiln",
+        "process": {
+            "terminal": False,
+            "user": {"uid": NOBODY, "gid": NOBODY, "additionalGids": []},
+            "args": bundle.argv,
+            "env": bundle.env,
+            "cwd": bundle.cwd,
+            "capabilities": {kind: [] for kind in ("bounding", "effective", "inheritable", "permitted", "ambient")},
+            "noNewPrivileges": True,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024},
+                        {"type": "RLIMIT_CORE", "hard": 0, "soft": 0}],  # fmt: skip
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": tmpfs},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": tmpfs},
+            {"destination": "/in", "type": "bind", "source": str(bundle.in_dir),
+             "options": ["rbind", "ro", "nosuid", "nodev"]},
+            # the tmpfs mounted on out/ in the namespace runc is started in (sandbox.py)
+            {"destination": "/out", "type": "bind", "source": str(bundle.out_dir),
+             "options": ["rbind", "nosuid", "nodev"]},
+        ],  # fmt: skip
+        "linux": {
+            # relative: beneath the worker's own cgroup in each hierarchy
+            "cgroupsPath": bundle.id,
+            "resources": {
+                "memory": {"limit": memory, "swap": memory},  # v1 memsw: memory plus swap, so no swap
+                "pids": {"limit": limits.pids},
+                "cpu": {"quota": max(1000, round(limits.cpus * 100_000)), "period": 100_000},
+                "devices": [{"allow": False, "access": "rwm"}],
+            },
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")],
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
+            "seccomp": seccomp.oci_profile(),
+        },
+    }
+
+
+class BwrapTier(Tier):
+    """Tier B: bwrap over the same root, unprivileged; cgroups where this process may create them, else rlimits.
+
+    The rlimits bind each process, not the run: RLIMIT_AS caps each process's address space at memory_mb,
+    RLIMIT_NPROC the processes of the sandbox's user, and RLIMIT_CPU each process's CPU seconds at
+    cpus × wall_seconds (what the quota would allow). Where they hold, a run that hits memory or pids sees
+    failed allocations or forks and ends by its own exit code; SIGXCPU names the CPU limit.
+    """
+
+    name = "B"
+    out_userns = True
+    out_options = "mode=0755,nosuid,nodev"
+    # bwrap's own two processes, counted with the plugin's by its cgroup or RLIMIT_NPROC (the outer one, pid 1)
+    BWRAP_PROCESSES = 2
+
+    def enforcement(self, limits: Limits) -> dict[str, str]:
+        cgroups = can_limit()
+        how = {"wall_seconds": "kill at the deadline", "output_mb": "tmpfs size", "tmp_mb": "tmpfs size"}
+        how["memory_mb"] = "memory cgroup (swap included)" if "memory" in cgroups else "RLIMIT_AS per process"
+        how["cpus"] = "cpu cgroup quota" if "cpu" in cgroups else \
+            f"RLIMIT_CPU {self.cpu_seconds(limits)} s per process"  # fmt: skip
+        if "pids" in cgroups:
+            how["pids"] = "pids cgroup"
+        elif os.geteuid() == 0:
+            raise LimitUnenforceable("pids", self.name, "no writable pids cgroup, and RLIMIT_NPROC does not bind root")
+        else:
+            how["pids"] = "RLIMIT_NPROC of the sandbox's user"
+        return how
+
+    @staticmethod
+    def cpu_seconds(limits: Limits) -> int:
+        return math.ceil(limits.cpus * limits.wall_seconds)
+
+    def prepare(self, bundle: Bundle) -> Launch:
+        limits = bundle.limits
+        filter_fd = os.open(seccomp.write_bpf(bundle.dir / "seccomp.bpf"), os.O_RDONLY)
+        argv = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "kiln",
+                "--ro-bind", str(bundle.rootfs), "/", "--proc", "/proc", "--dev", "/dev",
+                "--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+                "--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/dev/shm",
+                "--ro-bind", str(bundle.in_dir), "/in", "--bind", str(bundle.out_dir), "/out",
+                "--chdir", bundle.cwd, "--clearenv"]  # fmt: skip
+        for variable in bundle.env:
+            name, _, value = variable.partition("=")
+            argv += ["--setenv", name, value]
+        argv += ["--seccomp", str(filter_fd), "--", *bundle.argv]
+
+        cgroups = {c for c in LIMITING if "cgroup" in bundle.enforcement[LIMIT_OF_CONTROLLER[c]]}
+        with_bwrap = limits.model_copy(update={"pids": limits.pids + self.BWRAP_PROCESSES})
+        procs = bundle.cgroups.create(with_bwrap, cgroups)
+        rlimits = []
+        if "memory" not in cgroups:
+            rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
+        if "pids" not in cgroups:
+            rlimits.append((resource.RLIMIT_NPROC, with_bwrap.pids))
+        if "cpu" not in cgroups:
+            seconds = self.cpu_seconds(limits)
+            rlimits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))  # SIGXCPU first, SIGKILL a second later
+
+        def preexec() -> None:  # in the child, before exec: nothing it starts escapes the cgroups or rlimits
+            for path in procs:
+                path.write_text(str(os.getpid()))
+            for kind, value in rlimits:
+                resource.setrlimit(kind, value if isinstance(value, tuple) else (value, value))
+
+        return Launch(argv, pass_fds=(filter_fd,), preexec=preexec)
+
+    async def stop(self, bundle: Bundle, process: asyncio.subprocess.Process) -> None:
+        # bwrap dies; --die-with-parent kills its pid 1, and the kernel the rest of the pid namespace
+        _kill_group(process)
+
+    def hits(self, bundle: Bundle, exit_code: int) -> set[str]:
+        hit = super().hits(bundle, exit_code)
+        if "RLIMIT_CPU" in bundle.enforcement["cpus"] and exit_code == 128 + signal.SIGXCPU:
+            hit.add("cpu")
+        return hit
+
+
+TIERS = {tier.name: tier for tier in (RuncTier(), BwrapTier())}
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def _quiet(*argv: str) -> int:
+    """Runs a tool, its output discarded; its exit code."""
+    process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return await process.wait()
+
+
+@dataclass(frozen=True)
+class TierCheck:
+    """The tier this process can offer ("A", "B" or None) and why no better one."""
+
+    tier: str | None
+    notes: tuple[str, ...] = ()
+
+
+def detect_tier() -> TierCheck:
+    """Which tier this process can offer: A with root, runc and writable memory/pids/cpu cgroups; else B when an
+    unprivileged bwrap sandbox starts; else none. For /healthz and the worker's heartbeat."""
+    notes = []
+    missing_tools = [tool for tool in ("runc", "unshare", "nsenter") if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        notes.append("tier A: not root")
+    elif missing_tools:
+        notes.append(f"tier A: {', '.join(missing_tools)} not installed")
+    elif set(LIMITING) - can_limit():
+        notes.append(f"tier A: no writable {', '.join(sorted(set(LIMITING) - can_limit()))} cgroup")
+    else:
+        return TierCheck("A")
+    if shutil.which("bwrap") is None:
+        notes.append("tier B: bwrap not installed")
+        return TierCheck(None, tuple(notes))
+    probe = subprocess.run(["bwrap", "--unshare-all", "--uid", str(NOBODY), "--gid", str(NOBODY), "--ro-bind", "/", "/",
+                            "--cap-drop", "ALL", "true"], capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        notes.append(f"tier B: bwrap cannot make a sandbox here ({probe.stderr.strip()})")
+        return TierCheck(None, tuple(notes))
+    return TierCheck("B", tuple(notes))

@@ -1,0 +1,80 @@
+"""The plugin sandbox without running it: its public names, the OCI config tier A writes, the seccomp list, reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import kiln.tasks.plugin as plugin
+from kiln.tasks.plugin import Ending, Limits, LimitUnenforceable
+from kiln.tasks.plugin.seccomp import DENIED, oci_profile
+from kiln.tasks.plugin.tiers import Bundle, oci_config
+
+
+def test_the_public_names_are_chosen():
+    assert plugin.__all__ == sorted(plugin.__all__) == [
+        "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun", "SandboxFailed",
+        "TierCheck", "clean_leftovers", "detect_tier", "import_image",
+    ]  # fmt: skip
+
+
+def test_tier_a_config_is_locked_down_and_carries_the_limits():
+    limits = Limits(cpus=1.5, memory_mb=256, pids=64, output_mb=10, tmp_mb=32)
+    bundle = Bundle(id="kiln-job1-abc123", dir=Path("/w/kiln-job1-abc123"), rootfs=Path("/store/x/bundle/rootfs"),
+                    argv=["python3", "-m", "plugin"], env=["PATH=/usr/bin"], cwd="/app", limits=limits)  # fmt: skip
+    config = oci_config(bundle)
+    process, linux = config["process"], config["linux"]
+    assert config["root"] == {"path": "/store/x/bundle/rootfs", "readonly": True}
+    assert (process["user"]["uid"], process["user"]["gid"], process["noNewPrivileges"]) == (65534, 65534, True)
+    assert all(caps == [] for caps in process["capabilities"].values())
+    assert (process["args"], process["cwd"], process["terminal"]) == (["python3", "-m", "plugin"], "/app", False)
+    assert {n["type"] for n in linux["namespaces"]} == {"pid", "network", "ipc", "uts", "mount", "cgroup"}
+    assert all("path" not in n for n in linux["namespaces"])  # new ones, the network with loopback only
+    assert linux["cgroupsPath"] == "kiln-job1-abc123"  # relative: beneath the worker's own cgroup
+    assert linux["resources"]["memory"] == {"limit": 256 << 20, "swap": 256 << 20}
+    assert linux["resources"]["pids"] == {"limit": 64}
+    assert linux["resources"]["cpu"] == {"quota": 150_000, "period": 100_000}
+    assert "/proc/kcore" in linux["maskedPaths"] and "/proc/sys" in linux["readonlyPaths"]
+    mounts = {m["destination"]: m for m in config["mounts"]}
+    assert "size=32m" in mounts["/tmp"]["options"]
+    assert mounts["/in"]["source"] == "/w/kiln-job1-abc123/in" and "ro" in mounts["/in"]["options"]
+    assert mounts["/out"]["source"] == "/w/kiln-job1-abc123/out" and "ro" not in mounts["/out"]["options"]
+    assert linux["seccomp"] == oci_profile()
+
+
+def test_the_seccomp_list_denies_namespaces_mounts_and_tracing_with_eperm():
+    profile = oci_profile()
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert {"SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"} == set(profile["architectures"])
+    denied = profile["syscalls"][0]
+    assert denied["errnoRet"] == 1 and denied["names"] == list(DENIED)
+    for name in ("mount", "umount2", "ptrace", "unshare", "setns", "pivot_root", "chroot", "keyctl", "bpf",
+                 "perf_event_open", "userfaultfd", "io_uring_setup"):  # fmt: skip
+        assert name in DENIED
+    clone_rules = [r for r in profile["syscalls"] if r["names"] == ["clone"]]
+    assert {r["args"][0]["value"] for r in clone_rules} >= {0x10000000, 0x20000000, 0x40000000}  # user, pid, net
+    assert [r["errnoRet"] for r in profile["syscalls"] if r["names"] == ["clone3"]] == [38]  # ENOSYS: libc falls back
+
+
+def test_every_ending_has_its_reason_in_a_users_words():
+    limits = Limits(memory_mb=256, pids=64, wall_seconds=30, output_mb=10)
+    assert [e.reason(limits, 3) for e in Ending] == [
+        "completed", "out of memory (limit 256 MB)", "too many processes (limit 64)", "output larger than 10 MB",
+        "cpu time limit", "wall time limit (30 s)", "exited with code 3", "cancelled",
+    ]  # fmt: skip
+
+
+def test_an_unenforceable_limit_names_itself():
+    refused = LimitUnenforceable("pids", "B", "no writable pids cgroup")
+    assert refused.status_code == 400
+    assert refused.message.startswith("limits.pids: sandbox tier B on this worker cannot enforce it")
+    assert refused.body().errors == [{"loc": ["limits", "pids"], "msg": "no writable pids cgroup",
+                                      "type": "limit_unenforceable", "tier": "B"}]  # fmt: skip
+
+
+def test_limits_are_strict():
+    with pytest.raises(ValueError, match="extra"):
+        Limits(gpus=1)
+    with pytest.raises(ValueError, match="wall_seconds"):
+        Limits(wall_seconds=0)
