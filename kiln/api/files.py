@@ -92,8 +92,9 @@ async def upload_files(request: Request, project_id: Project) -> list[StoredFile
         raise _too_large(limit)  # before a byte of it is read
     media_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data":
+        sent = media_type.decode("latin-1") or "no Content-Type"
         raise InvalidRequest(f"Content-Type: an upload is multipart/form-data with one part named '{FIELD}' per file "
-                             "(curl -F files=@data.csv), not " + (media_type.decode("latin-1") or "no Content-Type"))  # fmt: skip
+                             f"(curl -F files=@data.csv), not {sent}")  # fmt: skip
     try:
         form = await MultiPartParser(request.headers, _at_most(request.stream(), limit), max_files=MAX_FILES,
                                      max_fields=MAX_FILES).parse()  # fmt: skip
@@ -125,8 +126,9 @@ def _read_parts(form) -> list[UploadFile]:
         if problem:
             problems.append((["body", FIELD, index], f"{where}: filename {part.filename!r}: {problem}"))
         elif part.filename in names:
-            problems.append((["body", FIELD, index], f"{where}: {part.filename!r} is also {FIELD}.{names[part.filename]}"
-                                                     "; one upload names each file once"))  # fmt: skip
+            first = f"{FIELD}.{names[part.filename]}"
+            problems.append((["body", FIELD, index], f"{where}: {part.filename!r} is also {first}; one upload names "
+                                                     "each file once"))  # fmt: skip
         else:
             names[part.filename] = index
     if problems:
