@@ -39,7 +39,8 @@ UPLOAD_BODY = {
                         "items": {"type": "string", "format": "binary"},
                         "minItems": 1,
                         "description": "The files, one part each, named by their filename (`curl -F files=@data.csv`): "
-                        "one path segment, at most 255 bytes; an upload of a name the project has replaces it.",
+                        "one path segment, at most 255 bytes. They are stored in order; an upload of a name the "
+                        "project has (or a name sent twice) replaces it.",
                     }
                 },
                 "required": [FIELD],
@@ -92,9 +93,9 @@ async def upload_files(request: Request, project_id: Project) -> list[StoredFile
         raise _too_large(limit)  # before a byte of it is read
     media_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if media_type != b"multipart/form-data":
-        sent = media_type.decode("latin-1") or "no Content-Type"
+        sent = media_type.decode("latin-1") or "none"
         raise InvalidRequest(f"Content-Type: an upload is multipart/form-data with one part named '{FIELD}' per file "
-                             f"(curl -F files=@data.csv), not {sent}")  # fmt: skip
+                             f"(curl -F files=@data.csv); got {sent}")  # fmt: skip
     try:
         form = await MultiPartParser(request.headers, _at_most(request.stream(), limit), max_files=MAX_FILES,
                                      max_fields=MAX_FILES).parse()  # fmt: skip
@@ -115,7 +116,6 @@ def _read_parts(form) -> list[UploadFile]:
     if not parts and not problems:
         problems.append((["body", FIELD], f"{FIELD}: send one or more files, each a part named '{FIELD}' "
                                           "(curl -F files=@data.csv)"))  # fmt: skip
-    names: dict[str, int] = {}
     for index, part in enumerate(parts):
         where = f"{FIELD}.{index}"
         if not isinstance(part, UploadFile):
@@ -125,12 +125,6 @@ def _read_parts(form) -> list[UploadFile]:
         problem = name_problem(part.filename or "")
         if problem:
             problems.append((["body", FIELD, index], f"{where}: filename {part.filename!r}: {problem}"))
-        elif part.filename in names:
-            first = f"{FIELD}.{names[part.filename]}"
-            problems.append((["body", FIELD, index], f"{where}: {part.filename!r} is also {first}; one upload names "
-                                                     "each file once"))  # fmt: skip
-        else:
-            names[part.filename] = index
     if problems:
         raise InputInvalid("; ".join(message for _, message in problems),
                            details=[{"loc": loc, "msg": message.split(": ", 1)[1], "type": "invalid_upload"}
