@@ -9,15 +9,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from python_multipart.multipart import parse_options_header
 
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
 from kiln.errors import InputInvalid, InvalidRequest, NotFound, ServerError, TooLarge, Unauthorized
 from kiln.files import FileStore
 from kiln.schemas.files import StoredFile, name_problem
+from kiln.schemas.statuses import JobStatus
+from kiln.store.batches import cache_source
 
 router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
@@ -140,12 +142,22 @@ async def list_files(request: Request, project_id: Project) -> list[StoredFile]:
 @router.get(
     "/jobs/{job_id}/files",
     response_model=list[StoredFile],
-    summary="The files a job produced, by name",
+    summary="The files a job produced (a cache hit: those of the job it reused), by name",
     responses=error_responses(NotFound),
 )
 async def list_job_files(request: Request, job_id: str, project_id: Project) -> list[StoredFile]:
-    await request.app.state.store.get_job(job_id, project_id)
-    return await asyncio.to_thread(files_of(request).job_files, job_id)
+    owner = await _files_owner(request, job_id, project_id)
+    return await asyncio.to_thread(files_of(request).job_files, owner)
+
+
+async def _files_owner(request: Request, job_id: str, project_id: str) -> str:
+    """The job whose files are the job's: itself, or for a cache hit the job whose result it reused; NotFound
+    when the project has no such job."""
+    store = request.app.state.store
+    row = await store.get_job(job_id, project_id)
+    if row.status == JobStatus.CACHE_HIT.value:
+        return await cache_source(store, job_id) or job_id
+    return job_id
 
 
 @router.get(
@@ -166,8 +178,8 @@ async def list_job_files(request: Request, job_id: str, project_id: Project) -> 
     },
 )
 async def download_job_file(request: Request, job_id: str, name: str, project_id: Project) -> FileResponse:
-    await request.app.state.store.get_job(job_id, project_id)
-    found = await asyncio.to_thread(files_of(request).job_file, job_id, name)
+    owner = await _files_owner(request, job_id, project_id)
+    found = await asyncio.to_thread(files_of(request).job_file, owner, name)
     if found is None:
         raise NotFound(f"job {job_id} has no file {name!r}; GET /api/v1/jobs/{job_id}/files lists its files")
     stored, path = found
