@@ -114,3 +114,11 @@ def test_a_job_file_name_that_could_escape_is_refused(store, tmp_path, files, pr
     assert store.job_files("job-1") == []
     with pytest.raises(ValueError, match="job id"):
         store.job_files("../job-1")
+
+
+def test_a_job_type_names_an_input_field_of_uploads_that_its_input_has():
+    from kiln.schemas.job_types import JobType
+    from kiln.schemas.sleep import SleepInput
+
+    with pytest.raises(ValueError, match="input_files names 'files', which is no field of SleepInput"):
+        JobType(name="t", description="", input_model=SleepInput, flow=None, input_files="files")
