@@ -20,11 +20,13 @@ worker_app = typer.Typer(help="The kiln worker: runs jobs on a Dask cluster.", n
 clusters_app = typer.Typer(help="HPC clusters (Prefect blocks) jobs can name as compute_target.", no_args_is_help=True)
 projects_app = typer.Typer(help="Projects: their core-hour budgets.", no_args_is_help=True)
 batch_app = typer.Typer(help="Batches of up to 1000 jobs.", no_args_is_help=True)
+files_app = typer.Typer(help="Files: uploads a job's input names, and the files jobs produced.", no_args_is_help=True)
 llm_app = typer.Typer(help="LLM calls through kiln: providers, their keys and models.", no_args_is_help=True)
 providers_app = typer.Typer(help="LLM providers (Prefect blocks; keys in Prefect Secret blocks).", no_args_is_help=True)
 llm_app.add_typer(providers_app, name="providers")
 app.add_typer(llm_app, name="llm")
 app.add_typer(batch_app, name="batch")
+app.add_typer(files_app, name="files")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(worker_app, name="worker")
@@ -655,6 +657,39 @@ def jobs(
         table.add_row(job.id, job.type, job.status.value, str(job.priority),
                       job.created_at.strftime("%Y-%m-%d %H:%M:%S"), (job.status_reason or "")[:60])
     Console().print(table)
+
+
+@files_app.command("put")
+def files_put(paths: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Files to upload.")) -> None:
+    """Uploads files to the project under their names (a job's input names them); prints name, sha256, size."""
+    with _client() as client:
+        for path in paths:
+            stored = _run(lambda: client.files.upload(path))
+            typer.echo(f"{stored.name}\t{stored.sha256}\t{stored.size}")
+
+
+@files_app.command("list")
+def files_list() -> None:
+    """Lists the project's uploads: name, sha256 and size, by name."""
+    with _client() as client:
+        for stored in _run(client.files.list):
+            typer.echo(f"{stored.name}\t{stored.sha256}\t{stored.size}")
+
+
+@files_app.command("get")
+def files_get(
+    job_id: str = typer.Argument(..., help="The job whose files to download."),
+    name: Optional[str] = typer.Argument(None, help="One file of the job; all of them when left out."),
+    output: Path = typer.Option(Path("."), "--output", "-o", file_okay=False, help="The folder to save into."),
+) -> None:
+    """Downloads a job's files (or one of them) into a folder; prints each path written."""
+    output.mkdir(parents=True, exist_ok=True)
+    with _client() as client:
+        names = [name] if name is not None else [f.name for f in _run(lambda: client.jobs.files(job_id))]
+        if not names:
+            typer.echo(f"job {job_id} has no files", err=True)
+        for each in names:
+            typer.echo(_run(lambda: client.jobs.download(job_id, each, output)))
 
 
 def main() -> None:

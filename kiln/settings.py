@@ -75,6 +75,12 @@ class KilnSettings(BaseSettings):
     submit_rate_per_minute: int = Field(
         600, ge=1, description="Single job submissions one API key may make per minute; more get a 429."
     )
+    upload_max_bytes: int = Field(
+        1 << 30,
+        ge=1,
+        description="Most bytes one POST /api/v1/files takes, its files and their multipart framing together; "
+        "a larger upload is refused (413).",
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory of ML model folders (matgl format), searched before the models shipped inside "
@@ -104,6 +110,11 @@ class KilnSettings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.home_dir / "results"
+
+    @property
+    def files_dir(self) -> Path:
+        """Uploads and job files (kiln.files): under the results, the one directory the API and workers share."""
+        return self.results_dir / "files"
 
     @property
     def models_path(self) -> tuple[Path, ...]:

@@ -28,6 +28,7 @@ from kiln.errors import (
     NotFound,
     RateLimited,
 )
+from kiln.files import FileStore
 from kiln.registry import job_type as registered_type
 from kiln.schemas import JobCreate, JobType, Resources
 from kiln.schemas.batches import BatchEntry, BatchEntryResult, BatchResult, Hardware
@@ -106,6 +107,11 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
 
     def validate_and_hash() -> tuple[BaseModel, str]:
         job_input = read_input(job_type, raw_input)
+        if job_type.input_files:
+            # before the hash: the cache key covers the uploads' contents, not only their names
+            field = job_type.input_files
+            pinned = FileStore.of(state.settings).pin_uploads(project_id, getattr(job_input, field), f"input.{field}")
+            job_input = job_input.model_copy(update={field: pinned})
         return job_input, input_hash(body.type, job_input, job_type.versions_of(job_input))
 
     try:

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from kiln.api.batches import router as batches_router
 from kiln.api.contract import AllowedMethods, contract_openapi, error_responses, one_value_per_query_parameter
+from kiln.api.files import router as files_router
 from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import router as jobs_router
 from kiln.api.llm import Gateway
@@ -128,6 +129,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     app.include_router(batches_router)
     app.include_router(jobs_router)
+    app.include_router(files_router)
     app.include_router(models_router)
     app.include_router(hpc_router)
     install_llm(app)

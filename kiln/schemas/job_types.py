@@ -52,10 +52,19 @@ class JobType:
     # the job until it ends and is charged its output's `cost_usd` (an LLM call's most possible cost);
     # raises a KilnError when the input cannot be priced
     usd_hold: str | None = None
+    # the input field (a list of kiln.schemas.files.InputFile) that names files uploaded with POST /api/v1/files;
+    # submission pins each item to the project's upload it names (kiln.files.FileStore.pin_uploads), so an
+    # unknown one is a 422 naming input.<field>.<index>, and the flow gets StoredFiles (kiln.files.upload_path)
+    input_files: str | None = None
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI
     tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.input_files is not None and self.input_files not in self.input_model.model_fields:
+            raise ValueError(f"job type {self.name!r}: input_files names {self.input_files!r}, which is no field of "
+                             f"{self.input_model.__name__}")  # fmt: skip
 
     @property
     def module(self) -> str:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import IO, Any, Generic, TypeVar
 from urllib.parse import quote
 
 import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ErrorBody, JobFailed, KilnError, RateLimited, ServerError, error_for_status
+from kiln.errors import ErrorBody, InvalidRequest, JobFailed, KilnError, RateLimited, ServerError, error_for_status
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
+from kiln.schemas.files import StoredFile, name_problem
 from kiln.schemas.jobs import EventKind
 from kiln.sdk.llm import AsyncLlm, Llm
 from kiln.sdk.sse import ServerSentEvent, SSEParser
@@ -38,6 +42,7 @@ _SUCCEEDED = frozenset({JobStatus.COMPLETED, JobStatus.CACHE_HIT})
 _JOB_LIST = TypeAdapter(list[Job])
 _BATCH_LIST = TypeAdapter(list[Batch])
 _PROVIDER_LIST = TypeAdapter(list[dict[str, Any]])
+_FILE_LIST = TypeAdapter(list[StoredFile])
 
 
 class JobStreamEvent(BaseModel):
@@ -66,6 +71,8 @@ class _Call(Generic[T]):
     parse: Callable[[Any], T]
     json: Any = None
     params: dict[str, Any] | None = None
+    # multipart parts as httpx takes them: [(field, (filename, file object or bytes)), …]
+    files: list[tuple[str, Any]] | None = None
 
 
 def _http_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]:
@@ -74,6 +81,10 @@ def _http_options(base_url: str, api_key: str, timeout: float) -> dict[str, Any]
 
 def _job_path(job_id: str, suffix: str = "") -> str:
     return f"/api/v1/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def _job_file_path(job_id: str, name: str) -> str:
+    return _job_path(job_id, f"/files/{quote(name, safe='')}")
 
 
 def _unreachable(base_url: str, exc: httpx.TransportError) -> ServerError:
@@ -167,6 +178,60 @@ class _JobCalls:
     @staticmethod
     def set_priority(job_id: str, priority: int) -> _Call[Job]:
         return _Call("PATCH", _job_path(job_id), Job.model_validate, json={"priority": priority})
+
+    @staticmethod
+    def files(job_id: str) -> _Call[builtins.list[StoredFile]]:
+        return _Call("GET", _job_path(job_id, "/files"), _FILE_LIST.validate_python)
+
+
+class _FileCalls:
+    """The /api/v1/files endpoints as calls; Files and AsyncFiles send them."""
+
+    @staticmethod
+    def upload(name: str, content: IO[bytes] | bytes) -> _Call[StoredFile]:
+        return _Call("POST", "/api/v1/files", lambda body: _FILE_LIST.validate_python(body)[0],
+                     files=[("files", (name, content))])  # fmt: skip
+
+    @staticmethod
+    def list() -> _Call[builtins.list[StoredFile]]:
+        return _Call("GET", "/api/v1/files", _FILE_LIST.validate_python)
+
+
+def _upload_source(
+    source: str | os.PathLike | bytes, name: str | None
+) -> tuple[str, AbstractContextManager[IO[bytes] | bytes]]:
+    """The name an upload goes under and its content to open: a file's own name unless `name` is given."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if name is None:
+            raise TypeError("upload(bytes) needs name=: the name a job's input will use for the file")
+        return name, nullcontext(bytes(source))
+    return name or Path(source).name, Path(source).open("rb")
+
+
+class _Download:
+    """One job file being saved: into a hidden file beside its target, renamed into place once whole."""
+
+    def __init__(self, job_id: str, name: str, dest: str | os.PathLike):
+        problem = name_problem(name)
+        if problem:  # the server never names a file so; a file name given here must not leave `dest`
+            raise InvalidRequest(f"name: {name!r}: {problem}")
+        self.path = _job_file_path(job_id, name)
+        dest = Path(dest)
+        self.target = dest / name if dest.is_dir() else dest
+        self._file = tempfile.NamedTemporaryFile(dir=self.target.parent, prefix=".kiln-download-", delete=False)
+
+    def write(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+
+    def __enter__(self) -> _Download:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._file.name, self.target)
+        else:
+            os.unlink(self._file.name)
 
 
 class _BatchCalls:
@@ -379,6 +444,14 @@ class JobHandle(_HandleBase):
         """The job's child jobs, oldest first."""
         return self._jobs.children(self.data.id)
 
+    def files(self) -> builtins.list[StoredFile]:
+        """The files the job produced, by name."""
+        return self._jobs.files(self.data.id)
+
+    def download(self, name: str, dest: str | os.PathLike = ".") -> Path:
+        """Saves the job's file `name` into the folder `dest` (or as `dest`, when that is no folder); the path."""
+        return self._jobs.download(self.data.id, name, dest)
+
 
 class AsyncJobHandle(_HandleBase):
     """A job on kiln, for AsyncClient: its fields (`job.id`, `job.status` …) and awaitable methods."""
@@ -451,6 +524,14 @@ class AsyncJobHandle(_HandleBase):
     async def children(self) -> builtins.list[AsyncJobHandle]:
         """The job's child jobs, oldest first."""
         return await self._jobs.children(self.data.id)
+
+    async def files(self) -> builtins.list[StoredFile]:
+        """The files the job produced, by name."""
+        return await self._jobs.files(self.data.id)
+
+    async def download(self, name: str, dest: str | os.PathLike = ".") -> Path:
+        """Saves the job's file `name` into the folder `dest` (or as `dest`, when that is no folder); the path."""
+        return await self._jobs.download(self.data.id, name, dest)
 
 
 # client.jobs
@@ -525,6 +606,24 @@ class Jobs:
     def set_priority(self, id: str, priority: int) -> JobHandle:
         """Changes a pending job's priority."""
         return JobHandle(self._client._send(_JobCalls.set_priority(id, priority)), self)
+
+    def files(self, id: str) -> builtins.list[StoredFile]:
+        """The files the job produced, by name."""
+        return self._client._send(_JobCalls.files(id))
+
+    def download(self, id: str, name: str, dest: str | os.PathLike = ".") -> Path:
+        """Saves the job's file `name` into the folder `dest` (or as `dest`, when that is no folder); the path."""
+        download = _Download(id, name, dest)
+        try:
+            with download, self._client._http.stream("GET", download.path) as response:
+                if response.is_error:
+                    response.read()
+                    raise _error_from(response)
+                for chunk in response.iter_bytes():
+                    download.write(chunk)
+        except httpx.TransportError as exc:
+            raise _unreachable(self._client.base_url, exc) from exc
+        return download.target
 
     def events(self, id: str, last_event_id: int | None = None) -> Iterator[JobStreamEvent]:
         """The job's events, from the first (or after `last_event_id`) until its last, reconnecting if dropped."""
@@ -626,6 +725,25 @@ class AsyncJobs:
         """Changes a pending job's priority."""
         return AsyncJobHandle(await self._client._send(_JobCalls.set_priority(id, priority)), self)
 
+    async def files(self, id: str) -> builtins.list[StoredFile]:
+        """The files the job produced, by name."""
+        return await self._client._send(_JobCalls.files(id))
+
+    async def download(self, id: str, name: str, dest: str | os.PathLike = ".") -> Path:
+        """Saves the job's file `name` into the folder `dest` (or as `dest`, when that is no folder); the path."""
+        download = _Download(id, name, dest)
+        try:
+            with download:
+                async with self._client._http.stream("GET", download.path) as response:
+                    if response.is_error:
+                        await response.aread()
+                        raise _error_from(response)
+                    async for chunk in response.aiter_bytes():
+                        download.write(chunk)
+        except httpx.TransportError as exc:
+            raise _unreachable(self._client.base_url, exc) from exc
+        return download.target
+
     async def events(self, id: str, last_event_id: int | None = None) -> AsyncIterator[JobStreamEvent]:
         """The job's events, from the first (or after `last_event_id`) until its last, reconnecting if dropped."""
         http = self._client._http
@@ -650,13 +768,53 @@ class AsyncJobs:
             await anyio.sleep(stream.dropped(error))
 
 
+# client.files
+
+
+class Files:
+    """`client.files`: files uploaded to the project, which a job's input names (by name or sha256)."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def upload(self, source: str | os.PathLike | bytes, name: str | None = None) -> StoredFile:
+        """Uploads a file (a path, or bytes with `name`) under its own name or `name`; an upload of a name the
+        project has replaces it."""
+        name, opened = _upload_source(source, name)
+        with opened as content:
+            return self._client._send(_FileCalls.upload(name, content))
+
+    def list(self) -> builtins.list[StoredFile]:
+        """The project's uploads, by name."""
+        return self._client._send(_FileCalls.list())
+
+
+class AsyncFiles:
+    """`client.files` of AsyncClient: files uploaded to the project, which a job's input names."""
+
+    def __init__(self, client: AsyncClient):
+        self._client = client
+
+    async def upload(self, source: str | os.PathLike | bytes, name: str | None = None) -> StoredFile:
+        """Uploads a file (a path, or bytes with `name`) under its own name or `name`; an upload of a name the
+        project has replaces it."""
+        name, opened = _upload_source(source, name)
+        with opened as content:
+            return await self._client._send(_FileCalls.upload(name, content))
+
+    async def list(self) -> builtins.list[StoredFile]:
+        """The project's uploads, by name."""
+        return await self._client._send(_FileCalls.list())
+
+
 # the clients
 
 
 class Client:
     """kiln's client: `Client(url, key).jobs.create(type="sleep", seconds=1).result`; close it, or use `with`.
 
-    `client.jobs` submits and follows jobs; `client.llm` calls LLMs through kiln (kiln.sdk.llm). `transport`
+    `client.jobs` submits and follows jobs (and fetches the files they produced); `client.files` uploads the files
+    a job's input names; `client.llm` calls LLMs through kiln (kiln.sdk.llm). `transport`
     replaces httpx's network transport, e.g. with an httpx.MockTransport in tests; client.llm's calls go through
     the official SDKs' own HTTP clients instead.
     """
@@ -667,11 +825,12 @@ class Client:
         self.base_url = base_url
         self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = Jobs(self)
+        self.files = Files(self)
         self.llm = Llm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     def _send(self, call: _Call[T]) -> T:
         try:
-            response = self._http.request(call.method, call.path, json=call.json, params=call.params)
+            response = self._http.request(call.method, call.path, json=call.json, params=call.params, files=call.files)
         except httpx.TransportError as exc:
             raise _unreachable(self.base_url, exc) from exc
         return _answer(response, call)
@@ -743,11 +902,13 @@ class AsyncClient:
         self.base_url = base_url
         self._http = httpx.AsyncClient(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = AsyncJobs(self)
+        self.files = AsyncFiles(self)
         self.llm = AsyncLlm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     async def _send(self, call: _Call[T]) -> T:
         try:
-            response = await self._http.request(call.method, call.path, json=call.json, params=call.params)
+            response = await self._http.request(call.method, call.path, json=call.json, params=call.params,
+                                                files=call.files)  # fmt: skip
         except httpx.TransportError as exc:
             raise _unreachable(self.base_url, exc) from exc
         return _answer(response, call)

@@ -182,6 +182,19 @@ async def cache_entries(store, project_id: str, type: str | None, input_hash: st
         return list(await s.scalars(query.order_by(CacheEntryRow.created_at.desc()).limit(1000)))
 
 
+async def cache_source(store, job_id: str) -> str | None:
+    """The job whose result the cache hit `job_id` reused (its files are the hit's too), as add_jobs recorded it in
+    the hit's completed event; None for a job that is no cache hit."""
+    async with store.session() as s:
+        data = await s.scalar(
+            select(JobEventRow.data).join(JobRow, JobRow.id == JobEventRow.job_id).where(
+                JobEventRow.job_id == job_id, JobEventRow.event == "completed",
+                JobRow.status == JobStatus.CACHE_HIT.value,
+            )
+        )  # fmt: skip
+    return (data or {}).get("cache_of")
+
+
 async def invalidate_cache_entry(store, project_id: str, input_hash: str) -> None:
     async with store.session.begin() as s:
         result = await s.execute(

@@ -48,6 +48,8 @@ _env = {
     "KILN_WORKER_SLOTS": "1",
     "KILN_WORKER_LOST_SECONDS": "6",
     "KILN_RECONCILE_INTERVAL_SECONDS": "5",
+    # small, so that tests/integration/test_files.py crosses it quickly
+    "KILN_UPLOAD_MAX_BYTES": str(4 * 1024 * 1024),
     # the shipped weights beside the checkout; nothing is downloaded
     "KILN_MODEL_DIR": str(MODEL_DIR),
     "HF_HUB_OFFLINE": "1",

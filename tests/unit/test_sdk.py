@@ -68,11 +68,13 @@ def test_public_api_is_exactly_this():
     assert kiln.__all__ == ["AsyncClient", "Client", "JobFailed", "JobHandle", "JobStatus", "KilnError"]
     assert kiln.sdk.__all__ == [
         "AsyncClient",
+        "AsyncFiles",
         "AsyncJobHandle",
         "AsyncJobs",
         "AsyncLlm",
         "ChatResult",
         "Client",
+        "Files",
         "JobHandle",
         "JobStreamEvent",
         "Jobs",
@@ -199,6 +201,63 @@ def test_the_job_endpoints_and_what_they_return():
         ("GET", "/api/v1/jobs/j1/children", b""),
         ("PATCH", "/api/v1/jobs/j1", b'{"priority":7}'),
     ]
+
+
+# files
+
+STORED = {"name": "data.csv", "sha256": "a" * 64, "size": 3}
+
+
+def test_upload_sends_one_multipart_part_named_after_the_file(tmp_path):
+    seen = []
+
+    def handler(request):
+        media_type = request.headers.get("content-type", "").split(";")[0]
+        seen.append((request.method, request.url.path, media_type, request.read()))
+        return httpx.Response(201 if request.method == "POST" else 200, json=[STORED])
+
+    (tmp_path / "data.csv").write_bytes(b"1,2")
+    files = client(handler).files
+    assert files.upload(tmp_path / "data.csv").sha256 == "a" * 64
+    files.upload(b"3,4", name="other.csv")
+    assert [f.name for f in files.list()] == ["data.csv"]
+    (method, path, media_type, body), (_, _, _, second), _ = seen
+    assert (method, path, media_type) == ("POST", "/api/v1/files", "multipart/form-data")
+    assert b'name="files"; filename="data.csv"' in body and b"\r\n1,2\r\n" in body
+    assert b'filename="other.csv"' in second and b"\r\n3,4\r\n" in second
+    with pytest.raises(TypeError, match="name="):
+        files.upload(b"no name")
+
+
+def test_download_saves_into_a_folder_or_as_a_path_and_leaves_nothing_when_refused(tmp_path):
+    def handler(request):
+        if request.url.path == "/api/v1/jobs/j1/files":
+            return httpx.Response(200, json=[STORED])
+        if request.url.path == "/api/v1/jobs/j1/files/data.csv":
+            return httpx.Response(200, content=b"1,2")
+        return httpx.Response(404, json={"detail": "job j1 has no file 'gone.csv'", "errors": []})
+
+    jobs = client(handler).jobs
+    assert [f.name for f in jobs.files("j1")] == ["data.csv"]
+    assert jobs.download("j1", "data.csv", tmp_path) == tmp_path / "data.csv"
+    assert jobs.download("j1", "data.csv", tmp_path / "renamed.csv").read_bytes() == b"1,2"
+    with pytest.raises(NotFound, match="no file 'gone.csv'"):
+        jobs.download("j1", "gone.csv", tmp_path)
+    # a name that would leave the folder is refused before any request
+    with pytest.raises(InvalidRequest, match="one path segment"):
+        jobs.download("j1", "../escape", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv", "renamed.csv"]
+
+
+async def test_async_files_and_download(tmp_path):
+    def handler(request):
+        if request.url.path == "/api/v1/files":
+            return httpx.Response(201, json=[STORED])
+        return httpx.Response(200, content=b"1,2")
+
+    async with async_client(handler) as c:
+        assert (await c.files.upload(b"1,2", name="data.csv")).name == "data.csv"
+        assert (await c.jobs.download("j1", "data.csv", tmp_path)).read_bytes() == b"1,2"
 
 
 def test_list_pages_and_iter_follows_the_cursors():
