@@ -75,6 +75,9 @@ class KilnSettings(BaseSettings):
     submit_rate_per_minute: int = Field(
         600, ge=1, description="Single job submissions one API key may make per minute; more get a 429."
     )
+    plugin_image_max_mb: int = Field(
+        2048, ge=1, description="Largest plugin image POST /api/v1/plugins takes, in MB; a larger one gets a 413."
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory of ML model folders (matgl format), searched before the models shipped inside "
@@ -104,6 +107,12 @@ class KilnSettings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.home_dir / "results"
+
+    @property
+    def plugin_images_dir(self) -> Path:
+        """Where plugin images are kept, each in a folder named by its manifest digest."""
+        # not KILN_HOME/plugins: that is where labs install their own job types (python packages)
+        return self.home_dir / "plugin-images"
 
     @property
     def models_path(self) -> tuple[Path, ...]:
