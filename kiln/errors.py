@@ -7,7 +7,7 @@
     ├── QuotaExceeded   (402)    the project's core-hour budget cannot cover the request
     ├── NotFound        (404)    no such object in the caller's project
     ├── Conflict        (409)    the object is in a state that forbids the change
-    ├── TooLarge        (413)    more entries than one request may carry
+    ├── TooLarge        (413)    more entries, or more bytes, than one request may carry
     ├── InputInvalid    (422)    a field of the input is wrong
     ├── RateLimited     (429)    too many requests; `retry_after` seconds until the next is taken
     ├── ServerError     (5xx)    the platform failed; the message says where
@@ -105,7 +105,7 @@ class InputInvalid(KilnError):
 
 
 class TooLarge(KilnError):
-    """More entries than one request may carry."""
+    """More than one request may carry: too many entries, or an upload too large."""
 
     status_code = 413
 
