@@ -10,7 +10,7 @@ B = TypeVar("B", bound=Block)
 
 
 async def registered(block_type: type[B]) -> dict[str, B]:
-    """Every saved block of the type (HPC clusters, LLM providers) by name, read from the Prefect API."""
+    """Every saved block of the type (HPC clusters, LLM providers, plugins) by name, read from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 

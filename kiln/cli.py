@@ -31,6 +31,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(worker_app, name="worker")
 app.add_typer(clusters_app, name="clusters")
+plugins_app = typer.Typer(help="Plugins (Prefect blocks): containerized programs kiln runs in a sandbox.",
+                          no_args_is_help=True)  # fmt: skip
+app.add_typer(plugins_app, name="plugins")
 
 
 def _prefect_ready(settings: KilnSettings) -> None:
@@ -392,6 +395,96 @@ def clusters_remove(name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
         _fail(f"{name}: no such cluster ({exc})")
     typer.echo(f"cluster {name!r} removed")
+
+
+# plugins
+
+
+@plugins_app.command("add")
+def plugins_add(
+    name: str = typer.Argument(..., help="The plugin's name: lowercase letters, digits and dashes."),
+    image: Path = typer.Option(..., exists=True, help="A docker save archive, an OCI layout folder or its tarball."),
+    entrypoint: list[str] = typer.Option([], help="The program, then its first arguments (repeatable); the "
+                                         "image's Entrypoint (then Cmd) when not given."),  # fmt: skip
+    arg: list[str] = typer.Option([], help="An argument after the entrypoint (repeatable); the image's Cmd unset."),
+    env: list[str] = typer.Option([], help="K=V, an environment variable of every run (repeatable)."),
+    cpus: Optional[float] = typer.Option(None, help="Default CPU cores of a run."),
+    memory_mb: Optional[int] = typer.Option(None, help="Default memory of a run, MB."),
+    pids: Optional[int] = typer.Option(None, help="Default most processes and threads of a run."),
+    wall_seconds: Optional[float] = typer.Option(None, help="Default wall time of a run, seconds."),
+    output_mb: Optional[int] = typer.Option(None, help="Default size of a run's /out, MB."),
+    tmp_mb: Optional[int] = typer.Option(None, help="Default size of a run's /tmp, MB."),
+    input_schema: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                help="A JSON Schema file the input of every run must match."),
+    description: str = typer.Option("", help="What the plugin does."),
+    overwrite: bool = typer.Option(False, help="Replace a plugin already registered under this name."),
+) -> None:
+    """Registers a plugin as a Prefect block, importing its image into KILN_HOME first."""
+    settings = get_settings()
+    _prefect_ready(settings)
+    from pydantic import ValidationError
+
+    from kiln.blocks.plugin import load_plugin
+    from kiln.errors import KilnError
+    from kiln.schemas.plugins import PluginSpec
+    from kiln.tasks.plugin.register import plugin_from_image
+
+    for item in env:
+        if "=" not in item:
+            _fail(f"--env: give K=V, not {item!r}")
+    variables = dict(item.partition("=")[::2] for item in env)
+    limits = {key: value for key, value in (("cpus", cpus), ("memory_mb", memory_mb), ("pids", pids),
+              ("wall_seconds", wall_seconds), ("output_mb", output_mb), ("tmp_mb", tmp_mb)) if value is not None}
+    schema = None
+    if input_schema is not None:
+        try:
+            schema = json.loads(input_schema.read_text())
+        except json.JSONDecodeError as exc:
+            _fail(f"--input-schema: {input_schema} is not JSON ({exc})")
+    try:
+        spec = PluginSpec.model_validate({
+            "name": name, "entrypoint": entrypoint or None, "args": arg or None, "env": variables,
+            "limits": limits, "input_schema": schema, "description": description, "overwrite": overwrite,
+        }, strict=False)  # fmt: skip
+    except ValidationError as exc:
+        # a limit's option is named after the limit (--memory-mb), any other after its field
+        options = [str(e["loc"][-1] if e["loc"][0] == "limits" else e["loc"][0]) for e in exc.errors()]
+        _fail("; ".join(f"--{option.replace('_', '-')}: {e['msg']}" for option, e in zip(options, exc.errors())))
+    if not overwrite and asyncio.run(load_plugin(name)) is not None:
+        _fail(f"{name}: a plugin of this name is registered; pass --overwrite to replace it")
+    try:
+        plugin = plugin_from_image(image, spec, settings.plugin_images_dir)
+    except KilnError as exc:
+        _fail(exc.message)
+    try:
+        plugin.save(name, overwrite=overwrite)
+    except ValueError as exc:
+        _fail(f"{name}: {exc}; pass --overwrite to replace it")
+    typer.echo(f"plugin {name!r} registered (image {plugin.image_digest[:19]}, runs {' '.join(plugin.argv)})")
+
+
+@plugins_app.command("list")
+def plugins_list() -> None:
+    """Lists the registered plugins (the names of their environment variables, not the values)."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.plugin import registered_plugins
+
+    for name, p in sorted(asyncio.run(registered_plugins()).items()):
+        typer.echo(f"{name}\t{p.image_digest[:19]}\t{' '.join(p.argv)}\tmemory_mb={p.limits.memory_mb}"
+                   f"\tcpus={p.limits.cpus:g}\twall_seconds={p.limits.wall_seconds:g}\t{p.description}")
+
+
+@plugins_app.command("remove")
+def plugins_remove(name: str) -> None:
+    """Removes a registered plugin (its image stays in the store: another plugin may run it)."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.plugin import Plugin
+
+    try:
+        Plugin.delete(name)
+    except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
+        _fail(f"{name}: no such plugin ({exc})")
+    typer.echo(f"plugin {name!r} removed")
 
 
 # LLM providers

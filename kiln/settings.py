@@ -81,6 +81,9 @@ class KilnSettings(BaseSettings):
         description="Most bytes one POST /api/v1/files takes, its files and their multipart framing together; "
         "a larger upload is refused (413).",
     )
+    plugin_image_max_mb: int = Field(
+        2048, ge=1, description="Largest plugin image POST /api/v1/plugins takes, in MB; a larger one gets a 413."
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory of ML model folders (matgl format), searched before the models shipped inside "
@@ -115,6 +118,12 @@ class KilnSettings(BaseSettings):
     def files_dir(self) -> Path:
         """Uploads and job files (kiln.files): under the results, the one directory the API and workers share."""
         return self.results_dir / "files"
+
+    @property
+    def plugin_images_dir(self) -> Path:
+        """Where plugin images are kept, each in a folder named by its manifest digest."""
+        # not KILN_HOME/plugins: that is where labs install their own job types (python packages)
+        return self.home_dir / "plugin-images"
 
     @property
     def models_path(self) -> tuple[Path, ...]:

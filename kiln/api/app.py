@@ -21,6 +21,7 @@ from kiln.api.jobs import router as jobs_router
 from kiln.api.llm import Gateway
 from kiln.api.llm import install as install_llm
 from kiln.api.models import router as models_router
+from kiln.api.plugins import router as plugins_router
 from kiln.store.llm import reconcile_holds
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
@@ -132,6 +133,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(files_router)
     app.include_router(models_router)
     app.include_router(hpc_router)
+    app.include_router(plugins_router)
     install_llm(app)
     # the registered job types (kiln's own and other packages') are the request body's union
     app.openapi = contract_openapi(app, available_job_types())

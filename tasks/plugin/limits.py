@@ -4,23 +4,10 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from kiln.errors import InvalidRequest, ServerError
+from kiln.schemas.plugins import Limits
 
-
-class Limits(BaseModel):
-    """The resources of one plugin run; each is enforced by the tier or the run is refused before it starts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cpus: float = Field(1.0, gt=0, le=64, description="CPU cores the plugin may keep busy (a CFS quota per period).")
-    memory_mb: int = Field(512, ge=16,
-                           description="Memory of all its processes together, tmpfs pages included; no swap.")
-    pids: int = Field(64, ge=4, le=4096, description="Processes and threads alive at once, the plugin included.")
-    wall_seconds: float = Field(60, gt=0, description="Time from start to kill, whatever the plugin is doing.")
-    output_mb: int = Field(10, ge=1, description="Size of /out, the only place whose files come back.")
-    tmp_mb: int = Field(64, ge=1, description="Size of /tmp (and of /dev/shm).")
+__all__ = ["Ending", "LimitUnenforceable", "Limits", "SandboxFailed"]
 
 
 class Ending(str, Enum):

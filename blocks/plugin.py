@@ -1,0 +1,74 @@
+"""A plugin as a Prefect Block: a containerized program, imported once into KILN_HOME, that plugin_exec jobs run.
+
+A plugin is registered by name (`kiln plugins add NAME --image FILE …` or POST /api/v1/plugins). Registration
+imports its image into the content-addressed store first (kiln.tasks.plugin.register), so the block names an
+image that is there and unpacked: its manifest digest and its folder. What a run executes defaults to the
+image's own Entrypoint and Cmd; its limits are the defaults a run may lower or raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from prefect.blocks.core import Block
+from pydantic import Field, field_validator
+
+from kiln.blocks import registered
+from kiln.schemas.plugins import Limits, check_input_schema
+
+
+class Plugin(Block):
+    """A containerized program kiln runs in its sandbox, with its default command, environment and limits."""
+
+    _block_type_name: ClassVar[str] = "kiln plugin"
+    _block_type_slug: ClassVar[str] = "kiln-plugin"
+    _description: ClassVar[str] = (
+        "A containerized program (an OCI or docker-save image, imported into KILN_HOME) that kiln's plugin_exec "
+        "jobs run in a sandbox."
+    )
+
+    image_digest: str = Field(description="The image's manifest digest, 'sha256:…': what the plugin runs.")
+    image_path: str = Field(description="The image's folder in the store (KILN_HOME/plugin-images/sha256-…).")
+    entrypoint: list[str] = Field(description="The program and its first arguments (the image's Entrypoint unset).")
+    args: list[str] = Field(default_factory=list, description="Arguments after the entrypoint.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of every run, over the image's own.")
+    limits: Limits = Field(default_factory=Limits, description="The limits of a run that asks for none.")
+    input_schema: dict[str, Any] | None = Field(
+        None, description="A JSON Schema a run's input must match; any input when unset."
+    )
+    description: str = Field("", description="What the plugin does.")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint(cls, value: list[str]) -> list[str]:
+        if not value or not value[0]:
+            raise ValueError("no program to run: give an entrypoint, or use an image with an Entrypoint or Cmd")
+        return value
+
+    @field_validator("input_schema")
+    @classmethod
+    def _input_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else check_input_schema(value)
+
+    @property
+    def argv(self) -> list[str]:
+        """The command a run executes: entrypoint, then args."""
+        return [*self.entrypoint, *self.args]
+
+    def summary(self, name: str) -> dict[str, Any]:
+        """What GET /api/v1/plugins shows: everything but the environment's values (they may be secret)."""
+        shown = self.model_dump(mode="json", exclude={"block_type_slug", "env"})
+        return {"name": name, **shown, "env_names": sorted(self.env)}
+
+
+async def registered_plugins() -> dict[str, Plugin]:
+    """Every registered plugin by name, read from the Prefect API."""
+    return await registered(Plugin)
+
+
+async def load_plugin(name: str) -> Plugin | None:
+    """The registered plugin called `name`, or None."""
+    try:
+        return await Plugin.aload(name)
+    except ValueError:
+        return None
