@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import statistics
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """Stops a process the bench started: SIGTERM, then SIGKILL after the grace period."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from common import REPO, embedded_stack, percentile, summary
+from common import REPO, embedded_stack, percentile, stop, summary
 
 
 def main() -> None:
@@ -40,13 +40,8 @@ def main() -> None:
             baseline_worker, baseline = measure_process_worker(settings, args.baseline_jobs)
         finally:
             if baseline_worker is not None:
-                baseline_worker.terminate()
-                try:
-                    baseline_worker.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    # seen here: the worker hung on exit flushing its events; the figures are taken already
-                    baseline_worker.kill()
-                    baseline_worker.wait()
+                # seen here: the worker hung on exit flushing its events (then killed); the figures are taken already
+                stop(baseline_worker)
     print()
     backend = "PostgreSQL" if args.postgres else "SQLite"
     print(f"submit → running, sleep(0), 2-core machine, Prefect 3.8.8 and the job index on {backend}, one worker slot")

@@ -35,7 +35,7 @@ import anthropic
 import httpx
 import openai
 
-from common import embedded_stack, free_port, percentile
+from common import embedded_stack, free_port, percentile, stop
 
 MESSAGES = [{"role": "user", "content": "What is BaTiO3?"}]
 MAX_TOKENS = 30
@@ -123,12 +123,7 @@ def main() -> None:
                 unrecorded = kiln_calls_not_recorded(http, [c for c in calls if c.target == KILN])
     finally:
         for process in started:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
     unanswered = {p.name: [c for c in calls if c.target == p.name and not answered(c)] for p in targets}
     report(targets, modes, calls, args, litellm_note, load_before, unanswered)

@@ -146,12 +146,15 @@ class ProviderTable:
             self._reading = asyncio.create_task(self._read())
         return self.providers
 
-    async def fresh(self, max_age: float = 1.0) -> dict[str, LlmProvider]:
-        """The table read again now unless it is younger than `max_age`: for a model it does not know, which
-        may be a provider registered a moment ago."""
-        if time.monotonic() - self._read_at > max_age:
+    async def serving(self, model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
+        """The providers of `model` (of that wire `kind`, when given) in failover order (`route`). For a model the
+        table does not know, which may be a provider registered a moment ago, the table is read again at once
+        unless it is younger than a second."""
+        targets = route(await self.current(), model, kind)
+        if not targets and time.monotonic() - self._read_at > 1.0:
             await self._read()
-        return self.providers
+            targets = route(self.providers, model, kind)
+        return targets
 
     async def _read(self) -> None:
         try:
@@ -171,10 +174,6 @@ class ProviderTable:
 TABLE = ProviderTable()
 
 
-async def current_providers() -> dict[str, LlmProvider]:
-    return await TABLE.current()
-
-
 def route(providers: dict[str, LlmProvider], model: str, kind: str | None = None) -> list[tuple[str, LlmProvider]]:
     """The providers serving `model` (of that wire `kind`, when given), in failover order."""
     serving = [(name, p) for name, p in providers.items() if model in p.models and kind in (None, p.kind)]
@@ -190,7 +189,7 @@ async def hold_for_job(job_input) -> float:
     """An llm_proxy job's hold (JobType.usd_hold): its call's most possible cost at any provider it may reach."""
     from kiln.errors import InputInvalid
 
-    targets = route(await current_providers(), job_input.model) or route(await TABLE.fresh(), job_input.model)
+    targets = await TABLE.serving(job_input.model)
     if job_input.provider is not None:
         targets = [(n, p) for n, p in targets if n == job_input.provider]
     if not targets:

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
+from kiln.blocks.llm import TABLE, hold_usd, registered_providers, route
 from kiln.errors import InputInvalid, InvalidRequest, QuotaExceeded, RateLimited, ServerError, Unauthorized
 from kiln.schemas.llm_proxy import LlmUsage
 from kiln.schemas.statuses import JobStatus
@@ -69,7 +70,8 @@ class ProviderError(Exception):
 
 
 class Gateway:
-    """The API process's side of LLM calls: one HTTP client for every provider, the provider table, recording."""
+    """The API process's side of LLM calls: one HTTP client for every provider, and recording them as jobs
+    (the provider table is kiln.blocks.llm.TABLE)."""
 
     def __init__(self, store, prefect) -> None:
         self.store, self.prefect = store, prefect
@@ -81,17 +83,6 @@ class Gateway:
         if self._recording:
             await asyncio.gather(*self._recording, return_exceptions=True)
         await self.http.aclose()
-
-    async def providers(self) -> dict[str, Any]:
-        """The registered providers (kiln.blocks.llm.TABLE: refreshed in the background, never on a call's path)."""
-        from kiln.blocks.llm import TABLE
-
-        return await TABLE.current()
-
-    def key(self, name: str) -> str | None:
-        from kiln.blocks.llm import TABLE
-
-        return TABLE.keys.get(name)
 
     def record(self, **call: Any) -> None:
         """Records a finished call as a job, off the response's path."""
@@ -162,8 +153,6 @@ LlmCaller = Annotated[Caller, Depends(llm_caller)]
 @router.get("/providers", summary="The registered LLM providers (Prefect blocks); keys are never shown",
             responses=error_responses(Unauthorized, ServerError))  # fmt: skip
 async def list_providers(project_id: Annotated[str, Depends(project_of_caller)]) -> list[dict]:
-    from kiln.blocks.llm import registered_providers
-
     providers = await registered_providers()
     return [providers[name].summary(name) for name in sorted(providers)]
 
@@ -221,9 +210,7 @@ async def anthropic_models(request: Request, caller: LlmCaller) -> dict:
 
 async def _served(request: Request, kind: Kind) -> list[tuple[str, str]]:
     """(model, its first provider) for every model a provider of that protocol serves."""
-    from kiln.blocks.llm import route
-
-    providers = await request.app.state.llm.providers()
+    providers = await TABLE.current()
     models = sorted({m for p in providers.values() if p.kind == kind for m in p.models})
     return [(m, route(providers, m, kind)[0][0]) for m in models]
 
@@ -239,8 +226,6 @@ async def anthropic_messages(request: Request, caller: LlmCaller) -> Response:
 
 
 async def _call(request: Request, caller: Caller, kind: Kind) -> Response:
-    from kiln.blocks.llm import hold_usd, route
-
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -248,11 +233,7 @@ async def _call(request: Request, caller: Caller, kind: Kind) -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise ProviderError(kind, 400, "model: a string naming the model is required", "invalid_request_error")
     gateway: Gateway = request.app.state.llm
-    targets = route(await gateway.providers(), body["model"], kind)
-    if not targets:
-        from kiln.blocks.llm import TABLE
-
-        targets = route(await TABLE.fresh(), body["model"], kind)
+    targets = await TABLE.serving(body["model"], kind)
     if not targets:
         raise ProviderError(kind, 404, f"model: {body['model']!r} is served by no registered {kind} provider; "
                             f"`kiln llm providers list` shows them", "not_found_error", "model_not_found")  # fmt: skip
@@ -305,7 +286,7 @@ class _Call:
         self.beta = headers.get("anthropic-beta")
 
     def _headers(self, name: str) -> dict[str, str]:
-        key = self.gateway.key(name)
+        key = TABLE.keys.get(name)
         headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if self.kind == "anthropic":
             headers["anthropic-version"] = self.version
