@@ -10,15 +10,7 @@ from kiln.errors import QuotaExceeded
 from kiln.schemas import JobStatus
 from kiln.store import llm
 from kiln.store.models import Project
-from kiln.store.store import Store
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'index.db'}")
-    await s.migrate()
-    yield s
-    await s.close()
+from tests.unit.test_store import store  # noqa: F401 - the job index on a SQLite file, a fixture
 
 
 async def figures(store, project_id: str) -> tuple[float, float]:
