@@ -7,6 +7,7 @@ it hit, and removes what it made. The rest of a run (input, output, time, reason
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 import json
 import math
 import os
@@ -65,24 +66,25 @@ class Launch:
     preexec: Callable[[], None] | None = None
 
 
-class Tier:
-    """A way to sandbox a plugin; subclasses set the class attributes and the steps."""
+class Tier(ABC):
+    """A way to sandbox a plugin; subclasses (RuncTier, BwrapTier) set the class attributes and the steps."""
 
     name: str
     # the namespace that holds /out's tmpfs needs a user namespace of its own to mount as an unprivileged user
     out_userns: bool
     out_options: str  # tmpfs options of /out besides its size
 
+    @abstractmethod
     def enforcement(self, limits: Limits) -> dict[str, str]:
         """How each limit is enforced here; raises LimitUnenforceable for one that cannot be."""
-        raise NotImplementedError
 
+    @abstractmethod
     def prepare(self, bundle: Bundle) -> Launch:
-        raise NotImplementedError
+        """The bundle's config and how to start it."""
 
+    @abstractmethod
     async def stop(self, bundle: Bundle, process: asyncio.subprocess.Process) -> None:
         """Kills every process of the run at once (SIGKILL: a plugin that ignores SIGTERM stops too)."""
-        raise NotImplementedError
 
     def hits(self, bundle: Bundle, exit_code: int) -> set[str]:
         """The limits the run ran into: a subset of {"memory", "pids", "cpu"}."""
