@@ -8,12 +8,14 @@ image's own Entrypoint and Cmd; its limits are the defaults a run may lower or r
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
 from kiln.blocks import registered
+from kiln.errors import InputInvalid
+from kiln.schemas.plugin_exec import LimitsOverride, PluginExecInput
 from kiln.schemas.plugins import Limits, check_input_schema
 
 
@@ -36,7 +38,12 @@ class Plugin(Block):
     input_schema: dict[str, Any] | None = Field(
         None, description="A JSON Schema a run's input must match; any input when unset."
     )
+    tier: Literal["A", "B"] | None = Field(None, description="The sandbox tier every run needs; any when unset.")
     description: str = Field("", description="What the plugin does.")
+    project_id: str | None = Field(
+        None, description="The project whose key registered it through the API: only that project may replace it. "
+        "None for an operator's (`kiln plugins add`).",
+    )
 
     @field_validator("entrypoint")
     @classmethod
@@ -55,9 +62,25 @@ class Plugin(Block):
         """The command a run executes: entrypoint, then args."""
         return [*self.entrypoint, *self.args]
 
+    def limits_for(self, override: LimitsOverride) -> Limits:
+        """A run's limits: the plugin's, with what the run gives in their place."""
+        return Limits.model_validate({**self.limits.model_dump(), **override.model_dump(exclude_none=True)})
+
+    def input_problems(self, value: Any) -> list[dict[str, Any]]:
+        """Where a run's input fails the plugin's input schema, as error details under input.input; none when it
+        matches (or the plugin has no schema)."""
+        if self.input_schema is None:
+            return []
+        import jsonschema
+
+        validator = jsonschema.validators.validator_for(self.input_schema, default=jsonschema.Draft202012Validator)
+        errors = sorted(validator(self.input_schema).iter_errors(value), key=lambda e: list(e.absolute_path))
+        return [{"loc": ["input", "input", *e.absolute_path], "msg": e.message, "type": "input_schema"}
+                for e in errors[:20]]  # fmt: skip
+
     def summary(self, name: str) -> dict[str, Any]:
         """What GET /api/v1/plugins shows: everything but the environment's values (they may be secret)."""
-        shown = self.model_dump(mode="json", exclude={"block_type_slug", "env"})
+        shown = self.model_dump(mode="json", exclude={"block_type_slug", "env", "project_id"})
         return {"name": name, **shown, "env_names": sorted(self.env)}
 
 
@@ -72,3 +95,26 @@ async def load_plugin(name: str) -> Plugin | None:
         return await Plugin.aload(name)
     except ValueError:
         return None
+
+
+async def plugin_for_run(name: str) -> Plugin:
+    """The registered plugin a plugin_exec job names; InputInvalid naming input.plugin and the registered ones."""
+    plugin = await load_plugin(name)
+    if plugin is None:
+        known = sorted(await registered_plugins())
+        raise InputInvalid(
+            f"input.plugin: no plugin {name!r} is registered; registered: {', '.join(known) or 'none'} "
+            "(`kiln plugins add`, POST /api/v1/plugins)",
+            details=[{"loc": ["input", "plugin"], "msg": "unknown plugin", "type": "unknown_plugin", "input": name,
+                      "registered": known}],
+        )  # fmt: skip
+    return plugin
+
+
+async def check_run(job_input: PluginExecInput, settings=None) -> None:
+    """At submission (JobType.check): the plugin is registered and the input matches its schema."""
+    plugin = await plugin_for_run(job_input.plugin)
+    problems = plugin.input_problems(job_input.input)
+    if problems:
+        raise InputInvalid("; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems),
+                           details=problems)  # fmt: skip

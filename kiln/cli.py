@@ -416,6 +416,8 @@ def plugins_add(
     tmp_mb: Optional[int] = typer.Option(None, help="Default size of a run's /tmp, MB."),
     input_schema: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
                                                 help="A JSON Schema file the input of every run must match."),
+    tier: Optional[str] = typer.Option(None, help="The sandbox tier every run needs: A (runc, cgroups) or B "
+                                       "(bubblewrap); any when not given."),  # fmt: skip
     description: str = typer.Option("", help="What the plugin does."),
     overwrite: bool = typer.Option(False, help="Replace a plugin already registered under this name."),
 ) -> None:
@@ -444,7 +446,8 @@ def plugins_add(
     try:
         spec = PluginSpec.model_validate({
             "name": name, "entrypoint": entrypoint or None, "args": arg or None, "env": variables,
-            "limits": limits, "input_schema": schema, "description": description, "overwrite": overwrite,
+            "limits": limits, "input_schema": schema, "tier": tier, "description": description,
+            "overwrite": overwrite,
         }, strict=False)  # fmt: skip
     except ValidationError as exc:
         # a limit's option is named after the limit (--memory-mb), any other after its field

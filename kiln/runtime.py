@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from prefect import tags
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
@@ -17,6 +19,9 @@ log = logging.getLogger(__name__)
 PROGRESS_EVENT = "kiln.job.progress"
 # a piece of an llm_proxy job's streamed text (kiln.tasks.llm.call sends it)
 DELTA_EVENT = "kiln.job.delta"
+
+# pieces of a job's text are sent at most this often: one Prefect event per token or per line would be thousands
+TEXT_INTERVAL_SECONDS = 0.1
 
 # flow run id → its progress artifact, so each job shows one bar in the Prefect UI
 _progress_artifacts: dict[str, uuid.UUID] = {}
@@ -130,3 +135,38 @@ async def areport_merging(message: str) -> None:
             await client.set_flow_run_state(flow_run_id, Running(name=MERGING_STATE_NAME, message=message))
     except Exception as exc:  # noqa: BLE001 - the status is advisory; merging goes on
         log.warning("could not mark flow run %s merging: %s", flow_run_id, exc)
+
+
+class TextEvents:
+    """Pieces of a running job's text (an LLM's tokens, a plugin's stdout lines) sent as events of one kind,
+    the pieces that arrive within TEXT_INTERVAL_SECONDS joined into one; `payload` makes an event's payload
+    of the joined text. A piece is never held longer than that: a timer on the running loop sends it."""
+
+    def __init__(self, event: str, payload: Callable[[str], dict], joiner: str = ""):
+        self.job_id, _, self.flow_run_id = current_job()
+        self.event, self.payload, self.joiner = event, payload, joiner
+        self.pending: list[str] = []
+        self.sent_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        wait = self.sent_at + TEXT_INTERVAL_SECONDS - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        elif self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(wait, self.flush)
+            except RuntimeError:  # no loop here: the next piece, or the last flush, sends it
+                pass
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.pending and self.job_id is not None:
+            emit_event(self.event, resource={"prefect.resource.id": f"kiln.job.{self.job_id}"},
+                       related=[{"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
+                                 "prefect.resource.role": "flow-run"}],
+                       payload=self.payload(self.joiner.join(self.pending)))  # fmt: skip
+        self.pending, self.sent_at = [], time.monotonic()

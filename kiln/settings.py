@@ -126,6 +126,12 @@ class KilnSettings(BaseSettings):
         return self.home_dir / "plugin-images"
 
     @property
+    def sandbox_root(self) -> Path:
+        """Where workers run plugins: a locked folder per live worker, a folder per run in it; a worker that starts
+        removes what dead ones left (kiln.tasks.plugin.claim_work_dir)."""
+        return self.home_dir / "sandbox"
+
+    @property
     def models_path(self) -> tuple[Path, ...]:
         """Where model folders are looked for, first match wins: KILN_MODEL_DIR, then the shipped models."""
         return ((self.model_dir or self.home_dir / "models").expanduser().resolve(), SHIPPED_MODELS)

@@ -124,7 +124,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
     resources = job_type.resources_for(body.resources)
     cacheable = job_type.cacheable_for(job_input)
-    job_type.check_input(job_input, state.settings)
+    await job_type.check_input(job_input, state.settings)
     held_usd = await job_type.usd_hold_for(job_input)
     await check_compute_target(job_type, body.compute_target, resources)
     if body.parent_id is not None:

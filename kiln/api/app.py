@@ -124,6 +124,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             "prefect_events": state.relay.connected.is_set(),
             "workers": len(workers.workers),
             "worker_names": [w.name for w in workers.workers],
+            # the plugin sandbox each worker offers, best first: A (runc, cgroups), B (bubblewrap); none is []
+            "sandbox_tiers": {w.name: w.offers.get("sandbox_tiers", []) for w in workers.workers},
             "slots": workers.slots,
             "job_types": sorted(state.dispatcher.deployments),
         }

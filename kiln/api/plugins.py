@@ -47,7 +47,8 @@ async def register_plugin(
     )],
 ) -> dict:
     """Refused with 400 naming `image` and why when the image is corrupt or of a kind kiln does not run, 409 when
-    the name is taken (unless spec.overwrite), 413 past KILN_PLUGIN_IMAGE_MAX_MB."""
+    the name is taken (unless spec.overwrite; a plugin another project or an operator registered is never
+    replaced), 413 past KILN_PLUGIN_IMAGE_MAX_MB."""
     from kiln.blocks.plugin import load_plugin
     from kiln.tasks.plugin.register import plugin_from_image
 
@@ -62,8 +63,13 @@ async def register_plugin(
     if image.size is not None and image.size > limit:
         raise TooLarge(f"image: {image.size} bytes; an image may have at most {settings.plugin_image_max_mb} MB "
                        "(KILN_PLUGIN_IMAGE_MAX_MB)")  # fmt: skip
-    if not plugin_spec.overwrite and await load_plugin(plugin_spec.name) is not None:
+    existing = await load_plugin(plugin_spec.name)
+    if existing is not None and not plugin_spec.overwrite:
         raise Conflict(f"name: a plugin called {plugin_spec.name!r} is registered; set spec.overwrite to replace it")
+    if existing is not None and existing.project_id != project_id:
+        raise Conflict(f"name: the plugin {plugin_spec.name!r} was registered by "
+                       f"{'an operator' if existing.project_id is None else 'another project'}; only they can "
+                       "replace it: choose another name")  # fmt: skip
     store = settings.plugin_images_dir
     store.mkdir(parents=True, exist_ok=True)
     upload_dir = Path(tempfile.mkdtemp(prefix=".upload-", dir=store))
@@ -71,7 +77,7 @@ async def register_plugin(
         # named as uploaded, so an image's refusal names the file the caller sent
         path = upload_dir / (re.sub(r"[^\w.-]", "_", Path(image.filename or "image").name).lstrip(".") or "image")
         await _save_upload(image, path, limit, settings.plugin_image_max_mb)
-        plugin = await asyncio.to_thread(plugin_from_image, path, plugin_spec, store)
+        plugin = await asyncio.to_thread(plugin_from_image, path, plugin_spec, store, project_id)
     finally:
         shutil.rmtree(upload_dir, ignore_errors=True)
     try:

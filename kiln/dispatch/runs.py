@@ -223,3 +223,13 @@ async def run_output(client: PrefectClient, flow_run_id: str | UUID) -> Any:
     """The completed flow run's return value, from Prefect's result storage."""
     flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
     return await flow_run.state.aresult(raise_on_failure=False)
+
+
+async def failed_run_output(client: PrefectClient, flow_run_id: str | UUID) -> dict | None:
+    """The output a failed flow run kept: the data of the Failed state its flow returned (a plugin_exec run's
+    stdout and stderr); None for a run that raised, whose result is its exception."""
+    try:
+        output = await run_output(client, flow_run_id)
+    except Exception:  # noqa: BLE001 - a failure without a stored result has no output
+        return None
+    return output if isinstance(output, dict) else None

@@ -22,6 +22,7 @@ from kiln.dispatch.runs import (
     crash_run,
     job_of_tags,
     reason_of_state,
+    failed_run_output,
     run_output,
     status_of_state,
 )
@@ -156,6 +157,8 @@ class Relay:
                 await self.store.transition(job.id, JobStatus.FAILED, reason=refused, at=at)
                 self.dispatcher.wake()
                 return
+        elif status is JobStatus.FAILED and state_type == StateType.FAILED.value:
+            output = await failed_run_output(self.client, flow_run_id)
         else:
             output = None
         await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),

@@ -9,6 +9,7 @@ the worker's warm imports all read from it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,8 @@ class JobType:
     flow: Any
     # libraries the flow needs beyond kiln's own; a type whose libraries are missing is not offered
     requires: tuple[str, ...] = ()
-    # "module:function" called with (input, settings) at submission; raises a KilnError when the
-    # input names something this installation does not have (a model, a cluster)
+    # "module:function" called (or, when async, awaited) with (input, settings) at submission; raises a
+    # KilnError when the input names something this installation does not have (a model, a cluster, a plugin)
     check: str | None = None
     # the flow takes the job's `compute_target` and `resources` as parameters and may run on a
     # registered HPC cluster; other types run only on kiln's own workers
@@ -84,10 +85,12 @@ class JobType:
         """Whether the libraries the flow needs are installed here."""
         return all(importlib.util.find_spec(name) is not None for name in self.requires)
 
-    def check_input(self, job_input: BaseModel, settings) -> None:
+    async def check_input(self, job_input: BaseModel, settings) -> None:
         if self.check:
             module, function = self.check.split(":")
-            getattr(importlib.import_module(module), function)(job_input, settings)
+            checked = getattr(importlib.import_module(module), function)(job_input, settings)
+            if inspect.isawaitable(checked):
+                await checked
 
     def versions_of(self, job_input: BaseModel) -> dict[str, Any]:
         if not self.versions:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -40,6 +40,14 @@ def check_input_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def check_env_names(cls, value: dict[str, str]) -> dict[str, str]:
+    """The environment unchanged, or a ValueError naming a variable name no process can have (for validators)."""
+    for name in value:
+        if not name or "=" in name or "\0" in name:
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return value
+
+
 class PluginSpec(StrictRequest):
     """A plugin's registration besides its image: what to run in it, with what, and what input it takes."""
 
@@ -58,16 +66,13 @@ class PluginSpec(StrictRequest):
     input_schema: dict[str, Any] | None = Field(
         None, description="A JSON Schema the input of every run must match; checked as a JSON Schema here."
     )
+    tier: Literal["A", "B"] | None = Field(
+        None, description="The sandbox tier every run needs: A (runc, cgroups) or B (bubblewrap); any when unset."
+    )
     description: str = Field("", max_length=2000, description="What the plugin does, for people choosing one.")
     overwrite: bool = Field(False, description="Replace a plugin already registered under this name (else 409).")
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not name or "=" in name or "\0" in name:
-                raise ValueError(f"{name!r} is not an environment variable name")
-        return value
+    _env_names = field_validator("env")(check_env_names)
 
     @field_validator("input_schema")
     @classmethod

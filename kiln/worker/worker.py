@@ -116,6 +116,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # a run that starts is reported at once, so a crash right after still finds its worker
         self._beat_now = asyncio.Event()
         self.instance = str(uuid4())
+        self._sandbox_dir = self._sandbox_lock = None
 
     # lifecycle
 
@@ -136,6 +137,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # (bench/ml_predict.py; 300 structures with forces, 6.3 s against 2.7 s)
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
+        await self._claim_sandbox()
         if self._scheduler_address:
             self._dask = await Client(self._scheduler_address, asynchronous=True)
         else:
@@ -160,6 +162,19 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             asyncio.create_task(self._fast_poll_loop()),
         ]
 
+    async def _claim_sandbox(self) -> None:
+        """Claims this worker's folder for plugin runs, cleaning what dead workers left (kill -9 mid-run), and
+        hands it to the Dask processes it starts."""
+        from kiln.settings import get_settings
+        from kiln.tasks.plugin.execute import WORK_DIR_ENV
+        from kiln.tasks.plugin.sandbox import claim_work_dir
+
+        self._sandbox_dir, self._sandbox_lock, cleaned = await claim_work_dir(get_settings().sandbox_root,
+                                                                              self.instance)  # fmt: skip
+        os.environ[WORK_DIR_ENV] = str(self._sandbox_dir)
+        if cleaned:
+            log.warning("removed %d plugin run(s) that dead workers left behind: %s", len(cleaned), ", ".join(cleaned))
+
     async def teardown(self, *exc_info: Any) -> None:
         for task in self._background:
             task.cancel()
@@ -171,13 +186,22 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             await self._dask.close()
         if self._cluster is not None:
             await self._cluster.close()
+        if self._sandbox_lock is not None:
+            from kiln.tasks.plugin.sandbox import clean_leftovers
+
+            await clean_leftovers(self._sandbox_dir)  # a container is no process of the Dask cluster's
+            self._sandbox_lock.close()
+            shutil.rmtree(self._sandbox_dir, ignore_errors=True)
         await super().teardown(*exc_info)
 
     # what the platform sees of this worker
 
     def offers(self) -> dict[str, Any]:
+        from kiln.tasks.plugin.execute import offered_tiers
+
         home = os.environ.get("KILN_HOME", os.path.expanduser("~"))
         return {
+            "sandbox_tiers": list(offered_tiers().tiers),
             "cpu_count": os.cpu_count() or 1,
             "gpu_count": 0,
             "gpu_names": [],
@@ -297,10 +321,20 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         except Exception as exc:  # noqa: BLE001 - every way a Dask task can fail ends the run with a reason
             status_code = 1
             outcome = {"state": StateType.CRASHED.value, "message": describe_dask_failure(exc)}
+            await self._clean_sandbox(run_id)
         finally:
             self._running.pop(run_id, None)
         await self._settle(flow_run.id, outcome)
         return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
+
+    async def _clean_sandbox(self, run_id: str) -> None:
+        """A plugin the run had started outlives a Dask process that dies (a container is its own process tree)."""
+        from kiln.tasks.plugin.sandbox import clean_leftovers
+
+        if self._sandbox_dir is not None:
+            cleaned = await clean_leftovers(self._sandbox_dir, run_id)
+            if cleaned:
+                log.warning("flow run %s: removed its plugin run(s) %s", run_id, ", ".join(cleaned))
 
     async def _settle(self, flow_run_id: UUID, outcome: dict) -> None:
         """Makes sure the run ends in Prefect with the right final state, retrying through API outages."""

@@ -7,16 +7,13 @@ import time
 from typing import Any
 
 import httpx
-from prefect.events import emit_event
 
 from kiln.blocks.llm import registered_providers, route
-from kiln.runtime import DELTA_EVENT, current_job
+from kiln.runtime import DELTA_EVENT, TextEvents
 from kiln.schemas.llm_proxy import LlmProxyInput
 from kiln.tasks.executor import executor
 from kiln.tasks.llm.wire import CallRecord, SseParser
 
-# streamed text is sent to the job's SSE stream at most this often: one Prefect event per token would be hundreds
-DELTA_INTERVAL_SECONDS = 0.1
 FAILOVER_STATUSES = {408, 409, 429} | set(range(500, 600))
 
 # one pooled client per worker process, as in the API
@@ -45,27 +42,6 @@ def request_body(kind: str, job_input: LlmProxyInput) -> dict[str, Any]:
     if job_input.tools is not None:
         body["tools"] = job_input.tools
     return {**body, "messages": messages}
-
-
-class _Deltas:
-    """Streamed text, sent to the job's SSE stream in pieces at most every DELTA_INTERVAL_SECONDS."""
-
-    def __init__(self) -> None:
-        self.job_id, _, self.flow_run_id = current_job()
-        self.pending, self.sent_at = "", 0.0
-
-    def add(self, text: str) -> None:
-        self.pending += text
-        if time.monotonic() - self.sent_at >= DELTA_INTERVAL_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending and self.job_id is not None:
-            emit_event(DELTA_EVENT, resource={"prefect.resource.id": f"kiln.job.{self.job_id}"},
-                       related=[{"prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
-                                 "prefect.resource.role": "flow-run"}],
-                       payload={"text": self.pending})  # fmt: skip
-        self.pending, self.sent_at = "", time.monotonic()
 
 
 @executor(name="llm-call")
@@ -117,7 +93,7 @@ async def call_llm(job_input: LlmProxyInput) -> dict[str, Any]:
 
 
 async def _read_stream(name: str, response: httpx.Response, record: CallRecord) -> None:
-    parser, deltas = SseParser(), _Deltas()
+    parser, deltas = SseParser(), TextEvents(DELTA_EVENT, lambda text: {"text": text})
     try:
         async for data in response.aiter_bytes():
             for _, event, text in parser.feed(data):

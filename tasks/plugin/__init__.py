@@ -2,7 +2,7 @@
 
 from kiln.tasks.plugin.images import ImageRef, InvalidImage, import_image
 from kiln.tasks.plugin.limits import Ending, Limits, LimitUnenforceable, SandboxFailed
-from kiln.tasks.plugin.sandbox import Outcome, PluginRun, clean_leftovers
+from kiln.tasks.plugin.sandbox import Outcome, PluginRun, claim_work_dir, clean_leftovers
 from kiln.tasks.plugin.tiers import TierCheck, detect_tier
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "PluginRun",
     "SandboxFailed",
     "TierCheck",
+    "claim_work_dir",
     "clean_leftovers",
     "detect_tier",
     "import_image",

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.errors import InvalidRequest
+from kiln.errors import InvalidRequest, ServerError
 
 TAG = "kiln"
 # where the sandboxes mount over a read-only root; they must exist in it beforehand
@@ -86,6 +86,17 @@ def import_image(path: Path, store_dir: Path) -> ImageRef:
         return image
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def open_image(folder: Path) -> ImageRef:
+    """The image imported into `folder` (a store's sha256-… folder, as a Plugin block names it), read from its
+    layout; ServerError when it is not there, as when the API and this worker do not share KILN_HOME."""
+    folder = Path(folder)
+    layout = folder / "oci"
+    if not (folder / "bundle" / "rootfs").is_dir() or not (layout / "index.json").is_file():
+        raise ServerError(f"the plugin image {folder} is not on this worker: is KILN_HOME shared between the kiln "
+                          "API and its workers?")  # fmt: skip
+    return _from_layout(folder, _manifest_digest(layout), folder, layout)
 
 
 def _source(path: Path) -> str:

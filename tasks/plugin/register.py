@@ -12,7 +12,7 @@ from kiln.schemas.plugins import PluginSpec
 from kiln.tasks.plugin.images import import_image
 
 
-def plugin_from_image(image: Path, spec: PluginSpec, store_dir: Path) -> Plugin:
+def plugin_from_image(image: Path, spec: PluginSpec, store_dir: Path, project_id: str | None = None) -> Plugin:
     """The Plugin block of `spec` running the image at `image`, imported into `store_dir` (once per manifest).
 
     The entrypoint and args default to the image's Entrypoint and Cmd, as Docker's do: an entrypoint given
@@ -30,7 +30,7 @@ def plugin_from_image(image: Path, spec: PluginSpec, store_dir: Path) -> Plugin:
     try:
         return Plugin(image_digest=ref.digest, image_path=str(ref.path), entrypoint=entrypoint, args=args,
                       env=spec.env, limits=spec.limits, input_schema=spec.input_schema,
-                      description=spec.description)  # fmt: skip
+                      tier=spec.tier, description=spec.description, project_id=project_id)  # fmt: skip
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(map(str, error["loc"]))

@@ -10,6 +10,7 @@ the tmpfs.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 from kiln.errors import InvalidRequest
 from kiln.tasks.plugin.cgroups import RunCgroups
@@ -155,13 +156,13 @@ class _OutTmpfs:
 class PluginRun:
     """One run of a plugin image in the sandbox: `await run.run()` gives its Outcome; `run.cancel()` ends it.
 
-    input is written as /in/input.json and given on stdin; files (name → bytes) appear under /in too.
+    input is written as /in/input.json and given on stdin; files (name → bytes, or a file's path) appear under /in too.
     Stdout's lines go to on_stdout as they arrive. An asyncio cancellation of run() kills and cleans up the
     run before it propagates; cancel() makes run() return an Outcome whose ending is CANCELLED.
     """
 
     def __init__(self, image: ImageRef, *, run_id: str, work_dir: Path, results_dir: Path, limits: Limits = Limits(),
-                 command: Sequence[str] | None = None, input: Any = None, files: Mapping[str, bytes] | None = None,
+                 command: Sequence[str] | None = None, input: Any = None, files: Mapping[str, bytes | Path] | None = None,
                  env: Mapping[str, str] | None = None, on_stdout: Callable[[str], None] | None = None,
                  tier: str | None = None):  # fmt: skip
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", run_id):
@@ -298,8 +299,15 @@ class PluginRun:
         if self.input is not None:
             (self.bundle.in_dir / "input.json").write_text(json.dumps(self.input))
         for name, data in self.files.items():
-            (self.bundle.in_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (self.bundle.in_dir / name).write_bytes(data)
+            target = self.bundle.in_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, bytes):
+                target.write_bytes(data)
+            else:  # a stored file, read-only: a link costs nothing, and the run cannot change it
+                try:
+                    os.link(data, target)
+                except OSError:
+                    shutil.copyfile(data, target)
 
     async def _teardown(self, out: _OutTmpfs | None) -> None:
         await self.tier.teardown(self.bundle)
@@ -317,20 +325,48 @@ def _output_json(results_dir: Path, files: list[str]) -> Any:
         return None
 
 
-async def clean_leftovers(work_dir: Path) -> list[str]:
+async def clean_leftovers(work_dir: Path, run_id: str | None = None) -> list[str]:
     """Removes what a worker killed mid-run (kill -9) left under work_dir: its containers (by id prefix in
     `runc list`, bundle under work_dir), their cgroups wherever that worker's own cgroup was, and their
-    bundle folders. For a worker to call at start; the ids it cleaned."""
+    bundle folders; only those of `run_id` when given. The ids it cleaned."""
     work_dir = Path(work_dir).resolve()
+    prefix = f"{PREFIX}{run_id}-" if run_id else PREFIX
     bundles = work_dir.iterdir() if work_dir.is_dir() else []
-    ids = {p.name for p in bundles if p.is_dir() and p.name.startswith(PREFIX)}
+    ids = {p.name for p in bundles if p.is_dir() and p.name.startswith(prefix)}
     if os.geteuid() == 0 and shutil.which("runc"):
         listing = subprocess.run(["runc", "list", "--format", "json"], capture_output=True, text=True)
         for container in json.loads(listing.stdout or "null") or []:
-            if container["id"].startswith(PREFIX) and Path(container["bundle"]).is_relative_to(work_dir):
+            if container["id"].startswith(prefix) and Path(container["bundle"]).is_relative_to(work_dir):
                 subprocess.run(["runc", "delete", "--force", container["id"]], capture_output=True)
                 ids.add(container["id"])
     for container_id in sorted(ids):
         await RunCgroups(container_id).remove(anywhere=True)
         shutil.rmtree(work_dir / container_id, ignore_errors=True)
     return sorted(ids)
+
+
+async def claim_work_dir(root: Path, name: str) -> tuple[Path, BinaryIO, list[str]]:
+    """A worker's own folder for its runs, root/<name>, locked while the returned lock file stays open (keep it
+    for the worker's life). Before, the folders under root whose worker is gone (their lock is free) are
+    cleaned with clean_leftovers and removed. (folder, lock file, ids cleaned)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cleaned = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != name):
+        with (folder / ".lock").open("ab") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a live worker's
+                continue
+            cleaned += await clean_leftovers(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = root / name
+    folder.mkdir(exist_ok=True)
+    lock = (folder / ".lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise SandboxFailed(f"sandbox: {folder} belongs to a live worker of the same name") from None
+    cleaned += await clean_leftovers(folder)  # a predecessor of the same name
+    return folder, lock, cleaned

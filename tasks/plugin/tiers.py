@@ -280,16 +280,21 @@ async def _quiet(*argv: str) -> int:
 
 @dataclass(frozen=True)
 class TierCheck:
-    """The tier this process can offer ("A", "B" or None) and why no better one."""
+    """The tiers this process can offer, best first, and why not the others."""
 
-    tier: str | None
+    tiers: tuple[str, ...]
     notes: tuple[str, ...] = ()
+
+    @property
+    def tier(self) -> str | None:
+        """The best tier, what a run gets when it asks for none; None when there is no sandbox here."""
+        return self.tiers[0] if self.tiers else None
 
 
 def detect_tier() -> TierCheck:
-    """Which tier this process can offer: A with root, runc and writable memory/pids/cpu cgroups; else B when an
-    unprivileged bwrap sandbox starts; else none. For /healthz and the worker's heartbeat."""
-    notes = []
+    """Which tiers this process can offer: A with root, runc and writable memory/pids/cpu cgroups; B when a bwrap
+    sandbox starts as uid 65534 without capabilities. For /healthz and the worker's heartbeat."""
+    tiers, notes = [], []
     missing_tools = [tool for tool in ("runc", "unshare", "nsenter") if shutil.which(tool) is None]
     if os.geteuid() != 0:
         notes.append("tier A: not root")
@@ -298,13 +303,14 @@ def detect_tier() -> TierCheck:
     elif set(LIMITING) - can_limit():
         notes.append(f"tier A: no writable {', '.join(sorted(set(LIMITING) - can_limit()))} cgroup")
     else:
-        return TierCheck("A")
+        tiers.append("A")
     if shutil.which("bwrap") is None:
         notes.append("tier B: bwrap not installed")
-        return TierCheck(None, tuple(notes))
-    probe = subprocess.run(["bwrap", "--unshare-all", "--uid", str(NOBODY), "--gid", str(NOBODY), "--ro-bind", "/", "/",
-                            "--cap-drop", "ALL", "true"], capture_output=True, text=True)  # fmt: skip
-    if probe.returncode != 0:
-        notes.append(f"tier B: bwrap cannot make a sandbox here ({probe.stderr.strip()})")
-        return TierCheck(None, tuple(notes))
-    return TierCheck("B", tuple(notes))
+    else:
+        probe = subprocess.run(["bwrap", "--unshare-all", "--uid", str(NOBODY), "--gid", str(NOBODY), "--ro-bind", "/",
+                                "/", "--cap-drop", "ALL", "true"], capture_output=True, text=True)  # fmt: skip
+        if probe.returncode == 0:
+            tiers.append("B")
+        else:
+            notes.append(f"tier B: bwrap cannot make a sandbox here ({probe.stderr.strip()})")
+    return TierCheck(tuple(tiers), tuple(notes))

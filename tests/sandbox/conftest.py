@@ -78,7 +78,7 @@ def place(base) -> Place:
 
 
 def residue(run_id: str, work: Path) -> list[str]:
-    """What the runs named `run_id` left: containers, cgroups, mounts, processes, bundle folders."""
+    """What the runs named `run_id` left under `work`: containers, cgroups, mounts, processes, bundle folders."""
     prefix = f"kiln-{run_id}-"
     left = []
     listing = subprocess.run(["runc", "list", "--format", "json"], capture_output=True, text=True, check=True)
@@ -95,7 +95,8 @@ def residue(run_id: str, work: Path) -> list[str]:
             continue
         if str(work) in cmdline or prefix in cmdline:
             left.append(f"process {pid}: {cmdline[:120]}")
-    left += [f"bundle {p}" for p in work.iterdir()]
+    # its bundle folders, in `work` or in a worker's folder there (a job's)
+    left += [f"bundle {p}" for p in (*work.glob(f"kiln-{run_id}*"), *work.glob(f"*/kiln-{run_id}*"))]
     return left
 
 

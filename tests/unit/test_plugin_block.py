@@ -24,7 +24,7 @@ def test_summary_shows_all_but_the_values_of_the_environment():
         "name": "relax", "image_digest": DIGEST, "image_path": block.image_path,
         "entrypoint": ["/bin/relax", "--fast"], "args": ["in.json"], "env_names": ["MODE", "TOKEN"],
         "limits": {"cpus": 1.0, "memory_mb": 256, "pids": 64, "wall_seconds": 60.0, "output_mb": 10, "tmp_mb": 64},
-        "input_schema": {"type": "object"}, "description": "relaxes a structure",
+        "input_schema": {"type": "object"}, "tier": None, "description": "relaxes a structure",
     }  # fmt: skip
     assert "s3cret" not in str(summary)
     assert block.argv == ["/bin/relax", "--fast", "in.json"]
