@@ -84,7 +84,8 @@ class Job(BaseModel):
     resources: Resources = Field(description="What the job needs, and its limits.")
     compute_target: str | None = Field(None, description="Where the job runs.")
     parent_id: str | None = Field(None, description="The parent job, for a child job.")
-    output: Any = Field(None, description="The result, once the job completed.")
+    output: Any = Field(None, description="The result, once the job completed; for a failed plugin_exec job, what "
+                       "its run left (exit code, stdout, stderr).")
     status_reason: str | None = Field(
         None, description="Why the job is not progressing or did not succeed, in words a user can act on."
     )

@@ -101,3 +101,26 @@ def idle(client):
         return True
 
     wait_until(nothing_running, timeout=60, what="the previous tests' jobs to finish")
+
+
+@pytest.fixture(scope="session")
+def shell_plugin(stack, tmp_path_factory) -> str:
+    """A busybox plugin whose args are one shell script, with small limits and a schema: an object with an
+    integer `n`, or nothing."""
+    import json
+    import uuid
+
+    from tests.sandbox.busybox_image import write_layout
+
+    name = f"shell-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path_factory.mktemp("shell-plugin")
+    schema = folder / "schema.json"
+    schema.write_text(json.dumps({"type": ["object", "null"], "properties": {"n": {"type": "integer"}}}))
+    added = subprocess.run(
+        [sys.executable, "-m", "kiln.cli", "plugins", "add", name, "--image", str(write_layout(folder / "layout")),
+         "--entrypoint", "sh", "--entrypoint", "-c", "--input-schema", str(schema), "--memory-mb", "64",
+         "--pids", "32", "--wall-seconds", "20", "--output-mb", "1", "--tmp-mb", "4"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    return name

@@ -99,3 +99,10 @@ def create_key(project: str) -> str:
         capture_output=True, text=True, check=True, env={**os.environ},
     )
     return out.stdout.strip().splitlines()[-1]
+
+
+def left_behind(flow_run_id: str | None) -> list[str]:
+    """What a plugin_exec job's sandbox left: its containers, cgroups, processes, and its folders in any worker's."""
+    from tests.sandbox.conftest import residue
+
+    return [] if flow_run_id is None else residue(flow_run_id, SETTINGS.sandbox_root)

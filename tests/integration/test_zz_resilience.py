@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.integration.support import SETTINGS, flow_run_state, wait_until
+import pytest
+
+from tests.integration.support import DATABASE, SETTINGS, flow_run_state, left_behind, wait_until
 
 
 def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack, idle):
@@ -131,3 +133,37 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
         deployment = await prefect.read_deployment_by_name("sleep/kiln")
         again = await create_job_run(prefect, row, deployment.id, "alpha")
     assert str(again.id) == job.flow_run_id
+
+
+def plugin_running(client, plugin: str):
+    """A plugin_exec job whose container runs (it printed `ready`) until it is killed."""
+    job = client.jobs.create(type="plugin_exec", input={"plugin": plugin, "args": ["echo ready; sleep 120"]})
+    wait_until(lambda: any(e.data.get("message") == "ready" for e in client.jobs.events(job.id)
+                           if e.event == "progress") if client.jobs.get(job.id).status.value == "running" else False,
+               timeout=60, what="the plugin to start")  # fmt: skip
+    return client.jobs.get(job.id)
+
+
+@pytest.mark.skipif(DATABASE == "postgresql", reason="the sandbox's cleanup does not touch the database")
+def test_kill_9_of_the_worker_mid_plugin_run_leaves_nothing_once_a_worker_starts(client, stack, idle, shell_plugin):
+    job = plugin_running(client, shell_plugin)
+    assert left_behind(job.flow_run_id) != []  # the container, its cgroups and bundle, while it runs
+    stack.stop("worker", sig=signal.SIGKILL)
+    job.wait(timeout=60)
+    assert job.status.value == "failed", job.status_reason
+    stack.start_worker()
+    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=60, what="the new worker to clean up")
+
+
+@pytest.mark.skipif(DATABASE == "postgresql", reason="the sandbox's cleanup does not touch the database")
+def test_a_dask_process_killed_mid_plugin_run_leaves_nothing(client, stack, idle, shell_plugin):
+    import psutil
+
+    job = plugin_running(client, shell_plugin)
+    worker = psutil.Process(stack.procs["worker"].pid)
+    for process in worker.children():
+        if "spawn_main" in " ".join(process.cmdline()):
+            process.kill()
+    job.wait(timeout=60)
+    assert job.status.value == "failed" and "Dask worker process running this job died" in job.status_reason
+    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=30, what="the worker to clean the run up")

@@ -78,3 +78,17 @@ def test_limits_are_strict():
         Limits(gpus=1)
     with pytest.raises(ValueError, match="wall_seconds"):
         Limits(wall_seconds=0)
+
+
+def test_a_run_gets_the_tier_it_asks_for_or_the_best_and_a_missing_one_is_refused_naming_why():
+    from kiln.errors import InvalidRequest
+    from kiln.tasks.plugin.execute import choose_tier
+    from kiln.tasks.plugin.tiers import TierCheck
+
+    both, only_b = TierCheck(("A", "B")), TierCheck(("B",), ("tier A: not root",))
+    assert (choose_tier(None, both), choose_tier("B", both), choose_tier(None, only_b)) == ("A", "B", "B")
+    with pytest.raises(InvalidRequest, match=r"^tier: the run needs sandbox tier A, and this worker offers only B "
+                                             r"\(tier A: not root\)$"):  # fmt: skip
+        choose_tier("A", only_b)
+    with pytest.raises(InvalidRequest, match=r"^tier: this worker offers no sandbox \(tier B: bwrap not installed\)"):
+        choose_tier(None, TierCheck((), ("tier B: bwrap not installed",)))
