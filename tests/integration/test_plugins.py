@@ -106,3 +106,16 @@ def test_the_api_refuses_a_bad_spec_naming_the_field(stack, http, images):
     assert upload(http, images["oci"], {"name": "Not_A_Name"}).json()["errors"][0]["loc"] == ["spec", "name"]
     missing = http.post("/api/v1/plugins", data={"spec": json.dumps({"name": name()})})
     assert missing.status_code == 422 and "image" in missing.json()["detail"]
+
+
+def test_only_the_project_that_registered_a_plugin_may_replace_it(stack, http, other_key, images):
+    import httpx
+
+    plugin = name()
+    assert upload(http, images["oci"], {"name": plugin}).status_code == 201
+    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {other_key}"}, timeout=30) as other:
+        taken = upload(other, images["oci"], {"name": plugin, "overwrite": True})
+        assert taken.status_code == 409 and "registered by another project" in taken.json()["detail"]
+        assert plugin in {p["name"] for p in other.get("/api/v1/plugins").json()}  # it runs their jobs too
+    assert upload(http, images["oci"], {"name": plugin, "overwrite": True}).status_code == 201
+    assert kiln("plugins", "remove", plugin).returncode == 0
