@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.states import Failed
 
+from kiln.errors import KilnError
 from kiln.schemas.job_types import JobType
 from kiln.schemas.plugin_exec import PluginExecInput
 
@@ -18,7 +19,10 @@ from kiln.schemas.plugin_exec import PluginExecInput
 async def plugin_exec(input: PluginExecInput):
     from kiln.tasks.plugin.execute import run_plugin
 
-    output = await run_plugin(input)
+    try:
+        output = await run_plugin(input)
+    except KilnError as exc:  # refused before it started (a tier or limit this worker cannot give): say only why
+        return Failed(message=exc.message)
     if output["ending"] != "completed":
         return Failed(message=output["reason"], data=output)
     return output

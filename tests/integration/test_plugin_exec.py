@@ -175,3 +175,24 @@ def test_the_sdk_raises_a_named_error_for_an_unknown_plugin(client):
     with pytest.raises(KilnError) as raised:
         client.jobs.create(type="plugin_exec", input={"plugin": "nope"})
     assert "input.plugin" in str(raised.value)
+
+
+def test_a_run_refused_before_it_starts_fails_with_only_the_reason(client, http, idle, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.sandbox.busybox_image import write_layout
+
+    plugin = f"gone-{uuid.uuid4().hex[:6]}"
+    layout = write_layout(tmp_path / "layout", cmd=["echo", plugin])  # an image of its own: its own folder
+    added = subprocess.run([sys.executable, "-m", "kiln.cli", "plugins", "add", plugin, "--image", str(layout)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    folder = {p["name"]: p for p in http.get("/api/v1/plugins").json()}[plugin]["image_path"]
+    shutil.rmtree(folder)
+    job = client.jobs.create(type="plugin_exec", input={"plugin": plugin}).wait(timeout=60)
+    assert job.status.value == "failed" and job.output is None
+    assert job.status_reason == (f"the plugin image {folder} is not on this worker: is KILN_HOME shared between the "
+                                 "kiln API and its workers?")  # fmt: skip
+    subprocess.run([sys.executable, "-m", "kiln.cli", "plugins", "remove", plugin], capture_output=True)
