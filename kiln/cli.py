@@ -170,6 +170,7 @@ def worker_start(
         worker = KilnWorker(
             load_project().work_pool,
             slots=slots or settings.worker_slots,
+            service_slots=settings.worker_service_slots,
             scheduler_address=scheduler_address or settings.dask_scheduler_address,
             dask_workers=settings.dask_workers,
             heartbeat_seconds=settings.worker_heartbeat_seconds,

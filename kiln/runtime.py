@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 PROGRESS_EVENT = "kiln.job.progress"
 # a piece of an llm_proxy job's streamed text (kiln.tasks.llm.call sends it)
 DELTA_EVENT = "kiln.job.delta"
+# a running job's status_reason changed: a persistent job's health ("3 of 3 replicas healthy")
+HEALTH_EVENT = "kiln.job.health"
 
 # pieces of a job's text are sent at most this often: one Prefect event per token or per line would be thousands
 TEXT_INTERVAL_SECONDS = 0.1
@@ -73,6 +75,20 @@ async def areport_progress(percent: float, message: str | None = None) -> None:
 def report_progress(percent: float, message: str | None = None) -> None:
     """Reports how far the job is, from a synchronous flow; see areport_progress."""
     run_coro_as_sync(areport_progress(percent, message))
+
+
+def report_health(reason: str, event: str | None = None, data: dict[str, Any] | None = None) -> None:
+    """Says how a running job (a persistent one: a service) is: `reason` becomes its status_reason, and `event`
+    (starting, healthy, unhealthy, restarting, scaled) with `data` an event on its SSE stream."""
+    job_id, _, flow_run_id = current_job()
+    if job_id is None:
+        return
+    emit_event(
+        HEALTH_EVENT,
+        resource={"prefect.resource.id": f"kiln.job.{job_id}"},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
+        payload={"reason": reason, "event": event, "data": data or {}},
+    )
 
 
 async def run_child_job(flow, **parameters: Any) -> Any:

@@ -37,6 +37,10 @@ class KilnSettings(BaseSettings):
         description="URL of an external Prefect API (http://host:port/api); the embedded server is used when unset.",
     )
     worker_slots: int = Field(2, ge=1, description="Jobs one kiln worker runs at the same time.")
+    worker_service_slots: int = Field(
+        1, ge=0, description="Persistent jobs (MCP deployments) one kiln worker hosts besides its slots; they never "
+        "take a batch slot, so they cannot starve batch work.",
+    )
     dask_scheduler_address: str | None = Field(
         None,
         description="tcp:// address of an existing Dask scheduler; a LocalCluster is started when unset.",
@@ -44,7 +48,7 @@ class KilnSettings(BaseSettings):
     dask_workers: int | None = Field(
         None,
         ge=1,
-        description="Processes of the worker's LocalCluster; defaults to the number of worker slots.",
+        description="Processes of the worker's LocalCluster; defaults to its slots plus its service slots.",
     )
     api_key: str | None = Field(
         None, description="API key the CLI sends; read from KILN_HOME/api-key (written by `kiln up`) when unset."

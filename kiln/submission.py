@@ -144,6 +144,7 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         parent_id=body.parent_id,
         refresh=body.refresh or not cacheable,
         held_usd=held_usd,
+        persistent=job_type.persistent,
     )
 
 

@@ -66,13 +66,18 @@ class Dispatcher:
         unfinished = await self.store.claimed_without_run()
         capacity = await self.store.capacity(self.lost_after)
         chosen: list[JobRow] = []
-        if capacity.free > 0:
-            candidates = await self.store.pending_in_order(limit=capacity.free + 100)
+        # batch jobs fill the batch slots and persistent ones the service slots, each pool in priority order
+        free = {False: capacity.free, True: capacity.services_free}
+        if any(free.values()):
+            candidates = await self.store.pending_in_order(limit=sum(free.values()) + 100)
             for job in candidates:
-                if len(chosen) == capacity.free:
+                if not any(free.values()):
                     break
-                if unmet_requirement(job, capacity) is None and await self.store.claim_for_release(job.id):
+                if free[job.persistent] == 0 or unmet_requirement(job, capacity) is not None:
+                    continue
+                if await self.store.claim_for_release(job.id):
                     chosen.append(job)
+                    free[job.persistent] -= 1
         jobs = unfinished + chosen
         if not jobs:
             return 0
@@ -164,6 +169,12 @@ async def pending_reason(store: Store, job: JobRow, capacity: Capacity) -> str:
         return "no kiln worker is online; start one with `kiln worker start` (or `kiln up`)"
     if unmet is not None:
         return f"no worker offers {unmet}"
+    if job.persistent:
+        return (
+            f"waits for service capacity: {min(capacity.services_busy, capacity.service_slots)} of "
+            f"{capacity.service_slots} service slots busy with persistent jobs (a worker hosts "
+            "KILN_WORKER_SERVICE_SLOTS of them besides its batch slots)"
+        )
     ahead = await store.jobs_ahead(job)
     return (
         f"{ahead} job{'s' if ahead != 1 else ''} ahead at priority ≥ {job.priority}; "

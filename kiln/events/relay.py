@@ -28,7 +28,7 @@ from kiln.dispatch.runs import (
 )
 from kiln.errors import Conflict, KilnError
 from kiln.events.job_events import JOB_STATUS_EVENTS
-from kiln.runtime import DELTA_EVENT, PROGRESS_EVENT
+from kiln.runtime import DELTA_EVENT, HEALTH_EVENT, PROGRESS_EVENT
 from kiln.schemas.batches import Hardware
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
@@ -109,13 +109,18 @@ class Relay:
                 await record_task_progress(self.store, job_id, event.payload)
             else:
                 await self.store.add_progress(job_id, event.payload.get("percent", 0), event.payload.get("message"))
+        elif name == HEALTH_EVENT:
+            payload = event.payload
+            await self.store.add_health(event.resource.id.removeprefix("kiln.job."), str(payload.get("reason", "")),
+                                        payload.get("event"), payload.get("data") or {})  # fmt: skip
         elif name == DELTA_EVENT:
             await self.store.add_delta(event.resource.id.removeprefix("kiln.job."), str(event.payload.get("text", "")))
         elif name == HEARTBEAT_EVENT:
             payload = event.payload
             worker = event.resource.id.removeprefix("kiln.worker.")
             orphans = await self.store.worker_heartbeat(
-                worker, payload["instance"], payload["slots"], payload["offers"], payload["running"], event.occurred
+                worker, payload["instance"], payload["slots"], payload["offers"], payload["running"], event.occurred,
+                payload.get("service_slots", 0),
             )
             if orphans:
                 await self.crash_runs(orphans, f"the kiln worker {worker!r} restarted while running this job")
@@ -162,7 +167,8 @@ class Relay:
         else:
             output = None
         await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),
-                                    output=output, at=at, flow_run_id=flow_run_id)  # fmt: skip
+                                    output=output, at=at, flow_run_id=flow_run_id,
+                                    crashed=state_type == StateType.CRASHED.value)  # fmt: skip
         if status.is_final and not job.in_parent_run:
             self.dispatcher.wake()
 

@@ -57,6 +57,10 @@ class JobType:
     # submission pins each item to the project's upload it names (kiln.files.FileStore.pin_uploads), so an
     # unknown one is a 422 naming input.<field>.<index>, and the flow gets StoredFiles (kiln.files.upload_path)
     input_files: str | None = None
+    # the job serves until it is cancelled (an MCP deployment): it takes one of a worker's service slots, never
+    # a batch slot, reports its health as its status_reason while it runs, and runs again whenever its run
+    # crashes (a worker killed, kiln restarted); it fails only when its flow says so
+    persistent: bool = False
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI

@@ -108,7 +108,9 @@ class JobPage(BaseModel):
 
 
 # `delta`: a piece of an llm_proxy job's streamed text, {"text": "…"}
-EventKind = Literal["status", "progress", "delta", "completed", "failed", "cancelled"]
+EventKind = Literal["status", "progress", "delta", "completed", "failed", "cancelled",
+                    # a persistent job's health while it serves (kiln.runtime.report_health)
+                    "starting", "healthy", "unhealthy", "restarting", "scaled"]
 
 
 class JobEvent(BaseModel):

@@ -40,6 +40,8 @@ class NewJob:
     refresh: bool = False
     # what the project's LLM budget holds for it until it ends (an LLM call's most possible cost)
     held_usd: float = 0.0
+    # it serves until cancelled (JobType.persistent)
+    persistent: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ async def add_jobs(
                 "id": job_id, "project_id": project_id, "type": job.type, "priority": job.priority,
                 "input": job.input, "resources": job.resources, "compute_target": job.compute_target,
                 "parent_id": job.parent_id, "in_parent_run": False, "input_hash": job.input_hash,
-                "batch_id": batch_id, "created_at": now, "key_prefix": key_prefix,
+                "batch_id": batch_id, "created_at": now, "key_prefix": key_prefix, "persistent": job.persistent,
             }  # fmt: skip
             hit = None if job.refresh else hits.get(job.input_hash)
             if hit is None:

@@ -101,6 +101,8 @@ class JobRow(Base):
     # a child run as a subflow inside its parent's flow run; every other job is released by the
     # dispatcher and takes a worker slot of its own (a batch_run job's children among them)
     in_parent_run: Mapped[bool] = mapped_column(Boolean, default=False)
+    # it serves until cancelled (JobType.persistent): it takes a worker's service slot, not a batch slot
+    persistent: Mapped[bool] = mapped_column(Boolean, default=False)
     output: Mapped[Any] = mapped_column(JSON, nullable=True, default=None, deferred=True, deferred_raiseload=True)
     status_reason: Mapped[str | None] = mapped_column(Text, default=None)
     attempt: Mapped[int] = mapped_column(Integer, default=1)
@@ -201,6 +203,8 @@ class WorkerRow(Base):
     # changes at every start of the worker process: a new one under the same name is a restart
     instance: Mapped[str] = mapped_column(String(36))
     slots: Mapped[int] = mapped_column(Integer)
+    # persistent jobs it hosts besides its slots
+    service_slots: Mapped[int] = mapped_column(Integer, default=0)
     # what the worker's machine offers: cpu_count, gpu_count, ram_gb, …
     offers: Mapped[dict[str, Any]] = mapped_column(JSON)
     # flow run ids the worker said it runs at its last heartbeat

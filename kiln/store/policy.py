@@ -47,6 +47,8 @@ class Job:
     attempt: int = 1
     max_retry_count: int = 0
     completed_at: datetime | None = None
+    # it serves until cancelled (JobType.persistent)
+    persistent: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Proposal:
     flow_run_id: str | None = None
     # when the state was entered
     at: datetime | None = None
+    # the run crashed (its worker or process died, kiln stopped it): it did not fail by itself
+    crashed: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,23 @@ class CancelRequestedWins(Rule):
         return job.cancel_requested and proposal.source is Source.PREFECT and proposal.to is JobStatus.FAILED
 
 
+class PersistentJobsServeAgain(Rule):
+    """A persistent job whose run crashed (its worker killed, kiln restarted) runs again, however often: a service
+    ends only when it is cancelled or fails by itself."""
+
+    action = Action.RETRY
+
+    def applies(self, job, proposal):
+        return (
+            job.persistent
+            and proposal.to is JobStatus.FAILED
+            and proposal.source is Source.PREFECT
+            and proposal.crashed
+            and not job.in_parent_run
+            and not job.cancel_requested
+        )
+
+
 class RetryWhilePolicyAllows(Rule):
     """A failed attempt of a top-level job runs again while its max_retry_count allows."""
 
@@ -181,6 +202,7 @@ RULES: tuple[Rule, ...] = (
     FinalIsFinal(),
     ForwardOnly(),
     CancelRequestedWins(),
+    PersistentJobsServeAgain(),
     RetryWhilePolicyAllows(),
 )
 

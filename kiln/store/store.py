@@ -56,15 +56,24 @@ class Caller:
 
 @dataclass(frozen=True)
 class Capacity:
-    """What the live workers offer, as the dispatcher last saw it."""
+    """What the live workers offer, as the dispatcher last saw it: batch slots, and service slots apart."""
 
     slots: int
     busy: int
     workers: list[WorkerRow]
+    service_slots: int = 0
+    services_busy: int = 0
 
     @property
     def free(self) -> int:
         return max(self.slots - self.busy, 0)
+
+    @property
+    def services_free(self) -> int:
+        return max(self.service_slots - self.services_busy, 0)
+
+    def free_for(self, job: JobRow) -> int:
+        return self.services_free if job.persistent else self.free
 
 
 def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at: datetime) -> None:
@@ -335,11 +344,12 @@ class Store:
         output: Any = None,
         at: datetime | None = None,
         flow_run_id: str | None = None,
+        crashed: bool = False,
     ) -> bool:
         """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
         `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
-        run. Returns whether the job changed.
+        run, and `crashed` says it crashed rather than failed. Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
@@ -350,8 +360,9 @@ class Store:
                 status=JobStatus(row.status), flow_run_id=row.flow_run_id, cancel_requested=row.cancel_requested,
                 in_parent_run=row.in_parent_run, attempt=row.attempt,
                 max_retry_count=int((row.resources or {}).get("max_retry_count") or 0), completed_at=row.completed_at,
+                persistent=row.persistent,
             )  # fmt: skip
-            decision = policy.decide(facts, policy.Proposal(status, source, flow_run_id, at))
+            decision = policy.decide(facts, policy.Proposal(status, source, flow_run_id, at, crashed))
             if decision.action is policy.Action.IGNORE:
                 return False
             if decision.action is policy.Action.RETRY:
@@ -407,6 +418,17 @@ class Store:
             if status is None or JobStatus(status) in FINAL_STATUSES:
                 return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
+        self.bus.notify([job_id])
+
+    async def add_health(self, job_id: str, reason: str, event: str | None, data: dict[str, Any]) -> None:
+        """A running job's status_reason, and its health event when one is named; dropped once the job ended."""
+        async with self.session.begin() as s:
+            row = await s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
+            if row is None or JobStatus(row.status) is not JobStatus.RUNNING:
+                return
+            row.status_reason = reason
+            if event is not None:
+                s.add(JobEventRow(job_id=job_id, event=event, data={**data, "status_reason": reason}))
         self.bus.notify([job_id])
 
     async def add_delta(self, job_id: str, text: str) -> None:
@@ -487,12 +509,14 @@ class Store:
         async with self.session.begin() as s:
             await s.execute(update(JobRow).where(JobRow.id == job_id).values(flow_run_id=flow_run_id))
 
-    async def in_flight_count(self) -> int:
+    async def in_flight_count(self, persistent: bool = False) -> int:
+        """Released jobs not ended: those in batch slots, or (`persistent`) in service slots."""
         async with self.session() as s:
             return await s.scalar(
                 select(func.count())
                 .select_from(JobRow)
-                .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.in_parent_run.is_(False))
+                .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.in_parent_run.is_(False),
+                       JobRow.persistent.is_(persistent))  # fmt: skip
             )
 
     async def jobs_ahead(self, row: JobRow) -> int:
@@ -528,7 +552,8 @@ class Store:
     # workers
 
     async def worker_heartbeat(
-        self, name: str, instance: str, slots: int, offers: dict, running: list[str], at: datetime
+        self, name: str, instance: str, slots: int, offers: dict, running: list[str], at: datetime,
+        service_slots: int = 0,
     ) -> list[str]:
         """Records a heartbeat sent at `at`; returns the runs an earlier instance of a restarted worker left.
 
@@ -538,12 +563,14 @@ class Store:
         async with self.session.begin() as s:
             row = await s.get(WorkerRow, name)
             if row is None:
-                s.add(WorkerRow(name=name, instance=instance, slots=slots, offers=offers, running=running, last_seen=at))
+                s.add(WorkerRow(name=name, instance=instance, slots=slots, service_slots=service_slots, offers=offers,
+                                running=running, last_seen=at))  # fmt: skip
                 return []
             if at <= row.last_seen:
                 return []
             orphans = [] if row.instance == instance or row.lost else [r for r in row.running if r not in running]
             row.instance, row.slots, row.offers, row.running = instance, slots, offers, running
+            row.service_slots = service_slots
             row.last_seen, row.lost = at, False
             return orphans
 
@@ -563,4 +590,6 @@ class Store:
 
     async def capacity(self, lost_after: timedelta) -> Capacity:
         live = [w for w in await self.workers() if not w.lost and utcnow() - w.last_seen < lost_after]
-        return Capacity(slots=sum(w.slots for w in live), busy=await self.in_flight_count(), workers=live)
+        return Capacity(slots=sum(w.slots for w in live), busy=await self.in_flight_count(), workers=live,
+                        service_slots=sum(w.service_slots for w in live),
+                        services_busy=await self.in_flight_count(persistent=True))  # fmt: skip

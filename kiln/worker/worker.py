@@ -96,15 +96,19 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         work_pool_name: str,
         *,
         slots: int,
+        service_slots: int = 0,
         scheduler_address: str | None = None,
         dask_workers: int | None = None,
         heartbeat_seconds: float = 2.0,
         **kwargs: Any,
     ):
-        super().__init__(work_pool_name, limit=slots, create_pool_if_not_found=False, **kwargs)
+        # persistent jobs run beside the batch slots, each in a Dask process of its own; the dispatcher keeps
+        # each kind within its count
+        super().__init__(work_pool_name, limit=slots + service_slots, create_pool_if_not_found=False, **kwargs)
         self.slots = slots
+        self.service_slots = service_slots
         self._scheduler_address = scheduler_address
-        self._dask_workers = dask_workers or slots
+        self._dask_workers = dask_workers or slots + service_slots
         self._kiln_heartbeat_seconds = heartbeat_seconds
         self._cluster = None
         self._dask = None
@@ -128,8 +132,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # a job whose process dies is not re-run behind Prefect's back; kiln's retry policy decides
         dask.config.set({"distributed.scheduler.allowed-failures": 0})
         # Dask's nannies pin numeric libraries to one thread per process; a job owns its process, so
-        # give each process its share of the cores
-        threads = str(max(1, (os.cpu_count() or 1) // self._dask_workers))
+        # give each process its share of the cores (a service waits on I/O: the batch slots share them)
+        threads = str(max(1, (os.cpu_count() or 1) // min(self._dask_workers, self.slots)))
         dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": threads
                          for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
         # ...and leave glibc's malloc its own trim threshold: Dask's 64 KiB returns torch's freed
@@ -221,6 +225,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                     payload={
                         "instance": self.instance,
                         "slots": self.slots,
+                        "service_slots": self.service_slots,
                         "offers": offers,
                         "running": sorted(self._running),
                     },

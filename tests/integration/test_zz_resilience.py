@@ -167,3 +167,17 @@ def test_a_dask_process_killed_mid_plugin_run_leaves_nothing(client, stack, idle
     job.wait(timeout=60)
     assert job.status.value == "failed" and "Dask worker process running this job died" in job.status_reason
     wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=30, what="the worker to clean the run up")
+
+
+def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack, idle):
+    job = client.jobs.create(type="echo_service", input={"name": "survivor", "beat_seconds": 0.2})
+    wait_until(lambda: (client.jobs.get(job.id).status_reason or "").startswith("survivor: serving"), timeout=60,
+               what="the service to serve")  # fmt: skip
+    first_run = client.jobs.get(job.id).flow_run_id
+    stack.stop("worker", sig=signal.SIGKILL)
+    stack.start_worker()
+    wait_until(lambda: client.jobs.get(job.id).attempt == 2 and (client.jobs.get(job.id).status_reason or "")
+               .startswith("survivor: serving"), timeout=90, what="the service to serve again")  # fmt: skip
+    assert flow_run_state(first_run) == "CRASHED"
+    client.jobs.cancel(job.id)
+    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"

@@ -91,3 +91,14 @@ def test_retry_while_policy_allows():
                   run_state(S.FAILED)).action is Action.APPLY  # fmt: skip
     # kiln's own failure (a timeout) is not retried
     assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
+
+
+def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
+    crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
+    service = Job(S.RUNNING, flow_run_id="run-1", attempt=7, persistent=True)
+    assert (decide(service, crashed).rule, decide(service, crashed).action) == ("PersistentJobsServeAgain", Action.RETRY)
+    # one that failed by itself fails; one cancelled, or a batch job, is not served again
+    assert decide(service, run_state(S.FAILED)).action is Action.APPLY
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", persistent=True, cancel_requested=True), crashed).action \
+        is Action.IGNORE  # fmt: skip
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=7), crashed).action is Action.APPLY
