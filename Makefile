@@ -36,7 +36,8 @@ postgres:
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-# the plugin sandbox's tools from Debian (runc, umoci, skopeo, bubblewrap, busybox-static), installed if missing
+# the plugin sandbox's tools from Debian (runc, umoci, skopeo, bubblewrap, busybox-static; mmdebstrap for the
+# tests' Python image), installed if missing
 sandbox:
 	scripts/sandbox-deps.sh
 

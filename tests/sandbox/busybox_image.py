@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
+from tests.sandbox.oci_layout import TAR, finish_layout, write_blob
+
 BUSYBOX = Path("/bin/busybox")
-
-
-def _blob(layout: Path, data: bytes, media_type: str) -> dict:
-    digest = hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest).write_bytes(data)
-    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
 
 def _rootfs_layer() -> bytes:
@@ -45,21 +39,9 @@ def write_layout(layout: Path, *, cmd: list[str] | None = None, env: list[str] |
     """An OCI image layout of busybox at `layout`, tagged `latest`, with this Cmd and Env in its config."""
     shutil.rmtree(layout, ignore_errors=True)
     (layout / "blobs" / "sha256").mkdir(parents=True)
-    layer = _rootfs_layer()
-    layer_ref = _blob(layout, layer, "application/vnd.oci.image.layer.v1.tar")
-    config = {
-        "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": cmd or ["sh"], "Env": env or ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [layer_ref["digest"]]},
-    }  # fmt: skip
-    config_ref = _blob(layout, json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config_ref, "layers": [layer_ref]}  # fmt: skip
-    manifest_ref = _blob(layout, json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    manifest_ref["annotations"] = {"org.opencontainers.image.ref.name": "latest"}
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [manifest_ref]}))
-    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return layout
+    layer = write_blob(layout, _rootfs_layer(), TAR)
+    return finish_layout(layout, layer, layer["digest"], cmd=cmd or ["sh"],
+                         env=env or ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"])  # fmt: skip
 
 
 def write_docker_archive(layout: Path, archive: Path) -> Path:
