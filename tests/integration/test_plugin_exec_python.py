@@ -13,9 +13,11 @@ import uuid
 import httpx
 import pytest
 
-from tests.integration.support import SETTINGS
-from tests.sandbox.conftest import residue
+from tests.integration.support import DATABASE, SETTINGS, left_behind
 from tests.sandbox.python_image import CELL_SUMMARY, ZNO, check_cell_summary, python_layout  # noqa: F401  a fixture
+
+# a job type's own tests: the database does not matter to them
+pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="plugin_exec's own tests run on SQLite")
 
 LIMITS = {"memory_mb": 256, "pids": 32, "wall_seconds": 60, "output_mb": 1, "tmp_mb": 4}
 
@@ -42,7 +44,7 @@ def ended(client, plugin: str, script: str, **fields):
     """The job of `script`, ended, after checking its sandbox left nothing behind."""
     job = client.jobs.create(type="plugin_exec", input={"plugin": plugin, "args": [script], **fields}).wait(timeout=120)
     assert job.flow_run_id is not None
-    assert residue(job.flow_run_id, SETTINGS.sandbox_root) == []
+    assert left_behind(job.flow_run_id) == []
     return job
 
 
