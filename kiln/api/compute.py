@@ -147,8 +147,9 @@ async def create_compute_job(request: Request, body: ComputeJobCreate, project_i
     plugin = await plugin_of(docker)
     from kiln.tasks.plugin.images import image_size
 
+    kept = body.record(plugin.image_digest, image_size(plugin.image_path))
     row = await submit_job(request, project_id, body.plugin_exec_job(plugin.limits), submitted_via=SUBMITTED_VIA,
-                           submitted_request=body.record(plugin.image_digest, image_size(plugin.image_path)))  # fmt: skip
+                           submitted_request=kept)  # fmt: skip
     return await compute_view(request, row)
 
 

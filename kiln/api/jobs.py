@@ -103,7 +103,8 @@ async def create_job(request: Request, body: JobCreate, project_id: Project) -> 
 
 async def submit_job(request: Request, project_id: str, body: JobCreate, **recorded) -> JobRow:
     """The one way a job comes in through the API: rate-limited, read by read_job (input, plugin and file checks,
-    cache key, quota), stored by add_jobs with `recorded` (NewJob's fields, e.g. submitted_via), the dispatcher woken."""
+    cache key, quota), stored by add_jobs with `recorded` (NewJob's fields, e.g. submitted_via), the dispatcher
+    woken."""
     state = request.app.state
     state.rate_limiter.take(request.state.key_hash, "job submissions", state.settings.submit_rate_per_minute)
     new_job = replace(await read_job(state, project_id, body), **recorded)

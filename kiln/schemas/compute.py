@@ -323,5 +323,7 @@ class ComputeJob(BaseModel):
 
 
 class ComputeJobPage(BaseModel):
-    jobs: list[ComputeJob] = Field(description="The project's jobs submitted through /api/v1/compute/jobs, newest first.")
+    jobs: list[ComputeJob] = Field(
+        description="The project's jobs submitted through /api/v1/compute/jobs, newest first."
+    )
     next_cursor: int | None = Field(None, description="Pass as `cursor` for the next page; null on the last.")

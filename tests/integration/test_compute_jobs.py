@@ -1,5 +1,5 @@
 """The GPU job API's container jobs (/api/v1/compute/jobs) against the real stack: a busybox plugin run as plugin_exec
-jobs, answered in that API's job shape, cancelled with DELETE, and the bodies kiln cannot run refused naming the field."""
+jobs, answered in that API's job shape, cancelled with DELETE; the bodies kiln cannot run refused naming the field."""
 
 from __future__ import annotations
 
@@ -147,7 +147,8 @@ def test_bodies_kiln_cannot_run_are_refused_naming_the_field_and_never_stored(ht
                                     "yet; submit a BATCH job")  # fmt: skip
     ports = refused(400, job_body(container, docker={"ports": [8888]}))
     assert ports["detail"].startswith("parameters.parameters.ports: the sandbox has no network")
-    other = refused(400, job_body(container) | {"parameters": {"type": "singularity", "parameters": {"image": container}}})
+    other = refused(400, job_body(container) | {"parameters": {"type": "singularity",
+                                                               "parameters": {"image": container}}})
     assert other["detail"].startswith("parameters.type: kiln runs 'docker' jobs only")
     short = refused(422, job_body(container, max_timeout_run_ms=1000))
     assert short["detail"] == "max_timeout_run_ms: Input should be greater than or equal to 60000"
