@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from starlette.exceptions import HTTPException
 
 from kiln.api.batches import router as batches_router
+from kiln.api.compute import router as compute_router
 from kiln.api.contract import AllowedMethods, contract_openapi, error_responses, one_value_per_query_parameter
 from kiln.api.files import router as files_router
 from kiln.api.hpc import router as hpc_router
@@ -136,6 +137,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(hpc_router)
     app.include_router(plugins_router)
+    app.include_router(compute_router)
     install_llm(app)
     # the registered job types (kiln's own and other packages') are the request body's union
     app.openapi = contract_openapi(app, available_job_types())

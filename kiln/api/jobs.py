@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -97,13 +98,20 @@ async def list_job_types(project_id: Project) -> list[JobTypeInfo]:
     responses=error_responses(InvalidRequest, UnknownJobType, QuotaExceeded, NotFound, InputInvalid, RateLimited),
 )
 async def create_job(request: Request, body: JobCreate, project_id: Project) -> Job:
+    return await job_view(request, await submit_job(request, project_id, body))
+
+
+async def submit_job(request: Request, project_id: str, body: JobCreate, **recorded) -> JobRow:
+    """The one way a job comes in through the API: rate-limited, read by read_job (input, plugin and file checks,
+    cache key, quota), stored by add_jobs with `recorded` (NewJob's fields, e.g. submitted_via), the dispatcher
+    woken."""
     state = request.app.state
     state.rate_limiter.take(request.state.key_hash, "job submissions", state.settings.submit_rate_per_minute)
-    new_job = await read_job(state, project_id, body)
+    new_job = replace(await read_job(state, project_id, body), **recorded)
     _, (stored,) = await add_jobs(state.store, project_id, [new_job], key_prefix=request.state.caller.key_prefix)
     if stored.status is JobStatus.PENDING:
         state.dispatcher.wake()
-    return await job_view(request, await state.store.get_job(stored.job_id, documents=True))
+    return await state.store.get_job(stored.job_id, documents=True)
 
 
 @router.get(
@@ -166,12 +174,15 @@ async def patch_job(request: Request, job_id: str, body: JobPatch, project_id: P
     responses=error_responses(NotFound, Conflict),
 )
 async def cancel_job(request: Request, job_id: str, project_id: Project) -> Job:
-    store = request.app.state.store
-    row = await store.get_job(job_id, project_id)
+    return await job_view(request, await cancel(request, await request.app.state.store.get_job(job_id, project_id)))
+
+
+async def cancel(request: Request, row: JobRow) -> JobRow:
+    """Cancels an unfinished job and its children (Conflict for an ended one); the job as it is now."""
     if JobStatus(row.status).is_final:
-        raise Conflict(f"job {job_id} is already {row.status}; only an unfinished job can be cancelled")
+        raise Conflict(f"job {row.id} is already {row.status}; only an unfinished job can be cancelled")
     await request.app.state.dispatcher.cancel(row, "cancelled by request")
-    return await job_view(request, await store.get_job(job_id, project_id, documents=True))
+    return await request.app.state.store.get_job(row.id, row.project_id, documents=True)
 
 
 @router.get(

@@ -42,6 +42,9 @@ class NewJob:
     held_usd: float = 0.0
     # it serves until cancelled (JobType.persistent)
     persistent: bool = False
+    # the API whose routes submitted it, when not kiln's own, and its request (JobRow.submitted_via)
+    submitted_via: str | None = None
+    submitted_request: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ async def add_jobs(
                 "input": job.input, "resources": job.resources, "compute_target": job.compute_target,
                 "parent_id": job.parent_id, "in_parent_run": False, "input_hash": job.input_hash,
                 "batch_id": batch_id, "created_at": now, "key_prefix": key_prefix, "persistent": job.persistent,
+                "submitted_via": job.submitted_via, "submitted_request": job.submitted_request,
             }  # fmt: skip
             hit = None if job.refresh else hits.get(job.input_hash)
             if hit is None:

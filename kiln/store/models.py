@@ -116,6 +116,11 @@ class JobRow(Base):
     # the first characters of the API key that submitted it (ApiKey.prefix), for usage by key
     key_prefix: Mapped[str | None] = mapped_column(String(16), default=None)
     batch_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    # a job submitted through another API's routes, to be answered in that API's shape: which ('compute',
+    # /api/v1/compute/jobs), and its request as taken (secrets masked) with what kiln resolved from it
+    submitted_via: Mapped[str | None] = mapped_column(String(32), default=None)
+    submitted_request: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True,
+                                                                      default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
     picked_at: Mapped[datetime | None] = mapped_column(default=None)

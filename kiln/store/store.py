@@ -267,6 +267,7 @@ class Store:
         status: JobStatus | None = None,
         parent_id: str | None = None,
         batch_id: str | None = None,
+        submitted_via: str | None = None,
         limit: int = 50,
         cursor: int | None = None,
     ) -> tuple[list[JobRow], int | None]:
@@ -280,6 +281,8 @@ class Store:
             query = query.where(JobRow.parent_id == parent_id)
         if batch_id is not None:
             query = query.where(JobRow.batch_id == batch_id)
+        if submitted_via is not None:
+            query = query.where(JobRow.submitted_via == submitted_via)
         if cursor is not None:
             query = query.where(JobRow.seq < cursor)
         async with self.session() as s:

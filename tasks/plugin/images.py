@@ -99,6 +99,17 @@ def open_image(folder: Path) -> ImageRef:
     return _from_layout(folder, _manifest_digest(layout), folder, layout)
 
 
+def image_size(folder: Path) -> int | None:
+    """The bytes of an imported image as a registry counts them: its config and layers as its manifest lists them
+    (the layers compressed, when they are); None when the image is not in this process's store."""
+    layout = Path(folder) / "oci"
+    try:
+        manifest = _blob(layout, _manifest_digest(layout))
+        return manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _source(path: Path) -> str:
     """The skopeo transport that reads this file or folder."""
     if path.is_dir():

@@ -32,6 +32,14 @@ include-path = "/api/v1/jobs"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "409", "422", "429"]
 
+# A container job valid by the schema names an image (a registered plugin) the generator cannot know: 404 naming
+# `image`; or asks for what the sandbox cannot honour (a port, another type than docker): 400 naming the field;
+# or an environment variable name no process can have: 422.
+[[operations]]
+include-path = "/api/v1/compute/jobs"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "422", "429"]
+
 # A plugin's image is bytes the schema cannot describe (a generated one is no image: 400 naming `image`), and
 # its spec is JSON inside a form field (a generated string is no PluginSpec: 422 naming `spec`).
 [[operations]]

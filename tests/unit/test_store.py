@@ -177,6 +177,20 @@ async def test_listing_pages_newest_first(store):
     assert [j.id for j in page3] == ids[:1] and cursor3 is None
 
 
+async def test_a_job_keeps_the_api_that_submitted_it_and_is_listed_by_it(store):
+    pid = await project(store)
+    plain = NewJob(type="sleep", input={"seconds": 0}, resources={}, input_hash=None, core_hours=0.0)
+    recorded = NewJob(type="sleep", input={"seconds": 0}, resources={}, input_hash=None, core_hours=0.0,
+                      submitted_via="compute", submitted_request={"body": {"title": "t"}})  # fmt: skip
+    _, stored = await add_jobs(store, pid, [plain, recorded, plain])
+    page, _ = await store.list_jobs(pid, submitted_via="compute")
+    assert [j.id for j in page] == [stored[1].job_id]
+    assert (page[0].submitted_via, page[0].submitted_request) == ("compute", {"body": {"title": "t"}})
+    unrecorded = await store.get_job(stored[0].job_id)
+    assert (unrecorded.submitted_via, unrecorded.submitted_request) == (None, None)
+    assert len((await store.list_jobs(pid))[0]) == 3
+
+
 async def test_capacity_counts_live_workers_and_in_flight_jobs(store):
     pid = await project(store)
     await store.worker_heartbeat("w1", "i1", 2, {"cpu_count": 2}, [], utcnow())
