@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, field_serializer, field_validator
 
 from kiln.schemas.jobs import Job, JobCreate, iso
 from kiln.schemas.plugins import Limits, check_env_names
-from kiln.schemas.resources import Resources
+from kiln.schemas.resources import MAX_TIMEOUT_MS, Resources
 from kiln.schemas.statuses import JobStatus
 from kiln.schemas.strict import StrictRequest
 
@@ -32,7 +32,6 @@ HIDDEN = "<hidden>"
 # ('wall time limit (900 s)'), and Prefect's timeout is the backstop
 RUN_GRACE_MS = 30_000
 # kiln's bound on every timeout, past the document's minimums: a year
-MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000
 # the most cores the sandbox gives one run (kiln.schemas.plugins.Limits.cpus)
 MAX_CPUS = 64
 # a bound no machine reaches, so that min_ram_gb in MB stays a number
@@ -146,7 +145,7 @@ class ComputeJobCreate(StrictRequest):
     min_vram_gb: float = Field(0, ge=0, description="GPU memory in GB a worker must have (resources.min_vram_gb).")
     min_storage_gb: float = Field(0, ge=0, description="Free disk in GB a worker must have (resources.min_storage_gb).")
     max_timeout_run_ms: int = Field(
-        ge=60_000, le=MAX_TIMEOUT_MS, description="Longest the container may run: its wall time (limits.wall_seconds); "
+        ge=60_000, le=MAX_TIMEOUT_MS - RUN_GRACE_MS, description="Longest the container may run: its wall time (limits.wall_seconds); "
         f"the job's flow times out {RUN_GRACE_MS // 1000} s later (resources.max_timeout_run_ms), time to unpack "
         "and to collect /out.",
     )

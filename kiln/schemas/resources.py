@@ -6,6 +6,9 @@ from pydantic import Field
 
 from kiln.schemas.strict import StrictRequest
 
+# the longest timeout a job may set, a year: past it a deadline overflows the dates it is added to
+MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000
+
 
 class Resources(StrictRequest):
     cpu_count: int = Field(0, ge=0, description="CPU cores the job needs on its worker.")
@@ -17,15 +20,17 @@ class Resources(StrictRequest):
     max_timeout_assign_ms: int | None = Field(
         None,
         ge=1000,
+        le=MAX_TIMEOUT_MS,
         description="Longest wait from submission until a worker picks the job up; past it the job fails.",
     )
     max_timeout_start_ms: int | None = Field(
         None,
         ge=1000,
+        le=MAX_TIMEOUT_MS,
         description="Longest wait from a worker picking the job up until it runs; past it the job fails.",
     )
     max_timeout_run_ms: int | None = Field(
-        None, ge=1000, description="Longest the job may run; past it the job fails (a Prefect flow timeout)."
+        None, ge=1000, le=MAX_TIMEOUT_MS, description="Longest the job may run; past it the job fails (a Prefect flow timeout)."
     )
     max_retry_count: int = Field(0, ge=0, le=10, description="How often a failed or crashed job is run again.")
     max_node_count: int = Field(1, ge=1, description="Most nodes the job may span (HPC jobs).")
