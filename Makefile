@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm
+.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -51,3 +51,7 @@ bench: install
 # llmock comes with the test tools; LiteLLM's proxy, the peer, goes into a venv of its own (/tmp/venv-litellm)
 bench-llm: install-test
 	$(PYTHON) bench/llm_proxy.py
+
+# as root: the plugin jobs run in sandbox tier A (runc with cgroups); the sandbox's tools are installed if missing
+bench-plugin: install sandbox
+	$(PYTHON) bench/plugin_exec.py
