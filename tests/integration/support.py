@@ -46,7 +46,9 @@ _env = {
     "KILN_PREFECT_PORT": str(free_port()),
     "KILN_API_PORT": str(free_port()),
     "KILN_WORKER_SLOTS": "1",
-    "KILN_WORKER_LOST_SECONDS": "6",
+    # short, so the kill tests see a worker lost quickly; not shorter: a worker that restarts under load must
+    # report the run it took before its silence counts (test_a_killed_job_with_retries_runs_again_on_a_new_worker)
+    "KILN_WORKER_LOST_SECONDS": "10",
     "KILN_RECONCILE_INTERVAL_SECONDS": "5",
     # small, so that tests/integration/test_files.py crosses it quickly
     "KILN_UPLOAD_MAX_BYTES": str(4 * 1024 * 1024),
