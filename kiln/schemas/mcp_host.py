@@ -57,7 +57,7 @@ class HealthCheck(BaseModel):
     timeout_s: float = Field(2.0, gt=0, le=300, description="Seconds a ping may take before it counts as failed.")
     failures: int = Field(
         3, ge=1, le=100, description="Failed pings in a row after which the replica is restarted. A new replica "
-        "must answer its first ping within failures × (interval_s + timeout_s) seconds.",
+        "must answer its first ping within failures × (interval_s + timeout_s) seconds, and at least 10 s.",
     )
 
 

@@ -4,8 +4,8 @@ Each replica number has a slot whose loop starts a replica, watches it, and star
 
 - health is an MCP ping over the replica's own transport every `health.interval_s`, failed when no answer comes
   within `health.timeout_s`; `health.failures` failures in a row end the attempt. An exit ends it at once.
-- a new replica must answer its first ping within failures × (interval_s + timeout_s) seconds, or the attempt has
-  failed: health never stays "starting".
+- a new replica must answer its first ping within failures × (interval_s + timeout_s) seconds (at least
+  `min_start_s`), or the attempt has failed: health never stays "starting".
 - the first restart after a failed attempt is immediate (a replica killed while serving is serving again as soon
   as it can start); each further attempt in a row waits `restart.backoff_s`, then twice that, and so on. Healthy
   for `stable_s`, a replica's count of failed attempts starts again from zero.
@@ -31,7 +31,7 @@ from enum import Enum
 from typing import Any
 
 from kiln.schemas.mcp_host import CommandServer, McpHostInput, PluginServer, UrlServer
-from kiln.tasks.mcp.errors import DeploymentFailed, PingFailed, ReplicaFailed, ServerUnsupported
+from kiln.tasks.mcp.errors import DeploymentFailed, McpHostError, PingFailed, ReplicaFailed, ServerUnsupported
 from kiln.tasks.mcp.front import Front
 from kiln.tasks.mcp.process import Launcher, launch_command
 from kiln.tasks.mcp.relay import relay_client
@@ -83,7 +83,8 @@ class Deployment:
     """
 
     def __init__(self, spec: McpHostInput, *, on_event: EventCallback | None = None, launch: Launcher = launch_command,
-                 stable_s: float = 60.0, session_grace_s: float = 10.0, drain_timeout_s: float = 300.0):  # fmt: skip
+                 stable_s: float = 60.0, session_grace_s: float = 10.0, drain_timeout_s: float = 300.0,
+                 min_start_s: float = 10.0):  # fmt: skip
         if isinstance(spec.server, PluginServer):
             raise ServerUnsupported(f"server.plugin: plugin images ({spec.server.plugin!r}) cannot be hosted yet; "
                                     "give a command or a url")  # fmt: skip
@@ -92,6 +93,7 @@ class Deployment:
         self.stable_s = stable_s
         self.session_grace_s = session_grace_s
         self.drain_timeout_s = drain_timeout_s
+        self.min_start_s = min_start_s
         self._launch = launch
         self._client = relay_client() if spec.transport == "streamable-http" else None
         self.slots: list[Slot] = []
@@ -109,9 +111,10 @@ class Deployment:
 
     @property
     def start_bound_s(self) -> float:
-        """How long a new replica has to answer its first ping."""
+        """How long a new replica has to answer its first ping: as long as a running one may go unanswered, and
+        never less than `min_start_s` (a Python server alone takes seconds to import its SDK)."""
         health = self.spec.health
-        return health.failures * (health.interval_s + health.timeout_s)
+        return max(health.failures * (health.interval_s + health.timeout_s), self.min_start_s)
 
     # life
 
@@ -148,6 +151,10 @@ class Deployment:
         """Changes the number of replicas live: new ones start, extra ones drain (see the module's docstring)."""
         if count < 1:
             raise ValueError("replicas: at least 1")
+        if self.failure or self._stopping:
+            raise McpHostError(f"the deployment {self.spec.name!r} is {self.status()}; it cannot be scaled")
+        if count == self.target:
+            return
         before, self.target = self.target, count
         active = [slot for slot in self.slots if slot.draining_since is None and slot.state != ReplicaState.STOPPED]
         for _ in range(count - len(active)):
@@ -211,12 +218,17 @@ class Deployment:
                                           "in_s": delay})  # fmt: skip
                 await asyncio.sleep(delay)
         finally:
-            slot.state = ReplicaState.STOPPED
             if slot.replica is not None:  # cancelled: stopped or drained
                 self.front.forget(slot.replica)
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(slot.replica.stop(f"{slot.replica.name} was stopped"))
+                stopping = asyncio.ensure_future(slot.replica.stop(f"{slot.replica.name} was stopped"))
+                # a second cancel (stop() while a drain ends) must not leave the process behind
+                while not stopping.done():
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.shield(stopping)
+                if not stopping.cancelled() and stopping.exception() is not None:
+                    log.warning("stopping %s failed: %r", slot.replica.name, stopping.exception())
                 slot.replica = None
+            slot.state = ReplicaState.STOPPED
 
     async def _serve(self, slot: Slot, replica: Replica) -> ReplicaFailed:
         """Watches a started replica: pings it every interval; returns how it ended (exit or failed health)."""

@@ -28,7 +28,7 @@ from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from starlette.types import Message, Receive, Scope, Send
 
 from kiln.tasks.mcp.errors import PingFailed, ReplicaFailed
-from kiln.tasks.mcp.http import accepts_sse, json_rpc_error
+from kiln.tasks.mcp.http import accepts_sse, json_rpc_error, parse
 from kiln.tasks.mcp.process import Launcher, ServerProcess, command_env, launch_command
 from kiln.tasks.mcp.relay import SESSION_HEADER, HttpProbe, HttpUpstream
 from kiln.tasks.mcp.stdio import StdioServer, StdioSession
@@ -335,7 +335,8 @@ class _Relay:
 
 def _is_request(body: bytes) -> bool:
     """Whether a POST body is a JSON-RPC request (it has an id and a method), not a notification or an answer."""
-    return b'"method"' in body and b'"id"' in body
+    message = parse(body)
+    return isinstance(message, dict) and "method" in message and "id" in message
 
 
 class ProcessHttpReplica(HttpReplica):
