@@ -199,6 +199,8 @@ class Deployment:
                     failure = failed
                 else:
                     failure = await self._serve(slot, replica)
+                if slot.draining_since is None:
+                    slot.state, slot.next_attempt_at = ReplicaState.RESTARTING, time.monotonic()
                 self.front.forget(replica)
                 await replica.stop(f"{replica.name} stopped: {failure.reason}")
                 slot.replica = None
@@ -299,7 +301,8 @@ class Deployment:
                     slot.task.cancel()
 
     def _pick(self) -> Replica | None:
-        ready = [slot for slot in self.slots if slot.state in TAKES_NEW_SESSIONS and slot.replica is not None]
+        ready = [slot for slot in self.slots
+                 if slot.state in TAKES_NEW_SESSIONS and slot.replica is not None and slot.replica.alive]  # fmt: skip
         if not ready or self.failure:
             return None
         return min(ready, key=lambda slot: (len(slot.replica.sessions), slot.number)).replica

@@ -1,7 +1,7 @@
 """One replica: one running MCP server, of one of three kinds, and the client sessions it holds.
 
 - StdioReplica: a command over stdio, a child process whose one connection the front shares among its sessions
-  (stdio.StdioServer);
+  (stdio.StdioServer), each served over HTTP by stdio_http.StdioHttpSession;
 - ProcessHttpReplica: a command over streamable-http, a child process given a free loopback port (env PORT and
   `{port}` in its argv) and reached at http://127.0.0.1:PORT/mcp;
 - RemoteReplica: a url, nothing to start.
@@ -21,21 +21,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import anyio
 import httpx
-from mcp.server.streamable_http import GET_STREAM_KEY, StreamableHTTPServerTransport
-from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from starlette.types import Message, Receive, Scope, Send
 
 from kiln.tasks.mcp.errors import PingFailed, ReplicaFailed
-from kiln.tasks.mcp.http import accepts_sse, json_rpc_error, parse
+from kiln.tasks.mcp.http import json_rpc_error, parse
 from kiln.tasks.mcp.process import Launcher, ServerProcess, command_env, launch_command
 from kiln.tasks.mcp.relay import SESSION_HEADER, HttpProbe, HttpUpstream
-from kiln.tasks.mcp.stdio import StdioServer, StdioSession
+from kiln.tasks.mcp.stdio import StdioServer
+from kiln.tasks.mcp.stdio_http import StdioHttpSession
 
 FIRST_PING_RETRY_SECONDS = 0.05  # how often a starting HTTP replica is asked again until it answers
 EXIT_REASON_SECONDS = 1.0  # how long a replica whose connection broke at start is given to exit, for its reason
-FLUSH_SECONDS = 2.0  # how long an ended session's last answers have to reach its client before its streams close
 
 
 class Replica(ABC):
@@ -48,11 +45,17 @@ class Replica(ABC):
         self.name = f"replica {number}"
         self.sessions: dict[str, Any] = {}
         self.started_at = time.monotonic()
+        self.stopped = False
 
     @property
     def pid(self) -> int | None:
         """Its process's pid, when kiln started one."""
         return None
+
+    @property
+    def alive(self) -> bool:
+        """Whether it can still serve: not stopped, and (as far as the front knows yet) not exited."""
+        return not self.stopped
 
     @property
     @abstractmethod
@@ -92,16 +95,6 @@ class Replica(ABC):
 # ---------------------------------------------------------------------------------------------------------- stdio
 
 
-@dataclass(eq=False)
-class _StdioFrontSession:
-    """A client session on an stdio replica: the SDK's streamable-HTTP transport on the client's side, the shared
-    connection's StdioSession on the server's."""
-
-    transport: StreamableHTTPServerTransport
-    link: StdioSession
-    task: asyncio.Task | None = None
-
-
 class StdioReplica(Replica):
     transport = "stdio"
 
@@ -121,6 +114,10 @@ class StdioReplica(Replica):
     @property
     def in_flight(self) -> int:
         return self.server.in_flight if self.server else 0
+
+    @property
+    def alive(self) -> bool:
+        return super().alive and self.server is not None and self.server.lost is None and self.process.returncode is None
 
     async def start(self, bound_s: float) -> None:
         self.process = await self._launch(self.argv, self.env, True)
@@ -151,80 +148,32 @@ class StdioReplica(Replica):
         return ReplicaFailed(self.process.exit_reason(), self.process.exit_cause())
 
     async def stop(self, reason: str) -> None:
+        self.stopped = True
         if self.server is not None:
-            self.server.fail(reason)
+            self.server.fail(reason)  # every request in flight is answered with the reason
         for session in list(self.sessions.values()):
-            session.link.close()
+            await session.end()  # then its POSTs and GET stream end
+        self.sessions.clear()
         if self.process is not None:
             await self.process.stop()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-        # the sessions' last answers are out (or FLUSH_SECONDS passed): their tasks end with their transports
-        tasks = [session.task for session in self.sessions.values() if session.task]
-        if tasks:
-            await asyncio.wait(tasks, timeout=FLUSH_SECONDS + 1)
-            for task in tasks:
-                task.cancel()
-        self.sessions.clear()
 
     async def open_session(self, session_id: str, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
-        # JSON answers for a client that accepts no SSE; the spec lets the server choose either for the rest
-        transport = StreamableHTTPServerTransport(mcp_session_id=session_id, is_json_response_enabled=not accepts_sse(scope))
-        session = _StdioFrontSession(transport, self.server.open(session_id))
-        connected = asyncio.Event()
-        session.task = asyncio.create_task(self._run_session(session, connected))
-        self.sessions[session_id] = session
-        await connected.wait()
-        status = await _serve_reporting_status(transport, scope, receive, send)
+        session = self.sessions[session_id] = StdioHttpSession(self.server, self.server.open(session_id))
+        status = await _serve_reporting_status(session.handle, scope, receive, send, body)
         if status is None or status >= 400:
-            await self._end(session_id)
+            await session.end()
+            self.sessions.pop(session_id, None)
 
     async def serve(self, session_id: str, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         session = self.sessions[session_id]
-        await session.transport.handle_request(scope, receive, send)
-        if session.transport.is_terminated:  # a DELETE
-            await self._end(session_id)
-
-    async def _end(self, session_id: str) -> None:
-        session = self.sessions.pop(session_id, None)
-        if session is not None:
-            session.link.close()
-            await self.server.close_session(session.link)
-
-    async def _run_session(self, session: _StdioFrontSession, connected: asyncio.Event) -> None:
-        """Carries one session's messages both ways until its transport ends (DELETE) or the session is closed."""
-        try:
-            async with session.transport.connect() as (read, write):
-                connected.set()
-                async with anyio.create_task_group() as group:
-                    group.start_soon(self._send_out, session, write)
-                    with contextlib.suppress(anyio.ClosedResourceError, anyio.EndOfStream):  # a DELETE closes it
-                        async for item in read:
-                            if isinstance(item, SessionMessage):
-                                await self.server.from_client(session.link, item.message)
-                    group.cancel_scope.cancel()
-        finally:
-            connected.set()
-            if self.sessions.get(session.link.id) is session:
-                await self._end(session.link.id)
-
-    @staticmethod
-    async def _send_out(session: _StdioFrontSession, write: Any) -> None:
-        """Hands what the server sent for this session to its transport; once the session is closed, lets the
-        answers still on their way reach the client, then ends the transport."""
-        while (item := await session.link.outbox.get()) is not None:
-            message, related = item
-            metadata = ServerMessageMetadata(related_request_id=related) if related is not None else None
-            await write.send(SessionMessage(message, metadata=metadata))
-        deadline = time.monotonic() + FLUSH_SECONDS
-        # a POST's stream leaves the transport's table once its answer is written (SDK internals, read only)
-        while set(session.transport._request_streams) - {GET_STREAM_KEY} and time.monotonic() < deadline:
-            await anyio.sleep(0.02)
-        await session.transport.terminate()
+        await session.handle(scope, receive, send, body)
+        if session.ended:  # a DELETE
+            self.sessions.pop(session_id, None)
 
 
-async def _serve_reporting_status(transport: StreamableHTTPServerTransport, scope: Scope, receive: Receive,
-                                  send: Send) -> int | None:  # fmt: skip
+async def _serve_reporting_status(handle, scope: Scope, receive: Receive, send: Send, body: bytes) -> int | None:
     status = None
 
     async def watching(message: Message) -> None:
@@ -233,7 +182,7 @@ async def _serve_reporting_status(transport: StreamableHTTPServerTransport, scop
             status = message["status"]
         await send(message)
 
-    await transport.handle_request(scope, receive, watching)
+    await handle(scope, receive, watching, body)
     return status
 
 
@@ -323,6 +272,7 @@ class HttpReplica(Replica):
             self._in_flight -= is_request
 
     async def stop(self, reason: str) -> None:
+        self.stopped = True
         self.sessions.clear()
         if self.probe is not None:
             await self.probe.close()
@@ -353,6 +303,10 @@ class ProcessHttpReplica(HttpReplica):
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        return super().alive and self.process is not None and self.process.returncode is None
 
     async def start(self, bound_s: float) -> None:
         port = free_port()

@@ -67,32 +67,43 @@ class RpcError(PingFailed):
 
 @dataclass(eq=False)
 class StdioSession:
-    """One client session on the shared server. What is sent to it waits in `outbox` until its transport takes it:
-    one client that does not read never holds up the others."""
+    """One client session on the shared server, as the server's side sees it. What is sent to it waits in queues
+    its HTTP requests read (stdio_http): one per request in flight (`waiting`, its answer and its progress) and one
+    for the session's GET stream. A client that does not read never holds up the others."""
 
     id: str
-    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     capabilities: dict[str, Any] = field(default_factory=dict)
     upstream_ids: dict[RequestId, int] = field(default_factory=dict)  # its request ids → the server's
     subscriptions: set[str] = field(default_factory=set)
     server_requests: set[RequestId] = field(default_factory=set)  # server→client requests handed to it, unanswered
+    waiting: dict[RequestId, asyncio.Queue] = field(default_factory=dict)  # its requests' POSTs, by request id
+    stream: asyncio.Queue | None = None  # its GET stream, while one is open
     closed: bool = False
 
     def deliver(self, message: JSONRPCMessage, related_request_id: RequestId | None = None) -> None:
-        """Queues a message for the client; `related_request_id` puts it on that request's SSE stream."""
+        """Hands a message to the client: an answer, or what relates to a request, to that request's POST; the rest
+        to the GET stream (dropped when none is open, as the SDK's own servers do without an event store)."""
         if self.closed:
             return
-        if self.outbox.qsize() >= OUTBOX_LIMIT:
+        if isinstance(message, JSONRPCResponse | JSONRPCError):
+            related_request_id = message.id
+        queue = self.waiting.get(related_request_id) if related_request_id is not None else None
+        if queue is None and not isinstance(message, JSONRPCResponse | JSONRPCError):
+            queue = self.stream
+        if queue is None:
+            return
+        if queue.qsize() >= OUTBOX_LIMIT:
             log.warning("MCP session %s reads nothing: %d messages wait for it; it is ended", self.id, OUTBOX_LIMIT)
             self.close()
             return
-        self.outbox.put_nowait((message, related_request_id))
+        queue.put_nowait(message)
 
     def close(self) -> None:
-        """Nothing more is queued; the transport ends the session once it has sent what waits (the None)."""
+        """Nothing more comes: every request still waiting, and the GET stream, is told so (a None)."""
         if not self.closed:
             self.closed = True
-            self.outbox.put_nowait(None)
+            for queue in (*self.waiting.values(), *([self.stream] if self.stream else [])):
+                queue.put_nowait(None)
 
 
 @dataclass(eq=False)

@@ -4,7 +4,8 @@
     python tests/mcp/server.py streamable-http PORT
 
 Its tools: echo, slow (sleeps, reporting progress), crash (exits the process), add_tool (adds a tool, so the
-server sends notifications/tools/list_changed) and whoami (the process's pid, to see which replica served).
+server sends notifications/tools/list_changed), sample (asks the client's model: a server→client request) and
+whoami (the process's pid, to see which replica served).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import SamplingMessage, TextContent
 
 server = MCPServer("kiln-test-server", version="1.0", log_level="WARNING")
 
@@ -50,6 +52,14 @@ async def add_tool(name: str, ctx: Context) -> str:
     server.add_tool(added, name=name, description=f"added by add_tool({name!r})")
     await ctx.session.send_tool_list_changed()
     return f"added {name}"
+
+
+@server.tool()
+async def sample(prompt: str, ctx: Context) -> str:
+    """Asks the client's model (a sampling/createMessage request to the client) and says what it answered."""
+    message = SamplingMessage(role="user", content=TextContent(type="text", text=prompt))
+    result = await ctx.session.create_message([message], max_tokens=20)
+    return f"the model said: {result.content.text}"
 
 
 @server.tool()

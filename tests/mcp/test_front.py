@@ -8,6 +8,8 @@ import subprocess
 
 import httpx
 import pytest
+from mcp import types
+from mcp.shared.exceptions import MCPError
 from kiln.tasks.mcp.replica import free_port
 from tests.mcp.conftest import COMMANDS, PYTHON, SERVER, RawSession, hosted, mcp_session, whoami
 
@@ -18,7 +20,7 @@ async def test_tools_are_listed_and_called_through_the_front_with_their_progress
         async with mcp_session(host.url) as session:
             assert session.server_info.name == "kiln-test-server"
             tools = {tool.name for tool in (await session.list_tools()).tools}
-            assert tools == {"echo", "slow", "crash", "add_tool", "whoami"}
+            assert tools == {"echo", "slow", "crash", "add_tool", "sample", "whoami"}
             assert (await session.call_tool("echo", {"text": "héllo"})).content[0].text == "héllo"
             progress = []
 
@@ -138,8 +140,10 @@ async def test_http_session_rules(launches, transport):
             # a client that takes only JSON gets JSON
             only_json = await client.post(host.url, json={"jsonrpc": "2.0", "id": 8, "method": "ping"},
                                           headers={**headers, "accept": "application/json", "mcp-session-id": session.id})  # fmt: skip
-            if transport == "stdio":
-                assert only_json.status_code == 406  # this session chose SSE at initialize, as the spec lets it
+            if transport == "stdio":  # the front answers JSON to a client that takes only JSON
+                assert only_json.json() == {"jsonrpc": "2.0", "id": 8, "result": {}}
+            else:  # the test server, as the SDK's servers do in SSE mode, refuses it: the front passes that on
+                assert only_json.status_code == 406
             ended = await client.delete(host.url, headers={"mcp-session-id": session.id})
             assert ended.status_code == 200
             after = await client.post(host.url, json={"jsonrpc": "2.0", "id": 9, "method": "ping"},
@@ -171,3 +175,23 @@ async def test_a_request_outside_a_session_is_refused_by_a_shared_stdio_server(l
         assert answer.status_code == 400
         assert answer.json()["id"] == 3
         assert "initialize" in answer.json()["error"]["message"]
+
+
+async def test_a_server_request_goes_to_the_one_session_with_a_request_in_flight_else_it_is_refused(launches):
+    """Over shared stdio, sampling reaches the client whose tools/call asked for it when that is the only session
+    with a request in flight; when another session also waits, the front cannot tell and refuses it."""
+
+    async def model(context, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="forty-two"),
+                                         model="test-model")  # fmt: skip
+
+    async with hosted(launches, {"server": {"command": COMMANDS["stdio"]}}) as host:
+        async with mcp_session(host.url, sampling_callback=model) as asking, mcp_session(host.url) as other:
+            await asyncio.sleep(0.5)  # the GET stream open: a JSON-answered call's server requests go there
+            answer = await asking.call_tool("sample", {"prompt": "the answer?"})
+            assert answer.content[0].text == "the model said: forty-two"
+            waiting = asyncio.create_task(other.call_tool("slow", {"seconds": 1.5}))
+            await asyncio.sleep(0.3)
+            with pytest.raises(MCPError, match="cannot tell which client sampling/createMessage is for: 2 sessions"):
+                await asking.call_tool("sample", {"prompt": "again?"})  # the server passes the front's refusal on
+            assert not (await waiting).is_error
