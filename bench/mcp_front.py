@@ -146,6 +146,37 @@ async def whoami_at(url: str) -> int:
         return (await session.call_tool("whoami", {})).structured_content["result"]
 
 
+async def in_process(calls: int, warmup: int = 20) -> list[float]:
+    """The front's own work on an stdio round trip: its ASGI app called in this process (httpx's ASGI transport), no
+    server socket, no second process."""
+    import httpx
+
+    from kiln.schemas.mcp_host import McpHostInput
+    from kiln.tasks.mcp import Deployment
+
+    deployment = Deployment(McpHostInput.model_validate({"name": "bench", "server": {"command": COMMANDS["stdio"]}}))
+    await deployment.start()
+    headers = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=deployment.app), base_url="http://front") as client:
+            opened = await client.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "id": 0, "method": "initialize",
+                                       "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                                                  "clientInfo": {"name": "bench", "version": "0"}}})  # fmt: skip
+            headers["mcp-session-id"] = opened.headers["mcp-session-id"]
+            times = []
+            for n in range(warmup + calls):
+                started = time.perf_counter()
+                answer = await client.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "id": n + 1,
+                                           "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}})  # fmt: skip
+                elapsed = time.perf_counter() - started
+                assert answer.json()["result"]["content"][0]["text"] == "x"
+                if n >= warmup:
+                    times.append(elapsed)
+            return times
+    finally:
+        await deployment.stop()
+
+
 async def kills(count: int) -> list[tuple[float, float]]:
     """(kill → next successful ping, kill → a new session's answered call) for `count` kill -9s through the front."""
     figures = []
@@ -187,6 +218,7 @@ async def main(calls: int, kill_count: int) -> None:
         added = [percentile(fronted, q) - percentile(alone, q) for q in (50, 95)]
         print(f"{transport}: added by the front: p50 {added[0] * 1000:+.2f} ms, p95 {added[1] * 1000:+.2f} ms "
               f"(goal p95 ≤ 5 ms: {'met' if added[1] <= 0.005 else 'NOT met'})")
+    print(line("stdio: the front in process (ASGI, raw httpx)", await in_process(calls)))
     figures = await kills(kill_count)
     pings, calls_ = [f[0] for f in figures], [f[1] for f in figures]
     print(f"kill -9 of an stdio replica (1 replica), {len(figures)} times:")
