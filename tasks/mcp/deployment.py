@@ -11,6 +11,9 @@ Each replica number has a slot whose loop starts a replica, watches it, and star
   for `stable_s`, a replica's count of failed attempts starts again from zero.
 - after `restart.max_attempts` failed attempts in a row the deployment fails, its reason giving each attempt's.
 
+With `spare`, one more replica is kept started and answering, taking no sessions: a slot that needs a replica
+takes it, so a replica killed while serving is replaced in the time it takes to notice, and a new spare starts.
+
 Scaling down drains: a draining replica takes no new session, keeps serving the ones it holds, and stops once no
 request of theirs is in flight and either they have all ended or `session_grace_s` has passed since the drain
 began (the sessions left then answer 404 and their clients start new ones elsewhere); `drain_timeout_s` bounds
@@ -84,7 +87,7 @@ class Deployment:
 
     def __init__(self, spec: McpHostInput, *, on_event: EventCallback | None = None, launch: Launcher = launch_command,
                  stable_s: float = 60.0, session_grace_s: float = 10.0, drain_timeout_s: float = 300.0,
-                 min_start_s: float = 10.0):  # fmt: skip
+                 min_start_s: float = 10.0, spare: bool = False):  # fmt: skip
         if isinstance(spec.server, PluginServer):
             raise ServerUnsupported(f"server.plugin: plugin images ({spec.server.plugin!r}) cannot be hosted yet; "
                                     "give a command or a url")  # fmt: skip
@@ -94,6 +97,10 @@ class Deployment:
         self.session_grace_s = session_grace_s
         self.drain_timeout_s = drain_timeout_s
         self.min_start_s = min_start_s
+        self.spare = spare
+        self._spare: Replica | None = None  # started and answering, waiting for a slot that needs a replica
+        self._spare_taken = asyncio.Event()
+        self._spare_task: asyncio.Task | None = None
         self._launch = launch
         self._client = relay_client() if spec.transport == "streamable-http" else None
         self.slots: list[Slot] = []
@@ -122,6 +129,8 @@ class Deployment:
         """Starts every replica; returns once one is healthy. DeploymentFailed if one failed all its attempts first."""
         for _ in range(self.target):
             self._add_slot()
+        if self.spare:
+            self._spare_task = asyncio.create_task(self._keep_spare(), name=f"mcp {self.spec.name} spare")
         waiting = [asyncio.ensure_future(self._first_healthy.wait()), asyncio.ensure_future(self._failed.wait())]
         try:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -140,7 +149,7 @@ class Deployment:
     async def stop(self) -> None:
         """Stops every replica, draining none: nothing of the deployment stays behind."""
         self._stopping = True
-        tasks = [slot.task for slot in self.slots if slot.task]
+        tasks = [slot.task for slot in self.slots if slot.task] + ([self._spare_task] if self._spare_task else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -190,11 +199,14 @@ class Deployment:
         restart = self.spec.restart
         try:
             while True:
-                replica = slot.replica = self._new_replica(slot.number)
+                spare = self._take_spare(slot.number)
+                replica = slot.replica = spare or self._new_replica(slot.number)
                 slot.state, slot.ping_failures = ReplicaState.STARTING, 0
-                self._emit("starting", {"replica": slot.number, "attempt": slot.failed_attempts + 1})
+                self._emit("starting", {"replica": slot.number, "attempt": slot.failed_attempts + 1,
+                                        "spare": spare is not None})  # fmt: skip
                 try:
-                    await replica.start(self.start_bound_s)
+                    if spare is None:
+                        await replica.start(self.start_bound_s)
                 except ReplicaFailed as failed:
                     failure = failed
                 else:
@@ -274,6 +286,46 @@ class Deployment:
         finally:
             exited.cancel()
 
+    async def _keep_spare(self) -> None:
+        """Keeps one replica started and answering, taking no sessions, for the next slot that needs a replica: a
+        failed replica is then replaced in the time it takes to notice, not in the time its server takes to start.
+        One that exits untaken is started again; its failures count against no slot."""
+        replica: Replica | None = None
+        try:
+            while True:
+                replica = self._new_replica(0)
+                try:
+                    await replica.start(self.start_bound_s)
+                except ReplicaFailed as failed:
+                    log.warning("the spare replica of %s did not start: %s", self.spec.name, failed.reason)
+                    await replica.stop("the spare did not start")
+                    replica = None
+                    await asyncio.sleep(max(self.spec.restart.backoff_s, 1.0))
+                    continue
+                self._spare = replica
+                waiting = [asyncio.ensure_future(replica.exited()), asyncio.ensure_future(self._spare_taken.wait())]
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in waiting:
+                    task.cancel()
+                self._spare_taken.clear()
+                if self._spare is replica:  # exited, untaken
+                    self._spare = None
+                    await replica.stop("the spare exited")
+                replica = None
+        finally:
+            self._spare = None
+            if replica is not None and not self._spare_taken.is_set():  # a taken one is its slot's to stop
+                await asyncio.shield(replica.stop("the deployment stopped"))
+
+    def _take_spare(self, number: int) -> Replica | None:
+        replica = self._spare
+        if replica is None or not replica.alive:
+            return None
+        self._spare = None
+        replica.renumber(number)
+        self._spare_taken.set()
+        return replica
+
     def _drain(self, slot: Slot) -> None:
         slot.draining_since = time.monotonic()
         if slot.state not in SERVES:  # starting or waiting to restart: nothing to drain
@@ -332,6 +384,8 @@ class Deployment:
             if slot.state == ReplicaState.STOPPED or slot.state == ReplicaState.HEALTHY:
                 continue
             parts.append(self._describe(slot))
+        if self.spare:
+            parts.append("a spare ready" if self._spare is not None else "the spare starting")
         return "; ".join(parts)
 
     def _describe(self, slot: Slot) -> str:

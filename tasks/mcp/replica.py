@@ -57,6 +57,10 @@ class Replica(ABC):
         """Whether it can still serve: not stopped, and (as far as the front knows yet) not exited."""
         return not self.stopped
 
+    def renumber(self, number: int) -> None:
+        """A spare taken into a slot becomes that slot's replica: its messages name it so."""
+        self.number, self.name = number, f"replica {number}"
+
     @property
     @abstractmethod
     def in_flight(self) -> int:
@@ -118,6 +122,11 @@ class StdioReplica(Replica):
     @property
     def alive(self) -> bool:
         return super().alive and self.server is not None and self.server.lost is None and self.process.returncode is None
+
+    def renumber(self, number: int) -> None:
+        super().renumber(number)
+        if self.server is not None:
+            self.server.name = self.name
 
     async def start(self, bound_s: float) -> None:
         self.process = await self._launch(self.argv, self.env, True)

@@ -47,6 +47,27 @@ async def test_a_replica_killed_with_kill_9_is_serving_again_soon(launches, tran
         assert host.deployment.status() == "1 of 1 replica healthy"
 
 
+async def test_with_a_spare_a_killed_replica_is_replaced_at_once(launches):
+    async with hosted(launches, {"server": {"command": COMMANDS["stdio"]}}, spare=True) as host:
+        await host.until(lambda: host.deployment.status() == "1 of 1 replica healthy; a spare ready", 30, "the spare")
+        first, spare = host.launched[:2]
+        killed_at = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        while True:
+            try:
+                async with mcp_session(host.url) as session:
+                    served_by = await whoami(session)
+                break
+            except Exception:
+                assert time.monotonic() - killed_at < 10, host.deployment.status()
+                await asyncio.sleep(0.01)
+        print(f"\nwith a spare: kill -9 → a new session's tool call {time.monotonic() - killed_at:.2f} s")
+        assert served_by == spare
+        assert host.told("starting")[-1] == {"replica": 1, "attempt": 2, "spare": True}
+        await host.until(lambda: host.deployment.status() == "1 of 1 replica healthy; a spare ready", 30, "a new spare")
+        assert len(host.launched) == 3
+
+
 async def test_a_crash_is_restarted_and_its_reason_says_how_it_ended(launches):
     async with hosted(launches, {"server": {"command": COMMANDS["stdio"]}, "restart": {"max_attempts": 3, "backoff_s": 5}}) as host:
         async with mcp_session(host.url) as session:
