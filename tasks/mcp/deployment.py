@@ -1,4 +1,4 @@
-"""An MCP deployment: the front, its replicas, and the supervisor that keeps them healthy, restarts them and scales them.
+"""An MCP deployment: the front, its replicas, and the supervisor that keeps them healthy, restarts and scales them.
 
 Each replica number has a slot whose loop starts a replica, watches it, and starts it again when it fails:
 
@@ -272,8 +272,8 @@ class Deployment:
                     self._emit("unhealthy", {"replica": slot.number, "failures": slot.ping_failures,
                                              "of": health.failures, "error": slot.last_ping_error})  # fmt: skip
                     if slot.ping_failures >= health.failures:
-                        return ReplicaFailed(f"failed {slot.ping_failures} health checks in a row (last: "
-                                             f"{slot.last_ping_error})", f"{slot.ping_failures} failed health checks")  # fmt: skip
+                        reason = f"failed {slot.ping_failures} health checks in a row (last: {slot.last_ping_error})"
+                        return ReplicaFailed(reason, f"{slot.ping_failures} failed health checks")
                     continue
                 if slot.ping_failures:
                     slot.ping_failures = 0
@@ -403,7 +403,11 @@ class Deployment:
         replica = slot.replica
         calls = replica.in_flight if replica else 0
         sessions = len(replica.sessions) if replica else 0
-        return f"{name} draining, {calls} call{'s' if calls != 1 else ''} in flight, {sessions} session{'s' if sessions != 1 else ''}"
+        return f"{name} draining, {_count(calls, 'call')} in flight, {_count(sessions, 'session')}"
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'s' if number != 1 else ''}"
 
 
 def _sessions(slot: Slot) -> int:

@@ -96,6 +96,6 @@ class Front:
                 self.sessions.pop(session_id, None)
 
     async def _no_replica(self, send: Send, request_id) -> None:
-        await json_rpc_error(send, 503, f"Service Unavailable: no replica can take a session now ({self._unavailable()})",
-                             request_id=request_id, code=INTERNAL_ERROR,
-                             headers={"retry-after": str(RETRY_AFTER_SECONDS)})  # fmt: skip
+        message = f"Service Unavailable: no replica can take a session now ({self._unavailable()})"
+        await json_rpc_error(send, 503, message, request_id=request_id, code=INTERNAL_ERROR,
+                             headers={"retry-after": str(RETRY_AFTER_SECONDS)})

@@ -1,4 +1,4 @@
-"""A server's process: started in a session of its own so that stopping it takes its children too, its stderr's end kept."""
+"""A server's process: started in a session of its own, so that stopping it takes its children too; its stderr kept."""
 
 from __future__ import annotations
 

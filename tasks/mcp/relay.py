@@ -1,5 +1,5 @@
-"""The front's side of a streamable-HTTP server (a process of ours or a remote url): requests relayed as they stream, and
-its health pings.
+"""The front's side of a streamable-HTTP server (a process of ours or a remote url): requests relayed as they stream,
+and its health pings.
 
 The upstream keeps its own sessions; the front only swaps kiln's session id for the upstream's on the way in and
 back on the way out. Bodies stream both ways as they come: an SSE response reaches the client event by event.

@@ -121,7 +121,8 @@ class StdioReplica(Replica):
 
     @property
     def alive(self) -> bool:
-        return super().alive and self.server is not None and self.server.lost is None and self.process.returncode is None
+        exited = self.process is None or self.process.returncode is not None
+        return super().alive and not exited and self.server is not None and self.server.lost is None
 
     def renumber(self, number: int) -> None:
         super().renumber(number)

@@ -30,7 +30,6 @@ from typing import Any
 
 from mcp.types import (
     INTERNAL_ERROR,
-    INVALID_REQUEST,
     METHOD_NOT_FOUND,
     ErrorData,
     JSONRPCError,
@@ -186,8 +185,8 @@ class StdioServer:
             if pending.session is session:
                 del self._pending[upstream_id]
                 with contextlib.suppress(ConnectionError):
-                    await self._send({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                                      "params": {"requestId": upstream_id, "reason": "the client's session ended"}})  # fmt: skip
+                    params = {"requestId": upstream_id, "reason": "the client's session ended"}
+                    await self._send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
         for request_id in session.server_requests:
             self._server_requests.pop(request_id, None)
             await self._answer_server(_error(request_id, INTERNAL_ERROR, "the client's session ended"))

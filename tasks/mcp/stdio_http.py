@@ -54,8 +54,8 @@ class StdioHttpSession:
             await self.end()
             await self._send_json(send, 200, b"")
         else:
-            await json_rpc_error(send, 405, "Method Not Allowed", headers={"allow": "GET, POST, DELETE",
-                                                                           SESSION_HEADER: self.session.id})  # fmt: skip
+            headers = {"allow": "GET, POST, DELETE", SESSION_HEADER: self.session.id}
+            await json_rpc_error(send, 405, "Method Not Allowed", headers=headers)
 
     async def end(self) -> None:
         if not self.ended:

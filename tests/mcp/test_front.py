@@ -8,7 +8,7 @@ import subprocess
 
 import httpx
 import pytest
-from mcp import types
+from mcp import Client, types
 from mcp.shared.exceptions import MCPError
 from kiln.tasks.mcp.replica import free_port
 from tests.mcp.conftest import COMMANDS, PYTHON, SERVER, RawSession, hosted, mcp_session, whoami
@@ -195,3 +195,12 @@ async def test_a_server_request_goes_to_the_one_session_with_a_request_in_flight
             with pytest.raises(MCPError, match="cannot tell which client sampling/createMessage is for: 2 sessions"):
                 await asking.call_tool("sample", {"prompt": "again?"})  # the server passes the front's refusal on
             assert not (await waiting).is_error
+
+
+@pytest.mark.parametrize("transport", ["stdio", "streamable-http"])
+async def test_the_sdks_client_which_probes_the_2026_protocol_first_works_through_the_front(launches, transport):
+    """mcp.Client's default mode sends server/discover outside any session: a shared stdio server refuses it (the
+    client falls back to initialize), an HTTP one gets it relayed and answers as it would directly."""
+    async with hosted(launches, {"server": {"command": COMMANDS[transport]}, "transport": transport}) as host:
+        async with Client(host.url) as client:
+            assert (await client.call_tool("echo", {"text": "auto"})).content[0].text == "auto"
