@@ -211,16 +211,17 @@ class Deployment:
                     failure = failed
                 else:
                     failure = await self._serve(slot, replica)
-                if slot.draining_since is None:
-                    slot.state, slot.next_attempt_at = ReplicaState.RESTARTING, time.monotonic()
+                counted = slot.draining_since is None and not self._stopping
+                if counted:  # no new session for it from now on, and the status line says why at once
+                    slot.failed_attempts += 1
+                    slot.reasons.append(f"attempt {slot.failed_attempts}: {failure.reason}")
+                    slot.state, slot.last_cause = ReplicaState.RESTARTING, failure.cause
+                    slot.next_attempt_at = time.monotonic()
                 self.front.forget(replica)
                 await replica.stop(f"{replica.name} stopped: {failure.reason}")
                 slot.replica = None
-                if slot.draining_since is not None or self._stopping or self.failure:
+                if not counted or self._stopping or self.failure:
                     return
-                slot.failed_attempts += 1
-                slot.reasons.append(f"attempt {slot.failed_attempts}: {failure.reason}")
-                slot.last_cause = failure.cause
                 if slot.failed_attempts >= restart.max_attempts:
                     self._fail(f"replica {slot.number} failed {slot.failed_attempts} attempts in a row: "
                                + "; ".join(slot.reasons))  # fmt: skip
@@ -390,6 +391,8 @@ class Deployment:
 
     def _describe(self, slot: Slot) -> str:
         name, restart = f"replica {slot.number}", self.spec.restart
+        if slot.state == ReplicaState.RESTARTING and slot.failed_attempts >= restart.max_attempts:
+            return f"{name} failed after {slot.last_cause}, its last attempt of {restart.max_attempts}"
         if slot.state == ReplicaState.RESTARTING:
             wait = max(slot.next_attempt_at - time.monotonic(), 0)
             return (f"{name} restarting after {slot.last_cause}, attempt {slot.failed_attempts + 1} of "
