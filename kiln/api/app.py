@@ -20,6 +20,7 @@ from kiln.api.contract import AllowedMethods, contract_openapi, error_responses,
 from kiln.api.files import router as files_router
 from kiln.api.hpc import router as hpc_router
 from kiln.api.jobs import router as jobs_router
+from kiln.api.mcp import router as mcp_router
 from kiln.api.llm import Gateway
 from kiln.api.llm import install as install_llm
 from kiln.api.models import router as models_router
@@ -160,6 +161,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     app.include_router(batches_router)
     app.include_router(jobs_router)
+    app.include_router(mcp_router)
     app.include_router(files_router)
     app.include_router(models_router)
     app.include_router(hpc_router)

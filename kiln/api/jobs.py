@@ -157,13 +157,22 @@ async def job_page(request: Request, project_id: str, limit: int, cursor: str | 
 @router.patch(
     "/jobs/{job_id}",
     response_model=Job,
-    summary="Change a pending job's priority",
+    summary="Change a pending job's priority, or a running MCP deployment's replicas",
     # InvalidRequest: a body that is not JSON at all
-    responses=error_responses(InvalidRequest, NotFound, Conflict),
+    responses=error_responses(InvalidRequest, NotFound, Conflict, InputInvalid),
 )
 async def patch_job(request: Request, job_id: str, body: JobPatch, project_id: Project) -> Job:
-    row = await request.app.state.store.set_priority(job_id, project_id, body.priority)
-    request.app.state.dispatcher.wake()
+    """409 when the job cannot change so: priority only while pending, replicas only of a running mcp_host job."""
+    from kiln.api.mcp import scale
+
+    store = request.app.state.store
+    row = await store.get_job(job_id, project_id)
+    if body.replicas is not None:
+        await scale(request, row, body.replicas)
+        row = await store.update_input(job_id, {"replicas": body.replicas})
+    if body.priority is not None:
+        row = await store.set_priority(job_id, project_id, body.priority)
+        request.app.state.dispatcher.wake()
     return await job_view(request, row)
 
 

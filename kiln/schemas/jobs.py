@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, create_model, field_serializer
+from pydantic import BaseModel, Field, create_model, field_serializer, model_validator
 
 from kiln.schemas.resources import Resources
 from kiln.schemas.strict import StrictRequest
@@ -71,7 +71,17 @@ def job_request_union(job_types: Mapping[str, Any]) -> Any:
 
 class JobPatch(StrictRequest):
 
-    priority: int = Field(**INT32, description="The new priority; only a pending job can change it.")
+    priority: int | None = Field(None, **INT32, description="The new priority; only a pending job can change it.")
+    replicas: int | None = Field(
+        None, ge=1, le=32, description="The replicas of a running mcp_host job, changed live: new ones start, "
+        "extra ones drain (they take no new session and stop when their calls are done).",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> JobPatch:
+        if self.priority is None and self.replicas is None:
+            raise ValueError("give priority, or replicas")
+        return self
 
 
 class Job(BaseModel):

@@ -312,6 +312,15 @@ class Store:
             row.priority = priority
         return row
 
+    async def update_input(self, job_id: str, changes: dict[str, Any]) -> JobRow:
+        """Changes fields of a job's input in place (a deployment scaled live keeps its replicas when it runs again)."""
+        async with self.session.begin() as s:
+            row = await s.scalar(select(JobRow).options(*DOCUMENTS).where(JobRow.id == job_id))
+            if row is None:
+                raise NotFound.job(job_id)
+            row.input = {**row.input, **changes}
+        return row
+
     async def cancel_pending(self, job_id: str, reason: str) -> bool:
         """Cancels the job if it is still pending (it then never runs); False when it was not pending."""
         now = utcnow()

@@ -1,0 +1,106 @@
+"""MCP deployments' one URL each: /api/v1/mcp/{name}/mcp, forwarded to the front its mcp_host job serves on a worker.
+
+Any MCP client reaches a deployment of its key's project here with the kiln key as its bearer; another project's
+key finds nothing (404). The request goes on to the job's front (kiln.tasks.mcp.serve) with the service token in
+place of the key, streamed both ways, so SSE answers and the GET stream pass as they come.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import httpx
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from kiln import services
+from kiln.api.auth import project_of_caller
+from kiln.api.contract import error_responses
+from kiln.errors import Conflict, NotFound, ServerError, Unauthorized
+from kiln.schemas.statuses import JobStatus
+from kiln.store.models import JobRow
+
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
+
+Project = Annotated[str, Depends(project_of_caller)]
+
+MCP_HOST = "mcp_host"
+# what passes from the client to the front, and back: MCP's own headers and the body's framing
+FORWARDED = ("accept", "content-type", "mcp-session-id", "mcp-protocol-version", "last-event-id")
+RETURNED = ("content-type", "mcp-session-id", "mcp-protocol-version", "retry-after", "cache-control")
+
+_http: httpx.AsyncClient | None = None
+
+
+def _client() -> httpx.AsyncClient:
+    global _http
+    if _http is None:
+        # a tools/call may take minutes, an SSE stream stays open: no read timeout
+        _http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+    return _http
+
+
+async def serving(request: Request, project_id: str, name: str) -> tuple[JobRow, services.Service]:
+    """The project's running mcp_host job named `name` (the newest, if several), and where it serves."""
+    rows, _ = await request.app.state.store.list_jobs(project_id, type=MCP_HOST, status=JobStatus.RUNNING, limit=200)
+    job = next((row for row in rows if (row.input or {}).get("name") == name), None)
+    if job is None:
+        raise NotFound(f"name: no MCP deployment {name!r} is serving in this project; deploy one as an mcp_host "
+                       "job (`kiln mcp deploy`), or see `kiln mcp list`")  # fmt: skip
+    service = services.lookup(job.id)
+    if service is None:
+        raise NotFound(f"name: the MCP deployment {name!r} (job {job.id}) is starting; try again in a moment")
+    return job, service
+
+
+async def _forward(request: Request, project_id: str, name: str):
+    _, service = await serving(request, project_id, name)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+    upstream = _client().build_request(request.method, f"{service.url}/mcp", content=await request.body(),
+                                       headers={**headers, services.TOKEN_HEADER: service.token})  # fmt: skip
+    try:
+        response = await _client().send(upstream, stream=True)
+    except httpx.HTTPError as exc:
+        raise ServerError(f"the MCP deployment {name!r} did not answer ({type(exc).__name__})") from None
+    return StreamingResponse(
+        response.aiter_raw(), status_code=response.status_code,
+        headers={k: v for k, v in response.headers.items() if k.lower() in RETURNED},
+        background=BackgroundTask(response.aclose),
+    )  # fmt: skip
+
+
+DESCRIPTION = ("MCP streamable HTTP: POST JSON-RPC messages, GET the server's stream, DELETE the session "
+               "(Mcp-Session-Id). 404 when the project has no deployment of that name serving.")
+
+
+@router.post("/mcp/{name}/mcp", summary="An MCP deployment's endpoint (streamable HTTP)", description=DESCRIPTION,
+             responses=error_responses(NotFound))  # fmt: skip
+async def mcp_post(request: Request, name: str, project_id: Project):
+    return await _forward(request, project_id, name)
+
+
+@router.get("/mcp/{name}/mcp", summary="An MCP deployment's server stream (streamable HTTP)", description=DESCRIPTION,
+            responses=error_responses(NotFound))  # fmt: skip
+async def mcp_get(request: Request, name: str, project_id: Project):
+    return await _forward(request, project_id, name)
+
+
+@router.delete("/mcp/{name}/mcp", summary="End an MCP session (streamable HTTP)", description=DESCRIPTION,
+               responses=error_responses(NotFound))  # fmt: skip
+async def mcp_delete(request: Request, name: str, project_id: Project):
+    return await _forward(request, project_id, name)
+
+
+async def scale(request: Request, job: JobRow, replicas: int) -> dict:
+    """Sets a running mcp_host job's replicas live; Conflict when it does not serve or cannot scale."""
+    if job.type != MCP_HOST or JobStatus(job.status) is not JobStatus.RUNNING:
+        raise Conflict(f"replicas: job {job.id} is no running mcp_host job ({job.type}, {job.status})")
+    service = services.lookup(job.id)
+    if service is None:
+        raise Conflict(f"replicas: the MCP deployment of job {job.id} is starting; try again in a moment")
+    answer = await _client().post(f"{service.url}/_kiln/replicas", json={"replicas": replicas},
+                                  headers={services.TOKEN_HEADER: service.token})  # fmt: skip
+    if answer.status_code != 200:
+        raise Conflict(f"replicas: {answer.json().get('detail', answer.text)}")
+    return answer.json()

@@ -1,0 +1,120 @@
+"""mcp_host jobs on the real stack: the in-repo MCP server (tests/mcp/server.py) deployed through kiln and used by the
+mcp SDK's own client at the deployment's kiln URL, scaled live, closed to other projects, and gone when cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.support import DATABASE, SETTINGS, wait_until
+
+pytest.importorskip("mcp")
+pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="mcp_host's own tests run on SQLite")
+
+SERVER = Path(__file__).resolve().parents[1] / "mcp" / "server.py"
+
+
+def deploy(client, name: str, **fields):
+    job = client.jobs.create(type="mcp_host", input={"name": name, "server": {"command": [sys.executable, str(SERVER)]},
+                                                     "transport": "stdio", **fields})  # fmt: skip
+    return job
+
+
+def healthy(client, job_id: str, replicas: int):
+    wanted = f"{replicas} of {replicas} replica{'s' if replicas != 1 else ''} healthy"
+    wait_until(lambda: client.jobs.get(job_id).status_reason == wanted, timeout=90, what=wanted)
+
+
+@contextlib.asynccontextmanager
+async def session(name: str, key: str):
+    import httpx2
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    url = f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp"
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=httpx2.Timeout(30, read=60)) \
+            as http, streamable_http_client(url, http_client=http) as (read, write), \
+            ClientSession(read, write) as mcp:  # fmt: skip
+        await mcp.initialize()
+        yield mcp
+
+
+async def whoami(mcp) -> int:
+    return (await mcp.call_tool("whoami", {})).structured_content["result"]
+
+
+def test_a_deployment_serves_at_its_kiln_url_scales_live_and_ends_when_cancelled(client, api_key, other_key, http):
+    name = f"tools-{uuid.uuid4().hex[:6]}"
+    job = deploy(client, name)
+    healthy(client, job.id, 1)
+
+    async def use():
+        async with session(name, api_key) as mcp:
+            tools = {tool.name for tool in (await mcp.list_tools()).tools}
+            assert {"echo", "slow", "whoami"} <= tools
+            said = await mcp.call_tool("echo", {"text": "through kiln"})
+            return said, await whoami(mcp)
+
+    said, pid = asyncio.run(use())
+    assert "through kiln" in str(said.content)
+    # another project's key finds nothing there
+    other = httpx.post(f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp", headers={"Authorization": f"Bearer {other_key}"},
+                       json={"jsonrpc": "2.0", "id": 1, "method": "ping"})  # fmt: skip
+    assert other.status_code == 404 and f"no MCP deployment {name!r}" in other.json()["detail"]
+
+    scaled = http.patch(f"/api/v1/jobs/{job.id}", json={"replicas": 2})
+    assert scaled.status_code == 200, scaled.text
+    assert scaled.json()["input"]["replicas"] == 2
+    healthy(client, job.id, 2)
+
+    async def two_sessions():
+        async with session(name, api_key) as first, session(name, api_key) as second:
+            return {await whoami(first), await whoami(second)}
+
+    assert len(asyncio.run(two_sessions())) == 2  # a new session goes to the replica with the fewest
+    kinds = {event["event"] for event in events(http, job.id)}
+    assert {"starting", "healthy", "scaled"} <= kinds, kinds
+
+    client.jobs.cancel(job.id)
+    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=20, what="the replica to be gone")
+    gone = http.post(f"/api/v1/mcp/{name}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert gone.status_code == 404
+
+
+def events(http, job_id: str) -> list[dict]:
+    """The job's events so far, read from its SSE stream until it has shown them all (the stream stays open)."""
+    found = []
+    with http.stream("GET", f"/api/v1/jobs/{job_id}/events", timeout=httpx.Timeout(10, read=3)) as stream:
+        try:
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    found.append({"event": line[7:]})
+        except httpx.ReadTimeout:
+            pass
+    return found
+
+
+def test_a_server_that_crashes_at_start_fails_the_job_with_each_attempts_reason(client):
+    job = client.jobs.create(type="mcp_host", input={
+        "name": f"broken-{uuid.uuid4().hex[:6]}", "transport": "stdio",
+        "server": {"command": [sys.executable, "-c", "import sys; sys.stderr.write('no config given'); sys.exit(3)"]},
+        "restart": {"max_attempts": 2, "backoff_s": 0.2},
+    }).wait(timeout=120)  # fmt: skip
+    assert job.status.value == "failed"
+    assert "attempt 1:" in job.status_reason and "attempt 2:" in job.status_reason, job.status_reason
+    assert "no config given" in job.status_reason
+    assert job.attempt == 1  # it failed by itself: not served again
+
+
+def test_scaling_a_job_that_is_no_running_deployment_is_a_409(client, http):
+    done = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    refused = http.patch(f"/api/v1/jobs/{done.id}", json={"replicas": 2})
+    assert refused.status_code == 409 and "no running mcp_host job" in refused.json()["detail"]
+    assert http.patch(f"/api/v1/jobs/{done.id}", json={}).status_code == 422
