@@ -27,6 +27,9 @@ llm_app.add_typer(providers_app, name="providers")
 app.add_typer(llm_app, name="llm")
 app.add_typer(batch_app, name="batch")
 app.add_typer(files_app, name="files")
+mcp_app = typer.Typer(help="MCP deployments: servers kiln keeps serving at one URL each (mcp_host jobs).",
+                      no_args_is_help=True)  # fmt: skip
+app.add_typer(mcp_app, name="mcp")
 app.add_typer(keys_app, name="keys")
 app.add_typer(projects_app, name="projects")
 app.add_typer(worker_app, name="worker")
@@ -763,6 +766,71 @@ def files_put(paths: list[Path] = typer.Argument(..., exists=True, dir_okay=Fals
         for path in paths:
             stored = _run(lambda: client.files.upload(path))
             typer.echo(f"{stored.name}\t{stored.sha256}\t{stored.size}")
+
+
+@mcp_app.command("deploy")
+def mcp_deploy(
+    name: str = typer.Argument(..., help="The deployment's name: its URL is /api/v1/mcp/NAME/mcp."),
+    command: Optional[str] = typer.Option(None, help="The server's command line (split as a shell would)."),
+    url: Optional[str] = typer.Option(None, help="A remote streamable-HTTP server kiln fronts instead."),
+    transport: Optional[str] = typer.Option(None, help="stdio or streamable-http (for a command; stdio by default)."),
+    replicas: int = typer.Option(1, help="Copies of the server."),
+    env: list[str] = typer.Option([], help="K=V, an environment variable of the server (repeatable)."),
+) -> None:
+    """Deploys an MCP server as an mcp_host job; prints its job id and URL."""
+    import shlex
+
+    from kiln.sdk.client import mcp_input
+
+    for item in env:
+        if "=" not in item:
+            _fail(f"--env: give K=V, not {item!r}")
+    try:
+        body = mcp_input(name, shlex.split(command) if command else None, url, None, transport, replicas,
+                         {"env": dict(item.partition("=")[::2] for item in env)} if env else {})  # fmt: skip
+    except ValueError as exc:
+        _fail(f"--command/--url: {exc}")
+    with _client() as client:
+        job = _run(lambda: client.jobs.create("mcp_host", body))
+        typer.echo(f"{job.id}\t{client.mcp.url(name)}")
+
+
+@mcp_app.command("list")
+def mcp_list() -> None:
+    """Lists the project's deployments not over: name, job, status and health, URL."""
+    with _client() as client:
+        for job in _run(client.mcp.list):
+            name = job.input.get("name")
+            typer.echo(f"{name}\t{job.id}\t{job.status.value}\t{job.status_reason or ''}\t{client.mcp.url(name)}")
+
+
+@mcp_app.command("scale")
+def mcp_scale(name: str, replicas: int = typer.Argument(..., help="The new number of replicas.")) -> None:
+    """Changes a deployment's replicas live: new ones start, extra ones drain."""
+    with _client() as client:
+        job = _run(lambda: client.mcp.scale(name, replicas))
+        typer.echo(f"{name}: {replicas} replica(s) ({job.status_reason or job.status.value})")
+
+
+@mcp_app.command("logs")
+def mcp_logs(name: str) -> None:
+    """Follows a deployment's events (starting, healthy, unhealthy, restarting, scaled) until it ends or Ctrl-C."""
+    with _client() as client:
+        job = _run(lambda: client.mcp.get(name))
+        _run(lambda: _follow(client, job.id))
+
+
+def _follow(client, job_id: str) -> None:
+    for event in client.jobs.events(job_id):
+        typer.echo(f"{event.event}\t{json.dumps(event.data)}")
+
+
+@mcp_app.command("stop")
+def mcp_stop(name: str) -> None:
+    """Stops a deployment: its replicas end, its URL answers 404."""
+    with _client() as client:
+        job = _run(lambda: client.mcp.stop(name).wait(timeout=60))
+        typer.echo(f"{name}: {job.status.value}")
 
 
 @files_app.command("list")

@@ -10,6 +10,7 @@ from kiln.sdk.client import (
     JobHandle,
     Jobs,
     JobStreamEvent,
+    Mcp,
     Page,
 )
 from kiln.sdk.llm import AsyncLlm, ChatResult, Llm
@@ -27,5 +28,6 @@ __all__ = [
     "JobStreamEvent",
     "Jobs",
     "Llm",
+    "Mcp",
     "Page",
 ]

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,16 @@ import anyio
 import httpx
 from pydantic import BaseModel, Field, TypeAdapter
 
-from kiln.errors import ErrorBody, InvalidRequest, JobFailed, KilnError, RateLimited, ServerError, error_for_status
+from kiln.errors import (
+    ErrorBody,
+    InvalidRequest,
+    JobFailed,
+    KilnError,
+    NotFound,
+    RateLimited,
+    ServerError,
+    error_for_status,
+)
 from kiln.schemas import FINAL_STATUSES, Job, JobPage, JobStatus, Resources
 from kiln.schemas.batches import Batch, BatchResult
 from kiln.schemas.files import StoredFile, name_problem
@@ -178,6 +187,10 @@ class _JobCalls:
     @staticmethod
     def set_priority(job_id: str, priority: int) -> _Call[Job]:
         return _Call("PATCH", _job_path(job_id), Job.model_validate, json={"priority": priority})
+
+    @staticmethod
+    def set_replicas(job_id: str, replicas: int) -> _Call[Job]:
+        return _Call("PATCH", _job_path(job_id), Job.model_validate, json={"replicas": replicas})
 
     @staticmethod
     def files(job_id: str) -> _Call[builtins.list[StoredFile]]:
@@ -807,6 +820,61 @@ class AsyncFiles:
         return await self._client._send(_FileCalls.list())
 
 
+# client.mcp
+
+MCP_HOST = "mcp_host"
+
+
+def mcp_input(name: str, command: Sequence[str] | None, url: str | None, plugin: str | None,
+              transport: str | None, replicas: int, options: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """An mcp_host job's input: the server is exactly one of a command, a url or a plugin."""
+    given = {key: value for key, value in (("command", command), ("url", url), ("plugin", plugin)) if value}
+    if len(given) != 1:
+        raise ValueError("give the server as exactly one of command=[…], url=… or plugin=…")
+    server = {key: list(value) if key == "command" else value for key, value in given.items()}
+    return {"name": name, "server": server, "replicas": replicas, **({"transport": transport} if transport else {}),
+            **options}  # fmt: skip
+
+
+class Mcp:
+    """`client.mcp`: MCP deployments (mcp_host jobs), each served at one kiln URL any MCP client can use with the
+    kiln key as its bearer: `client.mcp.deploy("tools", command=["python", "server.py"])`, then `client.mcp.url("tools")`."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def deploy(self, name: str, *, command: Sequence[str] | None = None, url: str | None = None,
+               plugin: str | None = None, transport: str | None = None, replicas: int = 1,
+               **options: Any) -> JobHandle:  # fmt: skip
+        """Deploys a server: `command` (stdio by default), a remote `url`, or a registered `plugin`; `env`, `health`
+        and `restart` go in `options`. The job runs until it is stopped."""
+        return self._client.jobs.create(MCP_HOST, mcp_input(name, command, url, plugin, transport, replicas, options))
+
+    def url(self, name: str) -> str:
+        """The deployment's MCP endpoint (streamable HTTP) on the kiln API."""
+        return f"{self._client.base_url.rstrip('/')}/api/v1/mcp/{quote(name, safe='')}/mcp"
+
+    def list(self) -> builtins.list[JobHandle]:
+        """The project's deployments that are not over (pending, queued or serving), newest first."""
+        return [job for job in self._client.jobs.iter(type=MCP_HOST) if not job.status.is_final]
+
+    def get(self, name: str) -> JobHandle:
+        """The deployment called `name` that is not over; NotFound when there is none."""
+        for job in self.list():
+            if job.input.get("name") == name:
+                return job
+        raise NotFound(f"name: no MCP deployment {name!r} in this project is pending or serving")
+
+    def scale(self, name: str, replicas: int) -> JobHandle:
+        """Changes its replicas live: new ones start, extra ones drain."""
+        jobs = self._client.jobs
+        return JobHandle(self._client._send(_JobCalls.set_replicas(self.get(name).id, replicas)), jobs)
+
+    def stop(self, name: str) -> JobHandle:
+        """Cancels the deployment: its replicas stop, its URL answers 404."""
+        return self._client.jobs.cancel(self.get(name).id)
+
+
 # the clients
 
 
@@ -826,6 +894,7 @@ class Client:
         self._http = httpx.Client(transport=transport, **_http_options(base_url, api_key, timeout))
         self.jobs = Jobs(self)
         self.files = Files(self)
+        self.mcp = Mcp(self)
         self.llm = Llm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     def _send(self, call: _Call[T]) -> T:

@@ -118,3 +118,29 @@ def test_scaling_a_job_that_is_no_running_deployment_is_a_409(client, http):
     refused = http.patch(f"/api/v1/jobs/{done.id}", json={"replicas": 2})
     assert refused.status_code == 409 and "no running mcp_host job" in refused.json()["detail"]
     assert http.patch(f"/api/v1/jobs/{done.id}", json={}).status_code == 422
+
+
+def test_the_cli_and_the_sdk_deploy_list_scale_and_stop(client, api_key):
+    import os
+    import subprocess
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "KILN_API_KEY": api_key}
+
+    def kiln(*args):
+        return subprocess.run([sys.executable, "-m", "kiln.cli", "mcp", *args], capture_output=True, text=True,
+                              timeout=120, env=env)  # fmt: skip
+
+    deployed = kiln("deploy", name, "--command", f"{sys.executable} {SERVER}")
+    assert deployed.returncode == 0, deployed.stderr
+    job_id, url = deployed.stdout.split()
+    assert url == client.mcp.url(name) == f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp"
+    healthy(client, job_id, 1)
+    assert name in kiln("list").stdout and "1 of 1 replica healthy" in kiln("list").stdout
+    assert client.mcp.get(name).id == job_id
+    scaled = kiln("scale", name, "2")
+    assert scaled.returncode == 0, scaled.stderr
+    healthy(client, job_id, 2)
+    assert kiln("stop", name).stdout.strip() == f"{name}: cancelled"
+    missing = kiln("scale", name, "1")
+    assert missing.returncode == 1 and f"no MCP deployment {name!r}" in missing.stderr

@@ -79,6 +79,7 @@ def test_public_api_is_exactly_this():
         "JobStreamEvent",
         "Jobs",
         "Llm",
+        "Mcp",
         "Page",
     ]
 
