@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from kiln import services
+import kiln.services as services
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
 from kiln.errors import Conflict, NotFound, ServerError, Unauthorized

@@ -16,7 +16,7 @@ import secrets
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from kiln import services
+import kiln.services as services
 from kiln.runtime import current_job, report_health
 from kiln.schemas.mcp_host import McpHostInput
 from kiln.tasks.mcp.deployment import Deployment
