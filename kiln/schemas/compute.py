@@ -123,8 +123,8 @@ class ComputeJobCreate(StrictRequest):
     title: str = Field(description="The job's title, echoed back.")
     description: str | None = Field(None, description="An optional description, echoed back.")
     task: Literal["BATCH", "PERSISTENT"] = Field(
-        description="BATCH: run once to its end. PERSISTENT is a 400: persistent jobs come with kiln's mcp_host job "
-        "type, not offered yet."
+        description="BATCH: run once to its end. PERSISTENT is a 400: kiln serves persistent containers as mcp_host "
+        "jobs, which cannot run plugin images yet."
     )
     cpu_count: int = Field(
         0, ge=0, le=MAX_CPUS, description="CPU cores the job needs: a worker must offer them (resources.cpu_count), "
@@ -171,8 +171,9 @@ class ComputeJobCreate(StrictRequest):
             found.append((("parameters", "type"), f"kiln runs 'docker' jobs only (a registered plugin's image), "
                           f"not {self.parameters.type!r}"))  # fmt: skip
         if self.task == "PERSISTENT":
-            found.append((("task",), "persistent jobs come with kiln's mcp_host job type, which is not offered yet; "
-                          "submit a BATCH job"))  # fmt: skip
+            found.append((("task",), "kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which cannot "
+                          "run plugin images yet; submit a BATCH job, or deploy the server as an mcp_host "
+                          "command"))  # fmt: skip
         docker = self.parameters.parameters
         for name, why in UNHONOURED.items():
             if getattr(docker, name):

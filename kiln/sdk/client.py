@@ -838,7 +838,8 @@ def mcp_input(name: str, command: Sequence[str] | None, url: str | None, plugin:
 
 class Mcp:
     """`client.mcp`: MCP deployments (mcp_host jobs), each served at one kiln URL any MCP client can use with the
-    kiln key as its bearer: `client.mcp.deploy("tools", command=["python", "server.py"])`, then `client.mcp.url("tools")`."""
+    kiln key as its bearer: `client.mcp.deploy("tools", command=["python", "server.py"])`, then
+    `client.mcp.url("tools")`."""
 
     def __init__(self, client: Client):
         self._client = client

@@ -1,4 +1,4 @@
-"""The mcp_host job's executor: its deployment served from the worker until the job is cancelled or the deployment fails.
+"""The mcp_host job's executor: its deployment served from the worker until the job is cancelled or it fails.
 
 The front listens on a loopback port of the worker; the kiln API gives it its one public URL
 (/api/v1/mcp/{name}/mcp) and forwards to it, with the token kiln.services keeps: a request without it is refused,

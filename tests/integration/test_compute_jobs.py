@@ -143,8 +143,9 @@ def test_bodies_kiln_cannot_run_are_refused_naming_the_field_and_never_stored(ht
     assert tag["detail"].startswith(f"parameters.parameters.tag: the plugin {container!r} has one image, tagged "
                                     "'latest' and 'sha256:")  # fmt: skip
     persistent = refused(400, job_body(container, task="PERSISTENT"))
-    assert persistent["detail"] == ("task: persistent jobs come with kiln's mcp_host job type, which is not offered "
-                                    "yet; submit a BATCH job")  # fmt: skip
+    assert persistent["detail"] == ("task: kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which "
+                                    "cannot run plugin images yet; submit a BATCH job, or deploy the server as an "
+                                    "mcp_host command")  # fmt: skip
     ports = refused(400, job_body(container, docker={"ports": [8888]}))
     assert ports["detail"].startswith("parameters.parameters.ports: the sandbox has no network")
     other = refused(400, job_body(container) | {"parameters": {"type": "singularity",

@@ -83,7 +83,7 @@ def test_empty_unhonourable_fields_are_no_refusal():
 
 @pytest.mark.parametrize("fields, loc, words", [
     ({"type": "kubernetes"}, "parameters.type", "kiln runs 'docker' jobs only"),
-    ({"task": "PERSISTENT"}, "task", "persistent jobs come with kiln's mcp_host job type, which is not offered yet"),
+    ({"task": "PERSISTENT"}, "task", "kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which cannot run plugin images yet"),
 ])  # fmt: skip
 def test_another_type_and_persistent_tasks_are_refused_saying_why(fields, loc, words):
     (refusal,) = ComputeJobCreate.model_validate(body(**fields)).refusals()
