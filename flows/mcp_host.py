@@ -33,7 +33,6 @@ JOB_TYPE = JobType(
     "at /api/v1/mcp/{name}/mcp: replicas kept healthy by MCP pings, restarted with backoff, scaled live.",
     input_model=McpHostInput,
     flow=mcp_host,
-    requires=("mcp",),
     persistent=True,
     cacheable=False,
     tags=("mcp",),
