@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, Field, create_model, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_serializer, model_validator
 
 from kiln.schemas.resources import Resources
 from kiln.schemas.strict import StrictRequest
@@ -69,11 +69,20 @@ def job_request_union(job_types: Mapping[str, Any]) -> Any:
     return Annotated[Union[tuple(branches)], Field(discriminator="type")]  # noqa: UP007 - built from a tuple
 
 
-class JobPatch(StrictRequest):
+def _no_default(schema: dict) -> None:
+    """A field left out is unchanged: its absence, not a null the schema would have to allow, says so."""
+    schema.pop("default", None)
 
-    priority: int | None = Field(None, **INT32, description="The new priority; only a pending job can change it.")
-    replicas: int | None = Field(
-        None, ge=1, le=32, description="The replicas of a running mcp_host job, changed live: new ones start, "
+
+class JobPatch(StrictRequest):
+    """What to change: at least one of the two (null is not a value of either)."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    priority: int = Field(None, **INT32, json_schema_extra=_no_default,
+                          description="The new priority; only a pending job can change it.")  # fmt: skip
+    replicas: int = Field(
+        None, ge=1, le=32, json_schema_extra=_no_default, description="The replicas of a running mcp_host job, changed live: new ones start, "
         "extra ones drain (they take no new session and stop when their calls are done).",
     )
 
