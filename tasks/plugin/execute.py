@@ -66,10 +66,11 @@ async def run_plugin(job_input: PluginExecInput) -> dict[str, Any]:
     limits = plugin.limits_for(job_input.limits)
     store = FileStore.of(get_settings())
     run_id = flow_run_id or "local"
-    results = work_dir() / f"{PREFIX}{run_id}.results"
+    folder = work_dir()
+    results = folder / f"{PREFIX}{run_id}.results"
     lines = TextEvents(PROGRESS_EVENT, lambda text: {"percent": None, "message": text[-PROGRESS_MESSAGE_CHARS:]},
                        joiner="\n")  # fmt: skip
-    run = PluginRun(open_image(Path(plugin.image_path)), run_id=run_id, work_dir=work_dir(), results_dir=results,
+    run = PluginRun(open_image(Path(plugin.image_path)), run_id=run_id, work_dir=folder, results_dir=results,
                     limits=limits, command=[*plugin.entrypoint, *(plugin.args if job_input.args is None else
                                                                  job_input.args)],
                     input=job_input.input, files={f.name: store.upload_path(f) for f in job_input.files},
