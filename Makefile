@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin
+.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -56,3 +56,7 @@ bench-llm: install-test
 # as root: the plugin jobs run in sandbox tier A (runc with cgroups); the sandbox's tools are installed if missing
 bench-plugin: install sandbox
 	$(PYTHON) bench/plugin_exec.py
+
+# the in-repo MCP server (tests/mcp/server.py) direct and deployed through kiln: tools/call round trip and kill -9 → serving
+bench-mcp: install
+	$(PYTHON) bench/mcp_host.py
