@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp
+.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp bench-mcp-conformance
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -60,3 +60,7 @@ bench-plugin: install sandbox
 # the in-repo MCP server (tests/mcp/server.py) direct and deployed through kiln: tools/call round trip and kill -9 → serving
 bench-mcp: install
 	$(PYTHON) bench/mcp_host.py
+
+# the MCP conformance suite, direct vs through kiln; needs Node 22 and the suite from npm (the script's --install)
+bench-mcp-conformance: install
+	$(PYTHON) bench/mcp_conformance.py
