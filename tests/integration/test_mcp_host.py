@@ -67,6 +67,11 @@ def test_a_deployment_serves_at_its_kiln_url_scales_live_and_ends_when_cancelled
     other = httpx.post(f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp", headers={"Authorization": f"Bearer {other_key}"},
                        json={"jsonrpc": "2.0", "id": 1, "method": "ping"})  # fmt: skip
     assert other.status_code == 404 and f"no MCP deployment {name!r}" in other.json()["detail"]
+    # no key, or one that is no key, is refused before anything of the deployment is told
+    for headers in ({}, {"Authorization": "Bearer kiln_no_such_key"}):
+        refused = httpx.post(f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp", headers=headers,
+                             json={"jsonrpc": "2.0", "id": 1, "method": "ping"})  # fmt: skip
+        assert refused.status_code == 401 and refused.json()["detail"].startswith("Authorization: "), refused.text
 
     scaled = http.patch(f"/api/v1/jobs/{job.id}", json={"replicas": 2})
     assert scaled.status_code == 200, scaled.text
