@@ -11,6 +11,13 @@ noise falls on all alike. Besides the direct and kiln URL paths, for the breakdo
   URL adds = the API's forwarding + the front);
 - the same server over stdio, spawned by the SDK's stdio client: what the stdio transport costs without kiln.
 
+Then, path by path, a block of calls is made with the CPU time each process spent counted (psutil): the kiln API,
+the front's process (the worker's Dask process that runs the deployment's flow) and the server answering. What
+each process spends per call does not depend on the machine's load the way a latency does; the block direct to
+the server shows what the API and the fronts spend meanwhile on their own (heartbeats, health pings). What they
+spend on their own, measured over 3 s without calls first, is taken off each block's figures in proportion to its
+length.
+
 Then, on each deployment in turn, a replica is killed with kill -9 (its pid from the `whoami` tool, a session still
 open on it) and the time is taken from the kill to the first successful `ping` through kiln's URL, each attempt a
 new session (the killed replica's sessions are gone). Each kill's time is split at the moment the new replica's
@@ -25,7 +32,7 @@ The run exits non-zero unless every call, warm-up included, answered with the te
 by a ping answered by a new process, and both deployments served throughout (still running and healthy at the end,
 on the flow run they started on).
 
-    python bench/mcp_host.py [--calls 200] [--warmup 20] [--kills 5] [--json FILE]
+    python bench/mcp_host.py [--calls 200] [--warmup 20] [--cpu-calls 200] [--kills 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 
 import anyio
 import httpx2
+import psutil
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
@@ -66,6 +74,7 @@ ATTEMPT_TIMEOUT_S = 5.0  # one try at a new session and a ping
 GIVE_UP_S = 60.0  # a replica not serving this long after its kill: the measurement could not be taken
 # between two tries: a client retrying faster loads the 2-core machine while the new replica starts, and slows it
 RETRY_S = 0.05
+IDLE_S = 3.0  # how long the processes' own CPU use is counted, with no calls
 
 
 @dataclass
@@ -92,12 +101,17 @@ class Kill:
 class Results:
     calls: list[Call] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
+    # per path: CPU ms per call of each process ("the API", "the front", "the server"), and the block's errors
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    idle_cpu: dict[str, float] = field(default_factory=dict)  # CPU s per s of each process with no calls
+    cpu_errors: list[str] = field(default_factory=list)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="timed tools/call per path")
     parser.add_argument("--warmup", type=int, default=20, help="calls per path first, not timed")
+    parser.add_argument("--cpu-calls", type=int, default=200, help="calls per path counting CPU time (0: none)")
     parser.add_argument("--kills", type=int, default=5, help="kill -9 of a replica, per deployment")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the figures there as JSON")
     args = parser.parse_args()
@@ -112,7 +126,7 @@ def main() -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         # two deployments serve at once: each takes a service slot of the worker
-        with embedded_stack(slots=1, env={"KILN_WORKER_SERVICE_SLOTS": "2"}) as (settings, _, key):
+        with embedded_stack(slots=1, env={"KILN_WORKER_SERVICE_SLOTS": "2"}) as (settings, stack, key):
             import kiln.services as services
             from kiln.sdk import Client
 
@@ -120,13 +134,15 @@ def main() -> None:
                 jobs = {t: deploy(client, t) for t in TRANSPORTS}
                 started = {t: wait_healthy(client, job.id, NAMES[t]) for t, job in jobs.items()}
                 targets = {DIRECT: (f"http://127.0.0.1:{direct_port}/mcp", {})}
+                processes = {"the API": stack.procs["api"].pid}
                 for t, job in jobs.items():
                     front = services.lookup(job.id)
                     targets[KILN[t]] = (client.mcp.url(NAMES[t]), {"Authorization": f"Bearer {key}"})
                     targets[FRONT[t]] = (f"{front.url}/mcp", {services.TOKEN_HEADER: front.token})
+                    processes[f"the front, {t}"] = listening_pid(int(front.url.rsplit(":", 1)[1]))
                 print(f"{args.warmup} warm-up and {args.calls} timed echo calls per path, then {args.kills} kills "
                       f"per deployment; load average {load_before[0]:.2f}", flush=True)  # fmt: skip
-                results = asyncio.run(measure(targets, args))
+                results = asyncio.run(measure(targets, processes, args))
                 ended = {t: client.jobs.get(job.id) for t, job in jobs.items()}
                 for job in jobs.values():
                     client.jobs.cancel(job.id)
@@ -173,7 +189,12 @@ def wait_healthy(client, job_id: str, name: str, timeout: float = 120) -> tuple[
 # the measurements
 
 
-async def measure(targets: dict[str, tuple[str, dict[str, str]]], args) -> Results:
+def listening_pid(port: int) -> int:
+    """The process listening on a loopback port (a front: the worker's Dask process running its deployment)."""
+    return next(c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+
+
+async def measure(targets: dict[str, tuple[str, dict[str, str]]], processes: dict[str, int], args) -> Results:
     results = Results()
     async with contextlib.AsyncExitStack() as stack:
         sessions = {}
@@ -184,6 +205,10 @@ async def measure(targets: dict[str, tuple[str, dict[str, str]]], args) -> Resul
         sessions[DIRECT_STDIO] = await stack.enter_async_context(ClientSession(read, write))
         await sessions[DIRECT_STDIO].initialize()
         results.calls = await echo_rounds(sessions, args.calls, args.warmup)
+        if args.cpu_calls:
+            results.idle_cpu = await idle_cpu(processes, IDLE_S)
+            for path in sessions:
+                results.cpu[path] = await cpu_per_call(sessions[path], processes, args.cpu_calls, results.cpu_errors)
     for transport in TRANSPORTS:
         url, headers = targets[KILN[transport]]
         async with http_client(headers) as http:
@@ -231,6 +256,31 @@ async def echo_rounds(sessions: dict[str, ClientSession], rounds: int, warmup: i
         if (r + 1) % 50 == 0:
             print(f"  round {r + 1} of {warmup + rounds}, {time.monotonic() - clock:.0f} s", flush=True)
     return calls
+
+
+async def idle_cpu(processes: dict[str, int], seconds: float) -> dict[str, float]:
+    """What each process spends on its own, with no calls: CPU seconds per second."""
+    counted = {name: psutil.Process(pid) for name, pid in processes.items()}
+    before = {name: sum(p.cpu_times()[:2]) for name, p in counted.items()}
+    await asyncio.sleep(seconds)
+    return {name: (sum(p.cpu_times()[:2]) - before[name]) / seconds for name, p in counted.items()}
+
+
+async def cpu_per_call(mcp: ClientSession, processes: dict[str, int], calls: int, errors: list[str]) -> dict:
+    """A block of echo calls on one session: CPU ms per call of the API, the fronts and the server that answers."""
+    counted = {name: psutil.Process(pid) for name, pid in processes.items()}
+    counted["the server"] = psutil.Process((await mcp.call_tool("whoami", {})).structured_content["result"])
+
+    def cpu() -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in counted.items()}
+
+    before, started = cpu(), time.perf_counter()
+    for i in range(calls):
+        result = await mcp.call_tool("echo", {"text": f"cpu {i}"})
+        if [block.text for block in result.content if block.type == "text"] != [f"cpu {i}"]:
+            errors.append(f"cpu block: call {i} answered {result.content!r}")
+    wall, after = time.perf_counter() - started, cpu()
+    return {"wall_ms": wall / calls * 1000, **{name: (after[name] - before[name]) / calls * 1000 for name in counted}}
 
 
 async def kill_and_wait(url: str, http: httpx2.AsyncClient, transport: str) -> Kill:
@@ -295,7 +345,7 @@ async def cold_start(transport: str) -> float | None:
 
 
 def check(results: Results, args, started: dict, ended: dict) -> list[str]:
-    problems = [f"{c.path.strip()}: {c.error}" for c in results.calls if c.error]
+    problems = [f"{c.path.strip()}: {c.error}" for c in results.calls if c.error] + results.cpu_errors
     for path in sorted({c.path for c in results.calls}):
         timed = sum(c.path == path and c.timed and c.error is None for c in results.calls)
         if timed < args.calls:
@@ -327,6 +377,10 @@ def stats(values: list[float]) -> dict[str, float]:
 def median(values: list[float | None]) -> float | None:
     taken = [v for v in values if v is not None]
     return statistics.median(taken) if taken else None
+
+
+def short(process: str) -> str:
+    return process.removeprefix("the ")
 
 
 def report(results: Results, args, load_before, load_after) -> dict:
@@ -377,6 +431,19 @@ def report(results: Results, args, load_before, load_after) -> dict:
     if (row := added("direct stdio over direct HTTP", DIRECT_STDIO, DIRECT)) is not None:
         figures["added"]["direct stdio over direct HTTP"] = row
         print()
+    if results.cpu:
+        figures["cpu_ms_per_call"] = {path.strip(): row for path, row in results.cpu.items()}
+        figures["idle_cpu_share"] = results.idle_cpu
+        columns = [name for name in next(iter(results.cpu.values())) if name != "wall_ms"]
+        print()
+        own = ", ".join(f"{short(name)} {100 * share:.1f} %" for name, share in results.idle_cpu.items())
+        print(f"CPU time per call, {args.cpu_calls} calls per path one after the other, less what each process spends "
+              f"on its own (with no calls: {own} of a core)")  # fmt: skip
+        print(f"{'path':<40}{'wall':>10}" + "".join(f"{short(name):>25}" for name in columns))
+        for path in sorted(results.cpu, key=order.index):
+            row = results.cpu[path]
+            net = {name: row[name] - results.idle_cpu.get(name, 0) * row["wall_ms"] for name in columns}
+            print(f"{path:<40}{row['wall_ms']:7.2f} ms" + "".join(f"{net[name]:22.2f} ms" for name in columns))
     print()
     print(f"kill -9 of a replica → first successful ping through kiln's URL (a new session per attempt), in s; "
           f"goal ≤ {GOAL_MTTR_S:g} s")  # fmt: skip
