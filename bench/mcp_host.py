@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import statistics
@@ -80,7 +81,7 @@ IDLE_S = 3.0  # how long the processes' own CPU use is counted, with no calls
 @dataclass
 class Call:
     path: str
-    seconds: float = float("nan")
+    seconds: float = math.nan
     error: str | None = None
     timed: bool = True
 
@@ -101,10 +102,10 @@ class Kill:
 class Results:
     calls: list[Call] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
-    # per path: CPU ms per call of each process ("the API", "the front", "the server"), and the block's errors
+    # per path: CPU ms per call of each process ("the API", "the fronts", "the server")
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     idle_cpu: dict[str, float] = field(default_factory=dict)  # CPU s per s of each process with no calls
-    cpu_errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # what went wrong outside the timed calls
 
 
 def main() -> None:
@@ -196,24 +197,30 @@ def listening_pid(port: int) -> int:
 
 async def measure(targets: dict[str, tuple[str, dict[str, str]]], processes: dict[str, int], args) -> Results:
     results = Results()
-    async with contextlib.AsyncExitStack() as stack:
-        sessions = {}
-        for path, (url, headers) in targets.items():
-            http = await stack.enter_async_context(http_client(headers))
-            sessions[path] = await stack.enter_async_context(session(url, http))
-        read, write = await stack.enter_async_context(stdio_client(stdio_parameters()))
-        sessions[DIRECT_STDIO] = await stack.enter_async_context(ClientSession(read, write))
-        await sessions[DIRECT_STDIO].initialize()
-        results.calls = await echo_rounds(sessions, args.calls, args.warmup)
-        if args.cpu_calls:
-            results.idle_cpu = await idle_cpu(processes, IDLE_S)
-            for path in sessions:
-                results.cpu[path] = await cpu_per_call(sessions[path], processes, args.cpu_calls, results.cpu_errors)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = {}
+            for path, (url, headers) in targets.items():
+                http = await stack.enter_async_context(http_client(headers))
+                sessions[path] = await stack.enter_async_context(session(url, http))
+            read, write = await stack.enter_async_context(stdio_client(stdio_parameters()))
+            sessions[DIRECT_STDIO] = await stack.enter_async_context(ClientSession(read, write))
+            await sessions[DIRECT_STDIO].initialize()
+            results.calls = await echo_rounds(sessions, args.calls, args.warmup)
+            if args.cpu_calls:
+                results.idle_cpu = await idle_cpu(processes, IDLE_S)
+                for path in sessions:
+                    results.cpu[path] = await cpu_per_call(sessions[path], processes, args.cpu_calls, results.errors)
+    except Exception as exc:  # noqa: BLE001 - a session that broke (its deployment gone): reported, the run fails
+        results.errors.append(f"the sessions: {type(exc).__name__}: {exc!r}"[:300])
     for transport in TRANSPORTS:
         url, headers = targets[KILN[transport]]
         async with http_client(headers) as http:
             for _ in range(args.kills):
-                kill = await kill_and_wait(url, http, transport)
+                try:
+                    kill = await kill_and_wait(url, http, transport)
+                except Exception as exc:  # noqa: BLE001 - no replica to kill: reported, and the run fails
+                    kill = Kill(transport, 0, last_error=f"finding the replica to kill: {type(exc).__name__}: {exc}")
                 kill.cold_start = await cold_start(transport)
                 results.kills.append(kill)
     return results
@@ -269,16 +276,25 @@ async def idle_cpu(processes: dict[str, int], seconds: float) -> dict[str, float
 async def cpu_per_call(mcp: ClientSession, processes: dict[str, int], calls: int, errors: list[str]) -> dict:
     """A block of echo calls on one session: CPU ms per call of the API, the fronts and the server that answers."""
     counted = {name: psutil.Process(pid) for name, pid in processes.items()}
-    counted["the server"] = psutil.Process((await mcp.call_tool("whoami", {})).structured_content["result"])
+    try:
+        counted["the server"] = psutil.Process((await mcp.call_tool("whoami", {})).structured_content["result"])
+    except Exception as exc:  # noqa: BLE001 - the session broke: no block
+        errors.append(f"CPU block: whoami: {type(exc).__name__}: {exc}")
+        return {"wall_ms": math.nan}
 
     def cpu() -> dict[str, float]:
         return {name: sum(p.cpu_times()[:2]) for name, p in counted.items()}
 
     before, started = cpu(), time.perf_counter()
     for i in range(calls):
-        result = await mcp.call_tool("echo", {"text": f"cpu {i}"})
-        if [block.text for block in result.content if block.type == "text"] != [f"cpu {i}"]:
-            errors.append(f"cpu block: call {i} answered {result.content!r}")
+        try:
+            result = await mcp.call_tool("echo", {"text": f"cpu {i}"})
+            said = [block.text for block in result.content if block.type == "text"]
+        except Exception as exc:  # noqa: BLE001 - the block stops; the run fails
+            errors.append(f"CPU block, call {i}: {type(exc).__name__}: {exc}")
+            break
+        if said != [f"cpu {i}"]:
+            errors.append(f"CPU block, call {i}: answered {said!r}")
     wall, after = time.perf_counter() - started, cpu()
     return {"wall_ms": wall / calls * 1000, **{name: (after[name] - before[name]) / calls * 1000 for name in counted}}
 
@@ -345,7 +361,7 @@ async def cold_start(transport: str) -> float | None:
 
 
 def check(results: Results, args, started: dict, ended: dict) -> list[str]:
-    problems = [f"{c.path.strip()}: {c.error}" for c in results.calls if c.error] + results.cpu_errors
+    problems = [f"{c.path.strip()}: {c.error}" for c in results.calls if c.error] + results.errors
     for path in sorted({c.path for c in results.calls}):
         timed = sum(c.path == path and c.timed and c.error is None for c in results.calls)
         if timed < args.calls:
@@ -434,7 +450,7 @@ def report(results: Results, args, load_before, load_after) -> dict:
     if results.cpu:
         figures["cpu_ms_per_call"] = {path.strip(): row for path, row in results.cpu.items()}
         figures["idle_cpu_share"] = results.idle_cpu
-        columns = [name for name in next(iter(results.cpu.values())) if name != "wall_ms"]
+        columns = max((list(row) for row in results.cpu.values()), key=len)[1:]  # after wall_ms
         print()
         own = ", ".join(f"{short(name)} {100 * share:.1f} %" for name, share in results.idle_cpu.items())
         print(f"CPU time per call, {args.cpu_calls} calls per path one after the other, less what each process spends "
@@ -442,7 +458,7 @@ def report(results: Results, args, load_before, load_after) -> dict:
         print(f"{'path':<40}{'wall':>10}" + "".join(f"{short(name):>25}" for name in columns))
         for path in sorted(results.cpu, key=order.index):
             row = results.cpu[path]
-            net = {name: row[name] - results.idle_cpu.get(name, 0) * row["wall_ms"] for name in columns}
+            net = {name: row.get(name, math.nan) - results.idle_cpu.get(name, 0) * row["wall_ms"] for name in columns}
             print(f"{path:<40}{row['wall_ms']:7.2f} ms" + "".join(f"{net[name]:22.2f} ms" for name in columns))
     print()
     print(f"kill -9 of a replica → first successful ping through kiln's URL (a new session per attempt), in s; "
