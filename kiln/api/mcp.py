@@ -12,18 +12,17 @@ from typing import Annotated
 import httpx
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.background import BackgroundTask
 
 import kiln.services as services
-from kiln.api.auth import project_of_caller
+from kiln.api.auth import admit, bearer, bearer_key
 from kiln.api.contract import error_responses
 from kiln.errors import Conflict, NotFound, ServerError, Unauthorized
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobRow
 
 router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
-
-Project = Annotated[str, Depends(project_of_caller)]
 
 MCP_HOST = "mcp_host"
 # what passes from the client to the front, and back: MCP's own headers and the body's framing
@@ -41,21 +40,29 @@ def _client() -> httpx.AsyncClient:
     return _http
 
 
-async def serving(request: Request, project_id: str, name: str) -> tuple[JobRow, services.Service]:
-    """The project's running mcp_host job named `name` (the newest, if several), and where it serves."""
-    rows, _ = await request.app.state.store.list_jobs(project_id, type=MCP_HOST, status=JobStatus.RUNNING, limit=200)
-    job = next((row for row in rows if (row.input or {}).get("name") == name), None)
-    if job is None:
+async def serving(
+    request: Request, name: str, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> services.Service:
+    """Where the caller's project's running mcp_host job named `name` (the newest, if several) serves. Every request
+    of an MCP session comes through here, so the key and the project's deployments are read together, in one read."""
+    key = bearer_key(credentials)
+    caller, rows = await request.app.state.store.caller_and_jobs(key, type=MCP_HOST, status=JobStatus.RUNNING,
+                                                                 limit=200)  # fmt: skip
+    admit(request, key, caller)
+    job_id = next((job_id for job_id, input in rows if (input or {}).get("name") == name), None)
+    if job_id is None:
         raise NotFound(f"name: no MCP deployment {name!r} is serving in this project; deploy one as an mcp_host "
                        "job (`kiln mcp deploy`), or see `kiln mcp list`")  # fmt: skip
-    service = services.lookup(job.id)
+    service = services.lookup(job_id)
     if service is None:
-        raise NotFound(f"name: the MCP deployment {name!r} (job {job.id}) is starting; try again in a moment")
-    return job, service
+        raise NotFound(f"name: the MCP deployment {name!r} (job {job_id}) is starting; try again in a moment")
+    return service
 
 
-async def _forward(request: Request, project_id: str, name: str):
-    _, service = await serving(request, project_id, name)
+Serving = Annotated[services.Service, Depends(serving)]
+
+
+async def _forward(request: Request, service: services.Service, name: str):
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
     upstream = _client().build_request(request.method, f"{service.url}/mcp", content=await request.body(),
                                        headers={**headers, services.TOKEN_HEADER: service.token})  # fmt: skip
@@ -76,20 +83,20 @@ DESCRIPTION = ("MCP streamable HTTP: POST JSON-RPC messages, GET the server's st
 
 @router.post("/mcp/{name}/mcp", summary="An MCP deployment's endpoint (streamable HTTP)", description=DESCRIPTION,
              responses=error_responses(NotFound))  # fmt: skip
-async def mcp_post(request: Request, name: str, project_id: Project):
-    return await _forward(request, project_id, name)
+async def mcp_post(request: Request, name: str, service: Serving):
+    return await _forward(request, service, name)
 
 
 @router.get("/mcp/{name}/mcp", summary="An MCP deployment's server stream (streamable HTTP)", description=DESCRIPTION,
             responses=error_responses(NotFound))  # fmt: skip
-async def mcp_get(request: Request, name: str, project_id: Project):
-    return await _forward(request, project_id, name)
+async def mcp_get(request: Request, name: str, service: Serving):
+    return await _forward(request, service, name)
 
 
 @router.delete("/mcp/{name}/mcp", summary="End an MCP session (streamable HTTP)", description=DESCRIPTION,
                responses=error_responses(NotFound))  # fmt: skip
-async def mcp_delete(request: Request, name: str, project_id: Project):
-    return await _forward(request, project_id, name)
+async def mcp_delete(request: Request, name: str, service: Serving):
+    return await _forward(request, service, name)
 
 
 async def scale(request: Request, job: JobRow, replicas: int) -> dict:

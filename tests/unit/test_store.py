@@ -177,6 +177,35 @@ async def test_listing_pages_newest_first(store):
     assert [j.id for j in page3] == ids[:1] and cursor3 is None
 
 
+async def test_a_key_and_its_projects_running_jobs_of_a_type_come_in_one_read_as_listing_finds_them(store):
+    key = await store.create_key("alpha")
+    pid = await store.project_for_key(key)
+    other = await project(store, "beta")
+
+    async def running(project_id, type="mcp_host", name="tools"):
+        job = await add(store, project_id, type=type, input={"name": name})
+        await store.claim_for_release(job.id)
+        await store.record_release(job.id, f"run-{job.id}")
+        await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id=f"run-{job.id}")
+        return job
+
+    first, second = await running(pid), await running(pid, name="other")
+    await add(store, pid, type="mcp_host", input={"name": "tools"})  # pending
+    await running(pid, type="sleep")
+    await running(other)
+    caller, rows = await store.caller_and_jobs(key, type="mcp_host", status=JobStatus.RUNNING, limit=200)
+    listed, _ = await store.list_jobs(pid, type="mcp_host", status=JobStatus.RUNNING, limit=200)  # as it was found
+    assert caller == await store.caller(key) and caller.project_id == pid
+    assert rows == [(row.id, row.input) for row in listed]
+    assert rows == [(second.id, {"name": "other"}), (first.id, {"name": "tools"})]
+    _, newest = await store.caller_and_jobs(key, type="mcp_host", status=JobStatus.RUNNING, limit=1)
+    assert newest == rows[:1]
+    caller, rows = await store.caller_and_jobs(key, type="mcp_host", status=JobStatus.COMPLETED)
+    assert caller.project_id == pid and rows == []  # a caller with nothing to find is still a caller
+    await store.revoke_key(key)
+    assert await store.caller_and_jobs(key, type="mcp_host", status=JobStatus.RUNNING) == (None, [])
+
+
 async def test_a_job_keeps_the_api_that_submitted_it_and_is_listed_by_it(store):
     pid = await project(store)
     plain = NewJob(type="sleep", input={"seconds": 0}, resources={}, input_hash=None, core_hours=0.0)
