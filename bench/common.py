@@ -101,3 +101,12 @@ def embedded_stack(slots: int = 1, postgres: str | None = None, env: dict[str, s
         stack.stop()
         if databases:
             databases.drop()
+
+
+def stop_jobs(client, jobs) -> None:
+    """Cancels persistent jobs and waits until they have ended, before their stack stops: stopping the stack under
+    a serving mcp_host job leaves its streamable-http replicas running (its flow does not get to stop them)."""
+    for job in jobs:
+        client.jobs.cancel(job.id)
+    for job in jobs:
+        client.jobs.get(job.id).wait(timeout=60)

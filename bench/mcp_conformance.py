@@ -39,7 +39,7 @@ from pathlib import Path
 
 import httpx
 
-from common import REPO, embedded_stack, free_port, stop
+from common import REPO, embedded_stack, free_port, stop, stop_jobs
 
 SUITE = "@modelcontextprotocol/conformance@0.1.16"
 SUITE_ENTRY = Path("node_modules/@modelcontextprotocol/conformance/dist/index.js")
@@ -81,22 +81,25 @@ def main() -> None:
             from kiln.sdk import Client
 
             with Client(settings.api_url, key) as client:
-                jobs = [deploy(client, transport) for transport in NAMES]
-                for job in jobs:
-                    wait_healthy(client, job.id)
-                api_port = int(settings.api_url.rsplit(":", 1)[1])
-                bearer = f"Bearer {key}".encode()
-                direct_url = f"http://127.0.0.1:{direct_port}/mcp"
-                runs[DIRECT] = run_suite(node, suite, direct_url, results_dir / "direct")
-                with bearer_proxy(direct_port, bearer) as port:
-                    runs[DIRECT_PROXIED] = run_suite(node, suite, f"http://127.0.0.1:{port}/mcp",
-                                                     results_dir / "direct-proxied")  # fmt: skip
-                with bearer_proxy(api_port, bearer) as port:
-                    for transport, name in NAMES.items():
-                        runs[KILN[transport]] = run_suite(node, suite, f"http://127.0.0.1:{port}/api/v1/mcp/{name}/mcp",
-                                                          results_dir / f"kiln-{transport}")  # fmt: skip
-                for job in jobs:
-                    client.jobs.cancel(job.id)
+                jobs = []
+                try:
+                    for transport in NAMES:
+                        jobs.append(deploy(client, transport))
+                    for job in jobs:
+                        wait_healthy(client, job.id)
+                    api_port = int(settings.api_url.rsplit(":", 1)[1])
+                    bearer = f"Bearer {key}".encode()
+                    direct_url = f"http://127.0.0.1:{direct_port}/mcp"
+                    runs[DIRECT] = run_suite(node, suite, direct_url, results_dir / "direct")
+                    with bearer_proxy(direct_port, bearer) as port:
+                        runs[DIRECT_PROXIED] = run_suite(node, suite, f"http://127.0.0.1:{port}/mcp",
+                                                         results_dir / "direct-proxied")  # fmt: skip
+                    with bearer_proxy(api_port, bearer) as port:
+                        for transport, name in NAMES.items():
+                            url = f"http://127.0.0.1:{port}/api/v1/mcp/{name}/mcp"
+                            runs[KILN[transport]] = run_suite(node, suite, url, results_dir / f"kiln-{transport}")
+                finally:
+                    stop_jobs(client, jobs)
     finally:
         stop(server, grace=5)
 
@@ -294,11 +297,15 @@ def report(runs: dict[str, dict], load: float, node: Path, kept: Path | None) ->
     for name in names[1:]:
         for scenario in scenarios:
             ours, theirs = runs[DIRECT].get(scenario, []), runs[name].get(scenario, [])
-            if [(c["id"], c["status"], c["error"]) for c in ours] != [(c["id"], c["status"], c["error"]) for c in theirs]:
+            if outcomes(ours) != outcomes(theirs):
                 print(f"{name}, {scenario}: direct {brief(ours)}; here {brief(theirs)}")
     if kept:
         print(f"the suite's own results are in {kept}")
     return differ
+
+
+def outcomes(checks: list[dict]) -> list[tuple]:
+    return [(check["id"], check["status"], check["error"]) for check in checks]
 
 
 def brief(checks: list[dict]) -> str:

@@ -12,11 +12,10 @@ noise falls on all alike. Besides the direct and kiln URL paths, for the breakdo
 - the same server over stdio, spawned by the SDK's stdio client: what the stdio transport costs without kiln.
 
 Then, path by path, a block of calls is made with the CPU time each process spent counted (psutil): the kiln API,
-the front's process (the worker's Dask process that runs the deployment's flow) and the server answering. What
-each process spends per call does not depend on the machine's load the way a latency does; the block direct to
-the server shows what the API and the fronts spend meanwhile on their own (heartbeats, health pings). What they
-spend on their own, measured over 3 s without calls first, is taken off each block's figures in proportion to its
-length.
+the front's process (the worker's Dask process that runs the deployment's flow) and the server answering. What a
+process spends per call moves much less with the machine's load than a latency does. What the API and the fronts
+spend on their own (heartbeats, health pings), counted first over 3 s without calls, is taken off each block's
+figures in proportion to its length.
 
 Then, on each deployment in turn, a replica is killed with kill -9 (its pid from the `whoami` tool, a session still
 open on it) and the time is taken from the kill to the first successful `ping` through kiln's URL, each attempt a
@@ -61,7 +60,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from common import REPO, embedded_stack, free_port, percentile, stop
+from common import REPO, embedded_stack, free_port, percentile, stop, stop_jobs
 
 SERVER = REPO / "tests" / "mcp" / "server.py"
 GOAL_ADDED_P95_MS = 5.0
@@ -132,21 +131,24 @@ def main() -> None:
             from kiln.sdk import Client
 
             with Client(settings.api_url, key) as client:
-                jobs = {t: deploy(client, t) for t in TRANSPORTS}
-                started = {t: wait_healthy(client, job.id, NAMES[t]) for t, job in jobs.items()}
-                targets = {DIRECT: (f"http://127.0.0.1:{direct_port}/mcp", {})}
-                processes = {"the API": stack.procs["api"].pid}
-                for t, job in jobs.items():
-                    front = services.lookup(job.id)
-                    targets[KILN[t]] = (client.mcp.url(NAMES[t]), {"Authorization": f"Bearer {key}"})
-                    targets[FRONT[t]] = (f"{front.url}/mcp", {services.TOKEN_HEADER: front.token})
-                    processes[f"the front, {t}"] = listening_pid(int(front.url.rsplit(":", 1)[1]))
-                print(f"{args.warmup} warm-up and {args.calls} timed echo calls per path, then {args.kills} kills "
-                      f"per deployment; load average {load_before[0]:.2f}", flush=True)  # fmt: skip
-                results = asyncio.run(measure(targets, processes, args))
-                ended = {t: client.jobs.get(job.id) for t, job in jobs.items()}
-                for job in jobs.values():
-                    client.jobs.cancel(job.id)
+                jobs = {}
+                try:
+                    for t in TRANSPORTS:
+                        jobs[t] = deploy(client, t)
+                    started = {t: wait_healthy(client, job.id, NAMES[t]) for t, job in jobs.items()}
+                    targets = {DIRECT: (f"http://127.0.0.1:{direct_port}/mcp", {})}
+                    processes = {"the API": stack.procs["api"].pid}
+                    for t, job in jobs.items():
+                        front = services.lookup(job.id)
+                        targets[KILN[t]] = (client.mcp.url(NAMES[t]), {"Authorization": f"Bearer {key}"})
+                        targets[FRONT[t]] = (f"{front.url}/mcp", {services.TOKEN_HEADER: front.token})
+                        processes[f"the front, {t}"] = listening_pid(int(front.url.rsplit(":", 1)[1]))
+                    print(f"{args.warmup} warm-up and {args.calls} timed echo calls per path, then {args.kills} kills "
+                          f"per deployment; load average {load_before[0]:.2f}", flush=True)  # fmt: skip
+                    results = asyncio.run(measure(targets, processes, args))
+                    ended = {t: client.jobs.get(job.id) for t, job in jobs.items()}
+                finally:
+                    stop_jobs(client, jobs.values())
     finally:
         stop(server, grace=5)
     load_after = os.getloadavg()
