@@ -72,6 +72,15 @@ def test_a_deployment_serves_at_its_kiln_url_scales_live_and_ends_when_cancelled
         refused = httpx.post(f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp", headers=headers,
                              json={"jsonrpc": "2.0", "id": 1, "method": "ping"})  # fmt: skip
         assert refused.status_code == 401 and refused.json()["detail"].startswith("Authorization: "), refused.text
+    # a browser page of another origin is refused even with the key (DNS rebinding); a loopback page is served
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "browser", "version": "1"}}}
+    for origin, status in (("http://evil.example.com", 403), (f"http://localhost:{SETTINGS.api_port}", 200)):
+        answer = httpx.post(f"{SETTINGS.api_url}/api/v1/mcp/{name}/mcp", json=initialize,
+                            headers={"Authorization": f"Bearer {api_key}", "Origin": origin,
+                                     "Accept": "application/json, text/event-stream"})  # fmt: skip
+        assert answer.status_code == status, (origin, answer.text)
+        assert status == 200 or answer.json()["detail"].startswith("Origin: "), answer.text
 
     scaled = http.patch(f"/api/v1/jobs/{job.id}", json={"replicas": 2})
     assert scaled.status_code == 200, scaled.text
