@@ -5,15 +5,18 @@ Two stacks with their own KILN_HOME and ports run side by side.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 
 def free_port() -> int:
@@ -22,13 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_up(home) -> tuple[subprocess.Popen, int]:
-    api_port = free_port()
+def start_up(home, ports: tuple[int, int] | None = None) -> tuple[subprocess.Popen, int]:
+    api_port, prefect_port = ports or (free_port(), free_port())
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "PREFECT_"))},
         "KILN_HOME": str(home),
         "KILN_API_PORT": str(api_port),
-        "KILN_PREFECT_PORT": str(free_port()),
+        "KILN_PREFECT_PORT": str(prefect_port),
     }
     up = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -47,6 +50,12 @@ def wait_up(up: subprocess.Popen) -> str:
         if "kiln is up" in line:
             return "".join(lines)
     raise AssertionError("kiln up did not come up:\n" + "".join(lines))
+
+
+def stop(up: subprocess.Popen) -> None:
+    """SIGINT to its group, as Ctrl-C in its terminal; it must end cleanly."""
+    os.killpg(up.pid, signal.SIGINT)
+    assert up.wait(timeout=90) == 0
 
 
 def curl_a_sleep_job(home, api_port: int) -> dict:
@@ -80,3 +89,60 @@ def test_two_stacks_run_side_by_side_and_stop_cleanly_on_sigint(tmp_path):
     assert [up.returncode for up, _ in stacks] == [0, 0]
     time.sleep(1)
     assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+SERVER = Path(__file__).resolve().parents[1] / "mcp" / "server.py"
+
+
+def test_an_mcp_deployment_serves_again_at_its_url_after_kiln_up_is_restarted(tmp_path):
+    """A persistent job comes back after the whole stack stops and starts: the same URL answers MCP again, from a new
+    replica process, and the stop left no replica behind."""
+    pytest.importorskip("mcp")
+    home = tmp_path / "home"
+    ports = (free_port(), free_port())  # the same ports after the restart: the same URL
+    up, api_port = start_up(home, ports)
+    try:
+        wait_up(up)
+        key = (home / "api-key").read_text().strip()
+        api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {key}"})
+        job = api.post("/api/v1/jobs", json={"type": "mcp_host", "input": {
+            "name": "tools", "server": {"command": [sys.executable, str(SERVER)]}, "transport": "stdio"}}).json()
+        first = serving_pid(api, job["id"])
+    finally:
+        stop(up)
+    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+
+    up, _ = start_up(home, ports)
+    try:
+        wait_up(up)
+        second = serving_pid(api, job["id"])
+        assert second != first
+        assert api.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "running"
+    finally:
+        stop(up)
+
+
+def serving_pid(api: httpx.Client, job_id: str) -> int:
+    """The pid of the replica that answers a `whoami` call at the deployment's kiln URL, once it answers."""
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    deadline, said = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        opened = api.post("/api/v1/mcp/tools/mcp", json=initialize, headers=accept)
+        if opened.status_code == 200:
+            session = {**accept, "Mcp-Session-Id": opened.headers["mcp-session-id"]}
+            api.post("/api/v1/mcp/tools/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+                     headers=session)
+            called = api.post("/api/v1/mcp/tools/mcp", headers=session, json={
+                "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}})
+            return int(json.loads(sse_data(called.text))["result"]["structuredContent"]["result"])
+        said = (opened.status_code, opened.text, api.get(f"/api/v1/jobs/{job_id}").json().get("status_reason"))
+        time.sleep(0.5)
+    raise AssertionError(f"the deployment did not serve at its URL: {said}")
+
+
+def sse_data(text: str) -> str:
+    """The JSON of an answer given as JSON or as one SSE event."""
+    lines = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+    return lines[-1] if lines else text
