@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ STDERR_IN_REASON = 300  # characters of stderr's end in an "exited with code N" 
 STDOUT_LIMIT = 64 * 1024 * 1024  # the longest JSON-RPC line read from an stdio server
 STDIN_CLOSE_SECONDS = 1.0  # an stdio server told to stop by closing its stdin has this long before SIGTERM
 TERM_SECONDS = 2.0  # then this long before SIGKILL
+PR_SET_PDEATHSIG = 1
 # what a command's process gets of the worker's environment; the worker's own secrets stay out
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
 
@@ -42,7 +44,7 @@ class ServerProcess:
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdin=pipe_or_null, stdout=pipe_or_null, stderr=subprocess.PIPE, env=dict(env),
-                start_new_session=True, limit=STDOUT_LIMIT,
+                start_new_session=True, limit=STDOUT_LIMIT, preexec_fn=_die_with_parent,
             )  # fmt: skip
         except OSError as error:
             raise ReplicaFailed(f"could not start {argv[0]!r}: {error.strerror or error}", "could not start") from None
@@ -110,6 +112,13 @@ class ServerProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies. A replica is in a session of its own,
+    so a worker stopped or killed with its Dask processes would leave it running; a server over stdio ends at its
+    stdin's EOF anyway, one over streamable HTTP would serve on for nobody (seen after `kiln up` stopped)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 Launcher = Callable[[Sequence[str], Mapping[str, str], bool], Awaitable[ServerProcess]]

@@ -25,13 +25,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_up(home, ports: tuple[int, int] | None = None) -> tuple[subprocess.Popen, int]:
+def start_up(home, ports: tuple[int, int] | None = None, **settings: str) -> tuple[subprocess.Popen, int]:
     api_port, prefect_port = ports or (free_port(), free_port())
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "PREFECT_"))},
         "KILN_HOME": str(home),
         "KILN_API_PORT": str(api_port),
         "KILN_PREFECT_PORT": str(prefect_port),
+        **{f"KILN_{name.upper()}": value for name, value in settings.items()},
     }
     up = subprocess.Popen(
         [sys.executable, "-m", "kiln.cli", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -94,47 +95,57 @@ def test_two_stacks_run_side_by_side_and_stop_cleanly_on_sigint(tmp_path):
 SERVER = Path(__file__).resolve().parents[1] / "mcp" / "server.py"
 
 
-def test_an_mcp_deployment_serves_again_at_its_url_after_kiln_up_is_restarted(tmp_path):
-    """A persistent job comes back after the whole stack stops and starts: the same URL answers MCP again, from a new
-    replica process, and the stop left no replica behind."""
+def test_mcp_deployments_serve_again_at_their_urls_after_kiln_up_is_restarted(tmp_path):
+    """Persistent jobs come back after the whole stack stops and starts: the same URLs answer MCP again, from new
+    replica processes, and each stop left no replica behind (over stdio or streamable HTTP)."""
     pytest.importorskip("mcp")
     home = tmp_path / "home"
-    ports = (free_port(), free_port())  # the same ports after the restart: the same URL
-    up, api_port = start_up(home, ports)
+    servers = {"tools": ([sys.executable, str(SERVER)], "stdio"),
+               "web": ([sys.executable, str(SERVER), "streamable-http", "{port}"], "streamable-http")}
+    ports = (free_port(), free_port())  # the same ports after the restart: the same URLs
+    up, api_port = start_up(home, ports, worker_service_slots="2")
     try:
         wait_up(up)
         key = (home / "api-key").read_text().strip()
         api = httpx.Client(base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {key}"})
-        job = api.post("/api/v1/jobs", json={"type": "mcp_host", "input": {
-            "name": "tools", "server": {"command": [sys.executable, str(SERVER)]}, "transport": "stdio"}}).json()
-        first = serving_pid(api, job["id"])
+        jobs = {name: api.post("/api/v1/jobs", json={"type": "mcp_host", "input": {
+            "name": name, "server": {"command": command}, "transport": transport}}).json()["id"]
+            for name, (command, transport) in servers.items()}  # fmt: skip
+        first = {name: serving_pid(api, name, job_id) for name, job_id in jobs.items()}
     finally:
         stop(up)
-    assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+    assert not replicas_left(), replicas_left()
 
-    up, _ = start_up(home, ports)
+    up, _ = start_up(home, ports, worker_service_slots="2")
     try:
         wait_up(up)
-        second = serving_pid(api, job["id"])
-        assert second != first
-        assert api.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "running"
+        second = {name: serving_pid(api, name, job_id) for name, job_id in jobs.items()}
+        assert all(second[name] != first[name] for name in servers), (first, second)
+        assert {api.get(f"/api/v1/jobs/{job_id}").json()["status"] for job_id in jobs.values()} == {"running"}
     finally:
         stop(up)
+    assert not replicas_left(), replicas_left()
 
 
-def serving_pid(api: httpx.Client, job_id: str) -> int:
+def replicas_left() -> list[str]:
+    """Processes of the test server still running."""
+    return [" ".join(p.info["cmdline"]) for p in psutil.process_iter(["cmdline", "status"])
+            if str(SERVER) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]  # fmt: skip
+
+
+def serving_pid(api: httpx.Client, name: str, job_id: str) -> int:
     """The pid of the replica that answers a `whoami` call at the deployment's kiln URL, once it answers."""
     initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
         "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "e2e", "version": "1"}}}
     accept = {"Accept": "application/json, text/event-stream"}
     deadline, said = time.monotonic() + 120, None
     while time.monotonic() < deadline:
-        opened = api.post("/api/v1/mcp/tools/mcp", json=initialize, headers=accept)
+        opened = api.post(f"/api/v1/mcp/{name}/mcp", json=initialize, headers=accept)
         if opened.status_code == 200:
             session = {**accept, "Mcp-Session-Id": opened.headers["mcp-session-id"]}
-            api.post("/api/v1/mcp/tools/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            api.post(f"/api/v1/mcp/{name}/mcp", json={"jsonrpc": "2.0", "method": "notifications/initialized"},
                      headers=session)
-            called = api.post("/api/v1/mcp/tools/mcp", headers=session, json={
+            called = api.post(f"/api/v1/mcp/{name}/mcp", headers=session, json={
                 "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}})
             return int(json.loads(sse_data(called.text))["result"]["structuredContent"]["result"])
         said = (opened.status_code, opened.text, api.get(f"/api/v1/jobs/{job_id}").json().get("status_reason"))
