@@ -18,12 +18,16 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kiln.prefect_env import prefect_env
 from kiln.settings import KilnSettings
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"
 DATABASE = os.environ.get("KILN_TEST_DATABASE", "sqlite")
+# the platform's tests run on both databases; a job type's own tests on SQLite, since the database does not matter to
+# them (CI time): `pytestmark = JOB_TYPE_TESTS` in their module
+JOB_TYPE_TESTS = pytest.mark.skipif(DATABASE == "postgresql", reason="a job type's own tests run on SQLite only")
 PG_ADMIN = os.environ.get("KILN_TEST_PG_URL", "postgresql://kiln:kiln@127.0.0.1:5432/postgres")
 
 

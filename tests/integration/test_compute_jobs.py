@@ -12,10 +12,12 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.support import SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
 from tests.sandbox.busybox_image import write_layout
 from tests.sandbox.conftest import residue
 from tests.unit.test_compute import DOCUMENT_JOB_FIELDS
+
+pytestmark = JOB_TYPE_TESTS
 
 # the plugin echoes its environment's GREETING, then runs what the job's RUN says
 SCRIPT = 'echo "greeting=$GREETING"; eval "${RUN:-true}"'

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.support import DATABASE, SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
 
 pytest.importorskip("mcp")
-pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="mcp_host's own tests run on SQLite")
+pytestmark = JOB_TYPE_TESTS
 
 SERVER = Path(__file__).resolve().parents[1] / "mcp" / "server.py"
 

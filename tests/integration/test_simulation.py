@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from tests.integration.support import SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
+
+pytestmark = JOB_TYPE_TESTS
 
 
 def run(http, input: dict, timeout: float = 300, **extra) -> dict:
