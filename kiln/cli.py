@@ -88,7 +88,7 @@ def up(
     if demo:
         _demo(settings, key_file.read_text().strip())
     typer.echo("kiln is up; Ctrl-C stops it.")
-    code = stack.wait()
+    code = stack.supervise(lambda: stopping)
     stack.stop()
     raise typer.Exit(code)
 

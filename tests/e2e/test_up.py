@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,3 +158,51 @@ def sse_data(text: str) -> str:
     """The JSON of an answer given as JSON or as one SSE event."""
     lines = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
     return lines[-1] if lines else text
+
+
+def test_kiln_up_brings_back_an_api_killed_mid_batch_and_leaves_no_orphan_on_sigterm(tmp_path):
+    """kill -9 of the API while a batch runs: `kiln up` says what died, starts it again and the batch completes. SIGTERM to the `kiln up` process alone (as a service manager sends it) stops
+    every part and everything they started."""
+    from kiln.sdk import Client
+
+    home = tmp_path / "home"
+    up, api_port = start_up(home)
+    said: list[str] = []
+    try:
+        said.append(wait_up(up))
+        threading.Thread(target=lambda: said.extend(iter(up.stdout.readline, "")), daemon=True).start()
+        with Client(f"http://127.0.0.1:{api_port}", (home / "api-key").read_text().strip()) as client:
+            # distinct inputs: each a run of its own, no cache hit
+            batch = client.submit_batch([{"type": "sleep", "input": {"seconds": 0.3 + i / 1000}} for i in range(40)])
+            ids = [line.job_id for line in batch.jobs]
+            assert batch.submitted == 40 and batch.cache_hits == 0
+            os.kill(part_pid(up, "api"), signal.SIGKILL)
+            wait_for(lambda: "api is back" in "".join(said), 180, "the API to come back", said)
+            descendants = psutil.Process(up.pid).children(recursive=True)
+            wait_for(lambda: all(client.jobs.get(i).status.value in ("completed", "failed", "cancelled") for i in ids),
+                     300, "the batch to end", said)
+            ended = [client.jobs.get(i) for i in ids]
+        assert {job.status.value for job in ended} == {"completed"}, [(j.id, j.status_reason) for j in ended]
+        text = "".join(said)
+        assert "api exited with code -9" in text, text
+    finally:
+        up.send_signal(signal.SIGTERM)  # the process alone, not its group
+        assert up.wait(timeout=120) == 0, "".join(said)
+    time.sleep(1)
+    left = [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]
+
+
+def part_pid(up: subprocess.Popen, part: str) -> int:
+    """The pid of `kiln <part>` under this `kiln up`."""
+    for child in psutil.Process(up.pid).children():
+        if child.cmdline()[2:4] == ["kiln.cli", part]:  # python -m kiln.cli <part> …
+            return child.pid
+    raise AssertionError(f"no {part} process under kiln up")
+
+
+def wait_for(condition, timeout: float, what: str, said: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {timeout} s:\n" + "".join(said)
+        time.sleep(0.5)
