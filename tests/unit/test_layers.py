@@ -15,7 +15,7 @@ LAYERS = [
     {"kiln.errors", "kiln.settings"},
     {"kiln.prefect_env", "kiln.schemas"},
     {"kiln.blocks", "kiln.store", "kiln.runtime", "kiln.job_inputs", "kiln.registry", "kiln.deployments", "kiln.sdk",
-     "kiln.launcher", "kiln.files", "kiln.services"},
+     "kiln.launcher", "kiln.files", "kiln.services", "kiln.webhooks"},
     {"kiln.tasks"},
     {"kiln.flows"},
     {"kiln.worker"},
