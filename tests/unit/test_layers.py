@@ -22,7 +22,7 @@ LAYERS = [
     {"kiln.dispatch"},
     {"kiln.submission"},
     {"kiln.events"},
-    {"kiln.api"},
+    {"kiln.api", "kiln.lab_simulator"},
     {"kiln.cli", "kiln"},
 ]  # fmt: skip
 
