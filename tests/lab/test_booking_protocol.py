@@ -186,7 +186,7 @@ def test_delete_cancels_once_then_409_and_an_unknown_booking_is_404(lab, windows
 
 
 def test_a_booking_runs_at_its_start_and_completes_with_results_from_its_protocol(lab, windows, hooks):
-    start, end = windows.next("xrd-1")
+    start, end = windows.next("xrd-1", minutes=6)
     protocol = {"sample": "BaTiO3", "scan": {"from": 10, "to": 80}}
     booking = lab.book("xrd-1", start, end, hooks.url, protocol=protocol, reference="job-42").json()
     done = lab.wait_for(booking["id"], "completed")
