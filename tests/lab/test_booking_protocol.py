@@ -21,11 +21,11 @@ NOWHERE = "http://127.0.0.1:9/hooks"  # bookings whose callbacks no test reads
 
 def test_every_request_needs_the_lab_api_key_and_the_answer_does_not_repeat_it(lab, windows):
     start, end = windows.next("synth-1", far=True)
-    requests = [("GET", "/slots", {}), ("POST", "/bookings", {}), ("GET", "/bookings/B-1", {}),
-                ("DELETE", "/bookings/B-1", {}), ("GET", "/_sim/deliveries", {}), ("POST", "/_sim/config", {})]  # fmt: skip
+    requests = [("GET", "/slots"), ("POST", "/bookings"), ("GET", "/bookings/B-1"), ("DELETE", "/bookings/B-1"),
+                ("GET", "/_sim/deliveries"), ("POST", "/_sim/config")]  # fmt: skip
     stranger = httpx.Client(base_url=lab.url)
     for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": lab.api_key}):
-        for method, path, _ in requests:
+        for method, path in requests:
             answer = stranger.request(method, path, headers=headers)
             assert answer.status_code == 401, (method, path, headers)
             assert LabError.model_validate(answer.json()).error == "unauthorized"
