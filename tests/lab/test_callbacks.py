@@ -135,7 +135,8 @@ def test_a_callback_answered_5xx_is_retried_with_a_growing_backoff_until_a_2xx(l
             ("completed", 1, 503), ("completed", 2, 503), ("completed", 3, 200)]  # fmt: skip
         sent = [datetime.fromisoformat(d["sent_at"]) for d in deliveries[:3]]
         gaps = [(b - a).total_seconds() for a, b in zip(sent, sent[1:])]
-        assert 0.1 <= gaps[0] < 0.5 and 0.2 <= gaps[1] < 0.8, gaps
+        # 0.1 s, then 0.2 s (lower bounds only: a loaded machine may take longer, never shorter)
+        assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and max(gaps) < 5, gaps
         # one webhook-id across the retries of a callback
         assert len({d["webhook_id"] for d in deliveries[:3]}) == 1
         assert busy.statuses(booking) == ["started", "completed"]
@@ -168,10 +169,10 @@ def test_lost_callbacks_are_never_sent_and_polling_still_finds_the_result(lab, w
 
 
 def test_rates_below_one_with_a_seed_hit_some_callbacks_and_not_others(lab, windows, hooks):
-    lab.configure(duplicate_rate=0.5, forged_rate=0.5, progress_steps=8, seed=11)
+    lab.configure(duplicate_rate=0.5, forged_rate=0.5, progress_steps=18, seed=11)
     booking = run_one(lab, windows, hooks)
     kinds = Counter(d["kind"] for d in lab.deliveries(booking))
-    assert kinds["genuine"] == 10 and 0 < kinds["duplicate"] < 10 and 0 < kinds["forged"] < 10
+    assert kinds["genuine"] == 20 and 0 < kinds["duplicate"] < 20 and 0 < kinds["forged"] < 20
     # whatever the faults, each callback got through, and only the genuine ones were taken
-    assert sorted({c.sequence for c in hooks.callbacks(booking)}) == list(range(1, 11))
+    assert sorted({c.sequence for c in hooks.callbacks(booking)}) == list(range(1, 21))
     assert len(hooks.rejected) == kinds["forged"]
