@@ -37,6 +37,8 @@ app.add_typer(clusters_app, name="clusters")
 plugins_app = typer.Typer(help="Plugins (Prefect blocks): containerized programs kiln runs in a sandbox.",
                           no_args_is_help=True)  # fmt: skip
 app.add_typer(plugins_app, name="plugins")
+labs_app = typer.Typer(help="Labs: robot labs and instruments lab_booking jobs book time on.", no_args_is_help=True)
+app.add_typer(labs_app, name="labs")
 
 
 def _prefect_ready(settings: KilnSettings) -> None:
@@ -492,6 +494,93 @@ def plugins_remove(name: str) -> None:
     except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
         _fail(f"{name}: no such plugin ({exc})")
     typer.echo(f"plugin {name!r} removed")
+
+
+# labs
+
+
+@labs_app.command("simulate")
+def labs_simulate(
+    port: int = typer.Option(8700, help="The port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="The address to serve on."),
+    api_key: Optional[str] = typer.Option(
+        None, envvar="KILN_LAB_SIM_API_KEY", show_default=False,
+        help="The API key callers must send as 'Authorization: Bearer …' [default: the README's test key].",
+    ),
+    secret: Optional[str] = typer.Option(
+        None, envvar="KILN_LAB_SIM_SECRET", show_default=False,
+        help="The whsec_… secret callbacks are signed with [default: the README's test secret].",
+    ),
+    resources: str = typer.Option("xrd-1,furnace-1,synth-1", help="The lab's resources, comma-separated."),
+    time_scale: float = typer.Option(3600.0, help="Lab seconds per wall second: at 3600 an hour's booking takes 1 s."),
+    progress_steps: int = typer.Option(2, help="progress callbacks between started and the outcome."),
+    duplicate_rate: float = typer.Option(0.0, help="Share of callbacks delivered twice (same webhook-id)."),
+    reorder_rate: float = typer.Option(0.0, help="Share of bookings whose callbacks arrive last first."),
+    callback_delay: float = typer.Option(0.0, help="Wall seconds each callback waits before it is sent."),
+    callback_jitter: float = typer.Option(0.0, help="Up to this many wall seconds more, drawn per callback."),
+    lost_rate: float = typer.Option(0.0, help="Share of callbacks never sent (polling finds the result)."),
+    booking_failures: int = typer.Option(0, help="POST /bookings answers 5xx to the first N attempts of each key."),
+    booking_failure_mode: str = typer.Option(
+        "before_booking", help="before_booking (503, nothing booked) or after_booking (booked, answer lost: 500).",
+    ),
+    forged_rate: float = typer.Option(0.0, help="Share of callbacks preceded by a copy signed with a wrong key."),
+    stale_rate: float = typer.Option(0.0, help="Share of callbacks preceded by a copy with an old timestamp."),
+    stale_by: float = typer.Option(600.0, help="How many seconds old a stale copy's timestamp is."),
+    mutated_rate: float = typer.Option(0.0, help="Share of callbacks preceded by a copy altered after signing."),
+    rotation_secret: Optional[str] = typer.Option(
+        None, envvar="KILN_LAB_SIM_ROTATION_SECRET", show_default=False,
+        help="A new whsec_… secret to sign with as well: two signatures per header (key rotation).",
+    ),
+    fail_rate: float = typer.Option(0.0, help="Share of bookings whose run ends failed."),
+    race_rate: float = typer.Option(0.0, help="Share of POST /bookings that lose their window to another client."),
+    blocked: list[str] = typer.Option(
+        [], help="A window already booked by others, RESOURCE,START,END in ISO 8601 (repeat the option)."
+    ),
+    retry_base: float = typer.Option(0.2, help="Wall seconds before a callback without a 2xx is retried, doubling."),
+    retry_attempts: int = typer.Option(6, help="Attempts of one callback before the lab gives up."),
+    seed: Optional[int] = typer.Option(None, help="Seeds the rates' draws, for a repeatable run."),
+) -> None:
+    """Serves a simulated lab that speaks kiln's lab protocol, with switches for faults (README, "The lab protocol").
+
+    The switches can be changed on the running simulator with POST /_sim/config.
+    """
+    import uvicorn
+    from pydantic import ValidationError
+
+    from kiln.lab_simulator import DEFAULT_API_KEY, DEFAULT_SECRET, LabSimulator, SimConfig, create_app
+
+    windows = []
+    for value in blocked:
+        parts = value.split(",")
+        if len(parts) != 3:
+            _fail(f"--blocked: {value!r} is not RESOURCE,START,END")
+        windows.append(dict(zip(("resource", "start", "end"), parts)))
+    switches = dict(
+        time_scale=time_scale, progress_steps=progress_steps, duplicate_rate=duplicate_rate,
+        reorder_rate=reorder_rate, callback_delay_s=callback_delay, callback_jitter_s=callback_jitter,
+        lost_rate=lost_rate, booking_failures=booking_failures, booking_failure_mode=booking_failure_mode,
+        forged_rate=forged_rate, stale_rate=stale_rate, stale_by_s=stale_by, mutated_rate=mutated_rate,
+        rotation_secret=rotation_secret, fail_rate=fail_rate, race_rate=race_rate, blocked=windows,
+        retry_base_s=retry_base, retry_attempts=retry_attempts, seed=seed,
+    )  # fmt: skip
+    # the options' names, for the messages: --callback-delay for callback_delay_s
+    options = {"callback_delay_s": "callback-delay", "callback_jitter_s": "callback-jitter", "stale_by_s": "stale-by",
+               "retry_base_s": "retry-base"}  # fmt: skip
+    try:
+        config = SimConfig.model_validate(switches)
+        lab = LabSimulator(api_key=api_key or DEFAULT_API_KEY, secret=secret or DEFAULT_SECRET,
+                           resources=[name.strip() for name in resources.split(",") if name.strip()], config=config)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "blocked"
+        _fail(f"--{options.get(name, name.replace('_', '-'))}: {first['msg'].removeprefix('Value error, ')}")
+    except ValueError as exc:
+        _fail(f"--secret: {exc}")
+    if not lab.resources:
+        _fail("--resources: name at least one resource")
+    typer.echo(f"lab simulator on http://{host}:{port} (resources {', '.join(lab.resources)}; "
+               f"{config.time_scale:g} lab seconds per second); Ctrl-C stops it")  # fmt: skip
+    uvicorn.run(create_app(lab), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
 
 
 # LLM providers

@@ -15,14 +15,14 @@ LAYERS = [
     {"kiln.errors", "kiln.settings"},
     {"kiln.prefect_env", "kiln.schemas"},
     {"kiln.blocks", "kiln.store", "kiln.runtime", "kiln.job_inputs", "kiln.registry", "kiln.deployments", "kiln.sdk",
-     "kiln.launcher", "kiln.files", "kiln.services"},
+     "kiln.launcher", "kiln.files", "kiln.services", "kiln.webhooks"},
     {"kiln.tasks"},
     {"kiln.flows"},
     {"kiln.worker"},
     {"kiln.dispatch"},
     {"kiln.submission"},
     {"kiln.events"},
-    {"kiln.api"},
+    {"kiln.api", "kiln.lab_simulator"},
     {"kiln.cli", "kiln"},
 ]  # fmt: skip
 
