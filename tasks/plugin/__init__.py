@@ -2,7 +2,7 @@
 
 from kiln.tasks.plugin.images import ImageRef, InvalidImage, import_image
 from kiln.tasks.plugin.limits import Ending, Limits, LimitUnenforceable, SandboxFailed
-from kiln.tasks.plugin.sandbox import Outcome, PluginRun, claim_work_dir, clean_leftovers
+from kiln.tasks.plugin.sandbox import Outcome, PluginRun, Sandbox, claim_work_dir, clean_leftovers
 from kiln.tasks.plugin.tiers import TierCheck, detect_tier
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Limits",
     "Outcome",
     "PluginRun",
+    "Sandbox",
     "SandboxFailed",
     "TierCheck",
     "claim_work_dir",
