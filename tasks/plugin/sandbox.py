@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 from kiln.errors import InvalidRequest
-from kiln.tasks.plugin.cgroups import RunCgroups
+from kiln.tasks.plugin.cgroups import RunCgroups, can_limit
 from kiln.tasks.plugin.images import ImageRef
 from kiln.tasks.plugin.limits import Ending, Limits, SandboxFailed
-from kiln.tasks.plugin.tiers import TIERS, Bundle, Tier, detect_tier
+from kiln.tasks.plugin.tiers import TIERS, Bundle, Tier, confine, detect_tier, process_hits, process_limits
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,51 @@ class Sandbox:
         if self.out is not None:
             await self.out.close()
         shutil.rmtree(self.bundle.dir, ignore_errors=True)
+
+
+class Confinement:
+    """Tier B's limits on a process kiln starts under the worker itself, in no namespace and from no image (an
+    mcp_host command): memory, pids and CPU held by cgroups where this process may create them, else by rlimits
+    (tiers.process_limits). `preexec()` is what its child runs before exec. A folder under the work dir, named like
+    a container and empty, marks its cgroups, so that clean_leftovers finds them after a worker's kill -9."""
+
+    def __init__(self, *, run_id: str, work_dir: Path, limits: Limits = Limits(), persistent: bool = True):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", run_id):
+            raise InvalidRequest(f"run_id: {run_id!r} is not 1-41 letters, digits, '_', '.' or '-'")
+        self.limits = limits
+        self.enforcement = process_limits(limits, can_limit(), persistent=persistent)
+        self.id = f"{PREFIX}{run_id}-{secrets.token_hex(3)}"
+        self.dir = Path(work_dir).resolve() / self.id
+        self.cgroups = RunCgroups(self.id)
+        self.pid: int | None = None
+
+    def preexec(self) -> Callable[[], None]:
+        """Makes its folder and cgroups; what the child runs before exec to join them and take its rlimits."""
+        self.dir.mkdir(parents=True)
+        return confine(self.cgroups, self.limits, self.enforcement)
+
+    def hits(self, exit_code: int | None) -> set[str]:
+        return process_hits(self.cgroups, self.enforcement, exit_code)
+
+    def limit_reason(self, exit_code: int) -> str | None:
+        """"out of memory (limit 256 MB)" when the process ended at a limit it hit; None when it hit none."""
+        ending = Ending.of_hits(self.hits(exit_code))
+        return ending.reason(self.limits) if ending else None
+
+    async def kill(self) -> None:
+        """Kills every process in its cgroups (a child that left the process's session included)."""
+        for controller in ("pids", "memory", "cpu"):
+            path = self.cgroups.dir(controller)
+            if path is not None and path.is_dir():
+                for pid in (path / "cgroup.procs").read_text().split():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+    async def teardown(self) -> None:
+        await self.cgroups.remove()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class PluginRun:

@@ -14,7 +14,7 @@ from kiln.tasks.plugin.tiers import Bundle, oci_config
 
 def test_the_public_names_are_chosen():
     assert plugin.__all__ == sorted(plugin.__all__) == [
-        "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun", "Sandbox",
+        "Confinement", "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun", "Sandbox",
         "SandboxFailed", "TierCheck", "claim_work_dir", "clean_leftovers", "detect_tier", "import_image",
     ]  # fmt: skip
 
