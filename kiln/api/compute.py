@@ -136,7 +136,8 @@ async def create_compute_job(request: Request, body: ComputeJobCreate, project_i
       registry: another name is a 404 listing the registered ones. `tag` is absent, `latest` or the plugin's image
       digest (or 12+ hex digits of it); another is a 404. A BATCH job of a plugin with an input_schema needs an
       input this API cannot give: 400.
-    - `parameters.type` other than `docker`, and fields the sandbox cannot honour — non-empty `ports`, `allowed_ips`, `volumes`, `host`,
+    - `parameters.type` other than `docker`, and fields the sandbox cannot honour — non-empty `ports`,
+      `allowed_ips`, `volumes`, `host`,
       `imagesrc`, `secret`, `sshkey`, `user`, and `gpu_registry_uuid` (no network, uid 65534, no registry) — are
       400s naming the field and why. `secret` and `sshkey` are never echoed, stored or logged: a refused body's
       error hides them, an answer shows `<hidden>`.

@@ -204,8 +204,8 @@ class ComputeJobCreate(StrictRequest):
         )  # fmt: skip
         if persistent:
             name = PERSISTENT_NAME.format(image=docker.image[:56], suffix=secrets.token_hex(3))
-            return JobCreate(type="mcp_host", input={"name": name, "server": {"plugin": docker.image},
-                                                     "env": docker.env, "limits": limits}, resources=resources)  # fmt: skip
+            served = {"name": name, "server": {"plugin": docker.image}, "env": docker.env, "limits": limits}
+            return JobCreate(type="mcp_host", input=served, resources=resources)
         return JobCreate(type="plugin_exec", input={"plugin": docker.image, "env": docker.env,
                                                     "limits": {"wall_seconds": self.max_timeout_run_ms / 1000,
                                                                **limits}}, resources=resources)  # fmt: skip

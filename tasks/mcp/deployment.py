@@ -92,8 +92,8 @@ class Deployment:
         under tier B's limits, a plugin in the sandbox; launch_command, a plain process, by default); `command` is a
         plugin server's (its entrypoint and args), which needs a sandbox's launcher."""
         if isinstance(spec.server, PluginServer) and (command is None or launch is launch_command):
-            raise ServerUnsupported(f"server.plugin: the plugin {spec.server.plugin!r} runs in the sandbox: give its "
-                                    "command and a sandbox launcher (kiln.tasks.mcp.sandboxed.launcher_for)")  # fmt: skip
+            raise ServerUnsupported(f"server.plugin: the plugin {spec.server.plugin!r} runs in the sandbox: give "
+                                    "its command and a sandbox launcher (kiln.tasks.mcp.sandboxed.launcher_for)")
         self.spec = spec
         self.command = list(command) if command is not None else getattr(spec.server, "command", None)
         self.on_event = on_event

@@ -160,6 +160,10 @@ def test_the_cli_and_the_sdk_deploy_list_scale_and_stop(client, api_key):
 # ------------------------------------------------------------------------------ a plugin image, in the sandbox
 
 
+# the tools of tests/fixtures/mcp_stdio_server.py
+TINY_TOOLS = ["echo", "whoami", "getenv", "alloc", "crash"]
+
+
 def kiln_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kiln.cli", *args], capture_output=True, text=True, timeout=180,
                           env=dict(os.environ))  # fmt: skip
@@ -208,7 +212,7 @@ def test_a_plugin_image_serves_sandboxed_at_its_kiln_url_restarts_when_killed_an
 
     async def use() -> dict:
         async with session(name, api_key) as mcp:
-            assert [tool.name for tool in (await mcp.list_tools()).tools] == ["echo", "whoami", "getenv", "alloc", "crash"]
+            assert [tool.name for tool in (await mcp.list_tools()).tools] == TINY_TOOLS
             assert (await mcp.call_tool("echo", {"text": "boxed"})).structured_content == {"text": "boxed"}
             return (await mcp.call_tool("whoami", {})).structured_content
 

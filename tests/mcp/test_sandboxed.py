@@ -18,7 +18,7 @@ from kiln.tasks.mcp.sandboxed import ConfinedLauncher, SandboxLauncher, launcher
 from kiln.tasks.plugin import import_image
 from kiln.tasks.plugin.execute import WORK_DIR_ENV
 from tests.mcp.conftest import PYTHON, hosted, mcp_session
-from tests.sandbox.conftest import base, place, residue  # noqa: F401  fixtures
+from tests.sandbox.conftest import base, place  # noqa: F401  fixtures
 from tests.sandbox.mcp_image import SERVER_SOURCE, mcp_layout  # noqa: F401  a fixture
 from tests.sandbox.python_image import python_layout  # noqa: F401  a fixture
 
@@ -60,8 +60,8 @@ def gone(process: ServerProcess) -> list[str]:
 
 
 @pytest.mark.parametrize("tier", ["A", "B"])
-async def test_a_plugin_image_serves_from_the_sandbox_restarts_when_killed_or_out_of_memory(launches, mcp_image,
-                                                                                              place, tier):  # noqa: F811
+async def test_a_plugin_image_serves_from_the_sandbox_restarts_when_killed_or_out_of_memory(  # noqa: F811
+        launches, mcp_image, place, tier):  # fmt: skip
     launches.inner = SandboxLauncher(mcp_image, tier, LIMITS, place.work, place.run_id)
     spec = {"server": {"plugin": "tiny"}, "restart": {"max_attempts": 5, "backoff_s": 0}}
     async with hosted(launches, spec, command=mcp_image.argv) as host:

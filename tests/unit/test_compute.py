@@ -1,5 +1,5 @@
-"""The GPU job API's container jobs mapped onto plugin_exec (BATCH) and mcp_host (PERSISTENT) jobs: the body taken verbatim, what is refused and why,
-limits and resources, statuses, the job shape, and secrets never coming back."""
+"""The GPU job API's container jobs mapped onto plugin_exec (BATCH) and mcp_host (PERSISTENT) jobs: the body taken
+verbatim, what is refused and why, limits and resources, statuses, the job shape, and secrets never coming back."""
 
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def test_a_request_becomes_a_plugin_exec_job_with_its_env_wall_time_and_resource
 def test_cores_and_memory_asked_for_raise_the_plugins_limits_and_never_lower_them(cpu_count, min_ram_gb, plugin,
                                                                                   limits):  # fmt: skip
     for task in ("BATCH", "PERSISTENT"):
-        job = ComputeJobCreate.model_validate(body(cpu_count=cpu_count, min_ram_gb=min_ram_gb, task=task)).kiln_job(plugin)
+        request = ComputeJobCreate.model_validate(body(cpu_count=cpu_count, min_ram_gb=min_ram_gb, task=task))
+        job = request.kiln_job(plugin)
         assert {k: v for k, v in job.input["limits"].items() if k != "wall_seconds"} == limits
         assert (job.resources.cpu_count, job.resources.min_ram_gb) == (cpu_count, min_ram_gb)
 

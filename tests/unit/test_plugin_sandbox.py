@@ -14,8 +14,8 @@ from kiln.tasks.plugin.tiers import Bundle, oci_config
 
 def test_the_public_names_are_chosen():
     assert plugin.__all__ == sorted(plugin.__all__) == [
-        "Confinement", "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun", "Sandbox",
-        "SandboxFailed", "TierCheck", "claim_work_dir", "clean_leftovers", "detect_tier", "import_image",
+        "Confinement", "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun",
+        "Sandbox", "SandboxFailed", "TierCheck", "claim_work_dir", "clean_leftovers", "detect_tier", "import_image",
     ]  # fmt: skip
 
 
@@ -108,8 +108,9 @@ def test_tier_b_holds_a_process_tree_by_cgroups_else_rlimits_and_a_server_cpu_on
         "memory_mb": "memory cgroup (swap included)", "cpus": "cpu cgroup quota", "pids": "pids cgroup"}  # fmt: skip
     assert process_limits(limits, {"memory", "pids", "cpu"}, persistent=True)["cpus"] == "cpu cgroup quota"
     monkeypatch.setattr("os.geteuid", lambda: 1000)
-    assert process_limits(limits, set()) == {"memory_mb": "RLIMIT_AS per process", "cpus": "RLIMIT_CPU 10 s per process",
-                                             "pids": "RLIMIT_NPROC of the sandbox's user"}  # fmt: skip
+    assert process_limits(limits, set()) == {
+        "memory_mb": "RLIMIT_AS per process", "cpus": "RLIMIT_CPU 10 s per process",
+        "pids": "RLIMIT_NPROC of the sandbox's user"}  # fmt: skip
     # a server has no wall time to turn into CPU seconds: refused rather than stopped after some CPU seconds
     with pytest.raises(LimitUnenforceable, match=r"^limits.cpus: sandbox tier B on this worker cannot enforce it "
                                                  r"\(no writable cpu cgroup, and a server runs until it is stopped"):
