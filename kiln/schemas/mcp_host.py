@@ -98,9 +98,10 @@ class McpHostInput(BaseModel):
     limits: LimitsOverride = Field(
         default_factory=LimitsOverride, description="What each replica may use, over the plugin's limits (a plugin) "
         "or the defaults (a command: cpus 1, memory_mb 512, pids 64, held as plugin_exec's sandbox tier B holds "
-        "them: cgroups where the worker may make them, else rlimits). A server runs until it is stopped: "
-        "wall_seconds is refused, and a command takes only cpus, memory_mb and pids. A limit the worker cannot "
-        "enforce fails the job before any replica starts, naming it.",
+        "them: cgroups where the worker may make them, else rlimits; a default the worker cannot hold is left "
+        "unheld). A server runs until it is stopped: wall_seconds is refused, and a command takes only cpus, "
+        "memory_mb and pids. A limit given that the worker cannot enforce fails the job before any replica starts, "
+        "naming it.",
     )
     health: HealthCheck = Field(default_factory=HealthCheck, description="How each replica's health is checked.")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="How failed replicas are restarted.")

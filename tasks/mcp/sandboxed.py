@@ -24,16 +24,28 @@ from kiln.tasks.plugin.sandbox import Confinement, Sandbox
 from kiln.tasks.plugin.tiers import TIERS
 
 
+# what tier B holds a command to (the rest of Limits is a sandbox's: /out, /tmp, a wall time)
+COMMAND_LIMITS = ("cpus", "memory_mb", "pids")
+
+
 @dataclass
 class ConfinedLauncher:
-    """Starts a command under the worker, its process tree held to `limits` as tier B holds a plugin's."""
+    """Starts a command under the worker, its process tree held to `limits` as tier B holds a plugin's; those in
+    `optional` (defaults nobody asked for) only where the worker can hold them (tiers.process_limits)."""
 
     limits: Limits
     work_dir: Path
     run_id: str
+    optional: frozenset[str] = frozenset()
+
+    def check(self) -> dict[str, str]:
+        """How each limit is held on this worker; LimitUnenforceable, naming it, for one asked for that cannot be."""
+        return Confinement(run_id=self.run_id, work_dir=self.work_dir, limits=self.limits,
+                           optional=self.optional).enforcement  # fmt: skip
 
     async def __call__(self, argv: Sequence[str], env: Mapping[str, str], stdio: bool) -> ServerProcess:
-        confinement = Confinement(run_id=self.run_id, work_dir=self.work_dir, limits=self.limits)
+        confinement = Confinement(run_id=self.run_id, work_dir=self.work_dir, limits=self.limits,
+                                  optional=self.optional)  # fmt: skip
         try:
             return await ServerProcess.start(argv, command_env(env), stdio=stdio, enclosure=confinement,
                                              preexec=confinement.preexec())  # fmt: skip
@@ -83,6 +95,7 @@ async def launcher_for(spec: McpHostInput, run_id: str | None) -> tuple[Launcher
         return launcher, plugin.argv
     if isinstance(spec.server, UrlServer):
         return None, None
-    limits = spec.limits.over(Limits())
-    Confinement(run_id=run_id, work_dir=work_dir(), limits=limits)  # LimitUnenforceable, naming the limit
-    return ConfinedLauncher(limits, work_dir(), run_id), None
+    asked = frozenset(spec.limits.model_dump(exclude_none=True))
+    launcher = ConfinedLauncher(spec.limits.over(Limits()), work_dir(), run_id, frozenset(COMMAND_LIMITS) - asked)
+    launcher.check()  # LimitUnenforceable, naming the limit
+    return launcher, None

@@ -50,10 +50,9 @@ LIMIT_ENDINGS = {"memory": Ending.OUT_OF_MEMORY, "pids": Ending.TOO_MANY_PROCESS
 class LimitUnenforceable(InvalidRequest):
     """A limit this worker's sandbox tier cannot enforce; the run is refused rather than run without it."""
 
-    def __init__(self, limit: str, tier: str, why: str):
+    def __init__(self, limit: str, tier: str, why: str, remedy: str = "run it on a worker that offers tier A"):
         super().__init__(
-            f"limits.{limit}: sandbox tier {tier} on this worker cannot enforce it ({why}); "
-            f"run it on a worker that offers tier A",
+            f"limits.{limit}: sandbox tier {tier} on this worker cannot enforce it ({why}); {remedy}",
             details=[{"loc": ["limits", limit], "msg": why, "type": "limit_unenforceable", "tier": tier}],
         )
         self.limit = limit

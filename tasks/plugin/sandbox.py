@@ -256,14 +256,17 @@ class Sandbox:
 class Confinement:
     """Tier B's limits on a process kiln starts under the worker itself, in no namespace and from no image (an
     mcp_host command): memory, pids and CPU held by cgroups where this process may create them, else by rlimits
-    (tiers.process_limits). `preexec()` is what its child runs before exec. A folder under the work dir, named like
-    a container and empty, marks its cgroups, so that clean_leftovers finds them after a worker's kill -9."""
+    (tiers.process_limits; `optional`, the limits nobody asked for, are left unheld where they cannot be held).
+    `preexec()` is what its child runs before exec. A folder under the work dir, named like a container and empty,
+    marks its cgroups, so that clean_leftovers finds them after a worker's kill -9."""
 
-    def __init__(self, *, run_id: str, work_dir: Path, limits: Limits = Limits(), persistent: bool = True):
+    def __init__(self, *, run_id: str, work_dir: Path, limits: Limits = Limits(), persistent: bool = True,
+                 optional: frozenset[str] = frozenset()):  # fmt: skip
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,40}", run_id):
             raise InvalidRequest(f"run_id: {run_id!r} is not 1-41 letters, digits, '_', '.' or '-'")
         self.limits = limits
-        self.enforcement = process_limits(limits, can_limit(), persistent=persistent)
+        self.enforcement = process_limits(limits, can_limit(), persistent=persistent, sandboxed=False,
+                                          optional=optional)  # fmt: skip
         self.id = f"{PREFIX}{run_id}-{secrets.token_hex(3)}"
         self.dir = Path(work_dir).resolve() / self.id
         self.cgroups = RunCgroups(self.id)

@@ -229,28 +229,41 @@ def cpu_seconds(limits: Limits) -> int:
     return math.ceil(limits.cpus * limits.wall_seconds)
 
 
-def process_limits(limits: Limits, cgroups: set[str], *, persistent: bool = False) -> dict[str, str]:
+def process_limits(limits: Limits, cgroups: set[str], *, persistent: bool = False, sandboxed: bool = True,
+                   optional: frozenset[str] = frozenset()) -> dict[str, str]:  # fmt: skip
     """How tier B holds a process tree to memory_mb, pids and cpus: by the cgroup of each where this process may
     create one (`cgroups`, of LIMITING), else by rlimits, which bind each process, not the tree: RLIMIT_AS caps
-    each process's address space at memory_mb, RLIMIT_NPROC the processes of its user, and RLIMIT_CPU each
-    process's CPU seconds at cpus × wall_seconds (what the quota would allow). Where they hold, a process that hits
-    memory or pids sees failed allocations or forks and ends by its own exit code; SIGXCPU names the CPU limit.
+    each process's address space at memory_mb, RLIMIT_NPROC the processes of the sandbox's user, and RLIMIT_CPU
+    each process's CPU seconds at cpus × wall_seconds (what the quota would allow). Where they hold, a process that
+    hits memory or pids sees failed allocations or forks and ends by its own exit code; SIGXCPU names the CPU limit.
 
     A `persistent` process (a server, running until it is stopped) has no wall time: its CPU limit needs the
-    cgroup's quota. LimitUnenforceable for what cannot be held."""
-    how = {"memory_mb": "memory cgroup (swap included)" if "memory" in cgroups else "RLIMIT_AS per process"}
+    cgroup's quota. A process not `sandboxed` (a command under the worker) runs as the worker's user, whose other
+    processes RLIMIT_NPROC would count too: its pids limit needs the cgroup. What cannot be held is refused
+    (LimitUnenforceable), unless it is `optional` (a default nobody asked for): then it is said to be unheld."""
+    how: dict[str, str] = {}
+
+    def cannot(limit: str, why: str) -> None:
+        if limit not in optional:
+            remedy = "run it on a worker that offers tier A" if sandboxed else \
+                "run it on a worker that may create cgroups (root, or a delegated cgroup), or leave the limit out"
+            raise LimitUnenforceable(limit, BwrapTier.name, why, remedy)
+        how[limit] = f"not held: {why}"
+
+    how["memory_mb"] = "memory cgroup (swap included)" if "memory" in cgroups else "RLIMIT_AS per process"
     if "cpu" in cgroups:
         how["cpus"] = "cpu cgroup quota"
     elif persistent:
-        raise LimitUnenforceable("cpus", BwrapTier.name, "no writable cpu cgroup, and a server runs until it is "
-                                 "stopped: RLIMIT_CPU would end it after some CPU seconds, not hold it to a share "
-                                 "of a core")  # fmt: skip
+        cannot("cpus", "no writable cpu cgroup, and a server runs until it is stopped: RLIMIT_CPU would end it after "
+                       "some CPU seconds, not hold it to a share of a core")  # fmt: skip
     else:
         how["cpus"] = f"RLIMIT_CPU {cpu_seconds(limits)} s per process"
     if "pids" in cgroups:
         how["pids"] = "pids cgroup"
     elif os.geteuid() == 0:
-        raise LimitUnenforceable("pids", BwrapTier.name, "no writable pids cgroup, and RLIMIT_NPROC does not bind root")
+        cannot("pids", "no writable pids cgroup, and RLIMIT_NPROC does not bind root")
+    elif not sandboxed:
+        cannot("pids", "no writable pids cgroup, and RLIMIT_NPROC would count the worker's own processes too")
     else:
         how["pids"] = "RLIMIT_NPROC of the sandbox's user"
     return how
@@ -260,16 +273,16 @@ def confine(cgroups: RunCgroups, limits: Limits, enforcement: dict[str, str], *,
             extra_pids: int = 0) -> Callable[[], None]:  # fmt: skip
     """Creates the cgroups `enforcement` (process_limits) names, with the limits (pids raised by `extra_pids`, the
     processes of the sandbox's own around the program); what the child runs before exec: it joins them and sets
-    the rlimits of the others, so nothing it starts escapes either."""
+    the rlimits enforcement names, so nothing it starts escapes either."""
     controllers = {c for c in LIMITING if "cgroup" in enforcement[LIMIT_OF_CONTROLLER[c]]}
     with_extra = limits.model_copy(update={"pids": limits.pids + extra_pids})
     procs = cgroups.create(with_extra, controllers)
     rlimits = []
-    if "memory" not in controllers:
+    if "RLIMIT_AS" in enforcement["memory_mb"]:
         rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
-    if "pids" not in controllers:
+    if "RLIMIT_NPROC" in enforcement["pids"]:
         rlimits.append((resource.RLIMIT_NPROC, with_extra.pids))
-    if "cpu" not in controllers:
+    if "RLIMIT_CPU" in enforcement["cpus"]:
         seconds = cpu_seconds(limits)
         rlimits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))  # SIGXCPU first, SIGKILL a second later
 

@@ -118,3 +118,18 @@ def test_tier_b_holds_a_process_tree_by_cgroups_else_rlimits_and_a_server_cpu_on
     monkeypatch.setattr("os.geteuid", lambda: 0)
     with pytest.raises(LimitUnenforceable, match="RLIMIT_NPROC does not bind root"):
         process_limits(limits, {"memory", "cpu"})
+
+
+def test_a_command_under_the_worker_needs_cgroups_for_pids_and_a_servers_cpu_and_a_default_is_left_unheld(
+        monkeypatch):  # fmt: skip
+    from kiln.tasks.plugin.tiers import process_limits
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    limits = Limits()
+    # RLIMIT_NPROC would count the worker's own processes: refused when asked, unheld as a default
+    with pytest.raises(LimitUnenforceable, match=r"^limits.pids: .*would count the worker's own processes too\); run "
+                                                 r"it on a worker that may create cgroups"):
+        process_limits(limits, {"memory", "cpu"}, persistent=True, sandboxed=False)
+    held = process_limits(limits, set(), persistent=True, sandboxed=False, optional=frozenset({"cpus", "pids"}))
+    assert held["memory_mb"] == "RLIMIT_AS per process"
+    assert held["cpus"].startswith("not held: no writable cpu cgroup") and held["pids"].startswith("not held:")
