@@ -207,8 +207,18 @@ def test_a_plugin_image_serves_sandboxed_at_its_kiln_url_restarts_when_killed_an
     name = f"boxed-{uuid.uuid4().hex[:6]}"
     job = client.jobs.create(type="mcp_host", input={"name": name, "server": {"plugin": mcp_plugin},
                                                      "restart": {"max_attempts": 3, "backoff_s": 0}})  # fmt: skip
-    healthy(client, job.id, 1)
+    try:
+        serves_sandboxed(client, api_key, job.id, name)
+    finally:  # a persistent job holds the worker's one service slot until it is cancelled
+        client.jobs.cancel(job.id)
+    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
     flow_run_id = client.jobs.get(job.id).flow_run_id
+    wait_until(lambda: left_behind(flow_run_id) == [], timeout=20, what="the sandbox to be gone")
+
+
+def serves_sandboxed(client, api_key, job_id: str, name: str) -> None:
+    healthy(client, job_id, 1)
+    flow_run_id = client.jobs.get(job_id).flow_run_id
 
     async def use() -> dict:
         async with session(name, api_key) as mcp:
@@ -221,14 +231,10 @@ def test_a_plugin_image_serves_sandboxed_at_its_kiln_url_restarts_when_killed_an
     first = server_in(flow_run_id)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not Path(f"/proc/{first}").exists(), timeout=10, what="the killed server to go")
-    healthy(client, job.id, 1)
+    healthy(client, job_id, 1)
     wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=30, what="a new replica")
     assert asyncio.run(use())["uid"] == 65534  # serving again, at the same URL
     wait_until(lambda: len(replicas_held(flow_run_id)) == 1, timeout=10, what="only the live replica to be left")
-
-    client.jobs.cancel(job.id)
-    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
-    wait_until(lambda: left_behind(flow_run_id) == [], timeout=20, what="the sandbox to be gone")
 
 
 def replicas_held(flow_run_id: str) -> set[str]:
