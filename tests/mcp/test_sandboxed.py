@@ -5,6 +5,8 @@ or folder: tests/sandbox's residue check)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -15,7 +17,7 @@ from kiln.schemas.mcp_host import McpHostInput
 from kiln.schemas.plugins import Limits
 from kiln.tasks.mcp.process import ServerProcess
 from kiln.tasks.mcp.sandboxed import ConfinedLauncher, SandboxLauncher, launcher_for
-from kiln.tasks.plugin import import_image
+from kiln.tasks.plugin import clean_leftovers, import_image
 from kiln.tasks.plugin.execute import WORK_DIR_ENV
 from tests.mcp.conftest import PYTHON, hosted, mcp_session
 from tests.sandbox.conftest import base, place  # noqa: F401  fixtures
@@ -116,3 +118,30 @@ async def test_a_command_is_held_to_tier_b_limits_and_out_of_memory_is_its_resta
         assert gone(first) == []
         second = launches.processes[1]
     assert gone(second) == []
+
+
+async def test_replicas_a_killed_worker_left_are_removed_by_the_cleanup_of_its_runs(mcp_image, place,
+                                                                                   monkeypatch):  # noqa: F811
+    # what a worker's cleanup runs (kiln.worker: at its start for dead workers' folders, and for a run whose Dask
+    # process died): replicas are named after their flow run as plugin_exec's runs are, so it finds them too
+    monkeypatch.setenv(WORK_DIR_ENV, str(place.work))
+    spec = McpHostInput.model_validate({"name": "test", "server": {"command": [PYTHON, str(SERVER_SOURCE)]}})
+    command_launch, _ = await launcher_for(spec, place.run_id)
+    plugin_launch = SandboxLauncher(mcp_image, "A", LIMITS, place.work, place.run_id)
+    started = [await command_launch([PYTHON, str(SERVER_SOURCE)], {}, True),
+               await plugin_launch(mcp_image.argv, {}, True)]  # fmt: skip
+    try:
+        for process in started:  # runc makes the container's cgroups a moment after it starts
+            for _ in range(200):
+                with contextlib.suppress(OSError):
+                    if held(process):
+                        break
+                await asyncio.sleep(0.02)
+        cleaned = await clean_leftovers(place.work, place.run_id)
+        assert sorted(cleaned) == sorted([started[0].enclosure.id, started[1].enclosure.bundle.id])
+        for process in started:
+            await asyncio.wait_for(process.wait(), 5)  # killed, with all they held
+            assert gone(process) == []
+    finally:
+        for process in started:
+            await process.stop()
