@@ -270,7 +270,6 @@ class Confinement:
         self.id = f"{PREFIX}{run_id}-{secrets.token_hex(3)}"
         self.dir = Path(work_dir).resolve() / self.id
         self.cgroups = RunCgroups(self.id)
-        self.pid: int | None = None
 
     def preexec(self) -> Callable[[], None]:
         """Makes its folder and cgroups; what the child runs before exec to join them and take its rlimits."""

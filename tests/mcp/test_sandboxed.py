@@ -6,9 +6,10 @@ or folder: tests/sandbox's residue check)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import select
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,11 @@ from kiln.schemas.mcp_host import McpHostInput
 from kiln.schemas.plugins import Limits
 from kiln.tasks.mcp.process import ServerProcess
 from kiln.tasks.mcp.sandboxed import ConfinedLauncher, SandboxLauncher, launcher_for
+from kiln.tasks.mcp.stdio import StdioServer
 from kiln.tasks.plugin import clean_leftovers, import_image
 from kiln.tasks.plugin.execute import WORK_DIR_ENV
 from tests.mcp.conftest import PYTHON, hosted, mcp_session
-from tests.sandbox.conftest import base, place  # noqa: F401  fixtures
+from tests.sandbox.conftest import Forked, base, place, residue  # noqa: F401  fixtures
 from tests.sandbox.mcp_image import SERVER_SOURCE, mcp_layout  # noqa: F401  a fixture
 from tests.sandbox.python_image import python_layout  # noqa: F401  a fixture
 
@@ -120,28 +122,42 @@ async def test_a_command_is_held_to_tier_b_limits_and_out_of_memory_is_its_resta
     assert gone(second) == []
 
 
-async def test_replicas_a_killed_worker_left_are_removed_by_the_cleanup_of_its_runs(mcp_image, place,
-                                                                                   monkeypatch):  # noqa: F811
-    # what a worker's cleanup runs (kiln.worker: at its start for dead workers' folders, and for a run whose Dask
-    # process died): replicas are named after their flow run as plugin_exec's runs are, so it finds them too
+def test_replicas_a_killed_worker_left_are_removed_by_the_cleanup_of_its_runs(mcp_image, place,
+                                                                             monkeypatch):  # noqa: F811
+    """A worker (a forked child) with a command replica and a sandboxed one, killed with kill -9: the next worker's
+    cleanup (kiln.worker: clean_leftovers at its start, or for a run whose Dask process died) finds them by their
+    flow run's name, as it finds plugin_exec's runs, and removes all of it."""
     monkeypatch.setenv(WORK_DIR_ENV, str(place.work))
-    spec = McpHostInput.model_validate({"name": "test", "server": {"command": [PYTHON, str(SERVER_SOURCE)]}})
-    command_launch, _ = await launcher_for(spec, place.run_id)
-    plugin_launch = SandboxLauncher(mcp_image, "A", LIMITS, place.work, place.run_id)
-    started = [await command_launch([PYTHON, str(SERVER_SOURCE)], {}, True),
-               await plugin_launch(mcp_image.argv, {}, True)]  # fmt: skip
-    try:
-        for process in started:  # runc makes the container's cgroups a moment after it starts
-            for _ in range(200):
-                with contextlib.suppress(OSError):
-                    if held(process):
-                        break
-                await asyncio.sleep(0.02)
-        cleaned = await clean_leftovers(place.work, place.run_id)
-        assert sorted(cleaned) == sorted([started[0].enclosure.id, started[1].enclosure.bundle.id])
-        for process in started:
-            await asyncio.wait_for(process.wait(), 5)  # killed, with all they held
-            assert gone(process) == []
-    finally:
-        for process in started:
-            await process.stop()
+    reader, writer = os.pipe()
+
+    def worker():
+        async def main():
+            spec = McpHostInput.model_validate({"name": "test", "server": {"command": [PYTHON, str(SERVER_SOURCE)]}})
+            command_launch, _ = await launcher_for(spec, place.run_id)
+            plugin_launch = SandboxLauncher(mcp_image, "A", LIMITS, place.work, place.run_id)
+            started = [await command_launch([PYTHON, str(SERVER_SOURCE)], {}, True),
+                       await plugin_launch(mcp_image.argv, {}, True)]  # fmt: skip
+            for process in started:  # each answers a ping: it serves
+                server = StdioServer(process.process.stdin, process.process.stdout, "replica")
+                reading = asyncio.create_task(server.run())
+                await asyncio.wait_for(server.initialize(), 20)
+                await server.ping()
+                reading.cancel()
+            os.write(writer, b"!")
+            await asyncio.sleep(60)
+
+        asyncio.run(main())
+
+    child = Forked(worker, nobody=False)
+    os.close(writer)
+    assert select.select([reader], [], [], 30)[0], "the replicas did not start"
+    os.close(reader)
+    child.kill()
+    left = residue(place.run_id, place.work)
+    assert {"container", "cgroup", "bundle"} <= {entry.split()[0] for entry in left}, left
+    cleaned = asyncio.run(clean_leftovers(place.work, place.run_id))
+    assert len(cleaned) == 2 and all(name.startswith(f"kiln-{place.run_id}-") for name in cleaned)
+    deadline = time.monotonic() + 5
+    while residue(place.run_id, place.work) and time.monotonic() < deadline:  # killed processes take a moment
+        time.sleep(0.05)
+    assert residue(place.run_id, place.work) == []
