@@ -89,6 +89,12 @@ def _without_deployment(flow_run):
     return flow_run.model_copy(update={"deployment_id": None})
 
 
+def _ended(flow_run) -> bool:
+    """The run ended before its process came to start it (cancelled, or crashed by kiln while it waited for a Dask
+    process): Prefect's engine would take it from its final state and run it after all."""
+    return flow_run.state is not None and flow_run.state.is_final()
+
+
 def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None) -> dict:
     """Runs the pre-created flow run to its end in this process; returns its final state's type and message."""
     flow = load_flow(module, function)
@@ -112,6 +118,8 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
     # this task's own context: the engine finds the shared client here
     AsyncClientContext.__var__.set(runner.client_context)
     flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
+    if _ended(flow_run):
+        return flow_run.state
     parameters = await asyncio.to_thread(resolve_parameters, flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)
@@ -128,6 +136,8 @@ def _run_sync(flow, flow_run_id: str):
 
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
+    if _ended(flow_run):
+        return flow_run.state
     parameters = resolve_parameters(flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)
