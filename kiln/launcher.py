@@ -92,19 +92,27 @@ class Stack:
 
     def start_worker(self, name: str = "embedded", extra: list[str] = ()) -> None:
         self.starters["worker"] = lambda: self.start_worker(name, extra)
+        # the API may still count a worker of that name that is gone (killed, or stopped a moment ago): wait for a
+        # heartbeat of this process, a new instance under the name
+        before = self._health()["worker_instances"].get(name)
         proc = self._spawn("worker", [sys.executable, "-m", "kiln.cli", "worker", "start", "--name", name, *extra])
-        # the API may still count a worker it has not yet seen go; wait for this one by name
-
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"the kiln worker exited with code {proc.returncode}; see {self.logs_dir / 'worker.log'}")
-            health = httpx.get(f"{self.settings.api_url}/healthz", timeout=5).json()
-            if name in health["worker_names"]:
+            health = self._health()
+            if health["worker_instances"].get(name) not in (None, before):
                 self.log(f"kiln worker:     {health['slots']} slot(s) on a local Dask cluster")
                 return
             time.sleep(0.3)
         raise RuntimeError(f"the kiln worker did not come up; see {self.logs_dir / 'worker.log'}")
+
+    def _health(self) -> dict:
+        """The API's /healthz; while the API does not answer (restarting too), as if it knew no worker."""
+        try:
+            return httpx.get(f"{self.settings.api_url}/healthz", timeout=5).json()
+        except httpx.HTTPError:
+            return {"worker_instances": {}}
 
     def start(self) -> None:
         try:
