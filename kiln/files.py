@@ -139,6 +139,42 @@ class FileStore:
             )  # fmt: skip
         return pinned
 
+    def upload_path_in_home(self, project_id: str, home: Path, path: str, max_bytes: int | None = None
+                            ) -> list[StoredFile]:  # fmt: skip
+        """Uploads a file, or every file of a folder (not its subfolders), under `home` (KILN_HOME), by its own name:
+        data already on the machine the API runs on, copied into the store (content-addressed like any upload).
+        InputInvalid naming `path` when it is outside `home`, missing, or names nothing to upload; OverflowError when
+        its files together are larger than `max_bytes`."""
+        home = Path(home).resolve()
+        candidate = Path(path)
+        target = (candidate if candidate.is_absolute() else home / candidate).resolve()
+        if target != home and home not in target.parents:
+            raise InputInvalid(f"path: {path!r} is outside KILN_HOME ({home}); only files under it can be uploaded by "
+                               "path, send others as multipart")  # fmt: skip
+        if target.is_file():
+            sources = [target]
+        elif target.is_dir():
+            sources = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
+            if not sources:
+                raise InputInvalid(f"path: the folder {path!r} holds no files")
+        else:
+            raise InputInvalid(f"path: no file or folder {path!r} under KILN_HOME ({home})")
+        if max_bytes is not None and sum(source.stat().st_size for source in sources) > max_bytes:
+            raise OverflowError(path)
+        stored = []
+        for source in sources:
+            with source.open("rb") as handle:
+                stored.append(self.upload(project_id, source.name, handle))
+        return stored
+
+    def pin_job_files(self, job_id: str, field: str) -> list[StoredFile]:
+        """The files a job stored, as a job input pins uploads (kiln.schemas.files.StoredFile): the cache key covers
+        their contents. InputInvalid naming `field` when the job stored none."""
+        files = self.job_files(job_id)
+        if not files:
+            raise InputInvalid(f"{field}: job {job_id} has no files; GET /api/v1/jobs/{job_id}/files lists a job's files")
+        return files
+
     def upload_path(self, file: StoredFile | str) -> Path:
         """The local path of an upload's content, given as the StoredFile a job's input was pinned to or its sha256."""
         sha256 = file.sha256 if isinstance(file, StoredFile) else file

@@ -82,6 +82,8 @@ class DatasetSource(_Strict):
     def _exactly_one(self) -> DatasetSource:
         if self.files is None and self.job is None:
             raise ValueError("name the dataset: {\"file\": NAME}, {\"files\": [NAME, …]} or {\"job\": ID}")
+        if self.job is not None and any(isinstance(item, str) for item in self.files or ()):
+            raise ValueError("give uploads (`file`, `files`) or an earlier `job`, not both")
         return self
 
 

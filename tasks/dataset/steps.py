@@ -459,11 +459,27 @@ def _pandera(outcome: _Outcome, step: ValidateStep) -> _Outcome:
     return _Outcome(kept=kept, filtered=outcome.filtered, failures=failures)
 
 
+def require_models(job_input: DatasetProcessInput, settings) -> None:
+    """Refuses at submission a pipeline naming a kiln ML model this installation does not have (JobType.check)."""
+    from kiln.tasks.ml.models import model_path
+
+    for model in job_input.ml_models():
+        model_path(model, settings.models_path)
+
+
+def model_versions(job_input: DatasetProcessInput) -> dict[str, str | None]:
+    """The versions of the models the pipeline names (JobType.versions): part of its cache key."""
+    from kiln.tasks.ml.models import MODELS
+
+    return {model: MODELS[model].version if model in MODELS else None for model in job_input.ml_models()}
+
+
 _STEPS = {ConvertStep: _convert, FilterStep: _filter, FeaturizeStep: _featurize, ValidateStep: _validate}
 
 
-def finish(results: list[PartitionResult], request: DatasetProcessInput) -> PartitionResult:
-    """The partitions joined in order, with the pandera columns that must be unique checked over every row."""
+def finish(results: list[PartitionResult], request: DatasetProcessInput, unique: bool = True) -> PartitionResult:
+    """The partitions joined in order, with the pandera columns that must be unique checked over every row (unless
+    `unique` is False)."""
     total = PartitionResult()
     for part in results:
         total.rows += part.rows
@@ -473,23 +489,23 @@ def finish(results: list[PartitionResult], request: DatasetProcessInput) -> Part
             total.counts = [StepCount(c.step, c.step_index) for c in part.counts]
         for mine, theirs in zip(total.counts, part.counts):
             mine.add(theirs)
-    for index, step in enumerate(request.steps):
+    for index, step in enumerate(request.steps if unique else ()):
         if not isinstance(step, ValidateStep) or step.pandera_schema is None:
             continue
-        unique = [name for name, rule in step.pandera_schema.columns.items() if rule.unique]
-        if not unique:
+        columns = [name for name, rule in step.pandera_schema.columns.items() if rule.unique]
+        if not columns:
             continue
-        seen: dict[str, dict[Any, str]] = {name: {} for name in unique}
+        seen: dict[str, dict[Any, str]] = {name: {} for name in columns}
         kept, failures = [], []
         for row in total.rows:
-            clash = [(name, row.properties.get(name)) for name in unique
+            clash = [(name, row.properties.get(name)) for name in columns
                      if row.properties.get(name) is not None and row.properties.get(name) in seen[name]]  # fmt: skip
             if clash:
                 failures.append((row, "SchemaError", "; ".join(
                     f"column {name!r}: value {value!r} fails field_uniqueness (first in row {seen[name][value]!r})"
                     for name, value in clash)))  # fmt: skip
                 continue
-            for name in unique:
+            for name in columns:
                 value = row.properties.get(name)
                 if value is not None:
                     seen[name][value] = row.row_id
