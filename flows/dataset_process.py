@@ -39,7 +39,7 @@ def process_dataset(request: DatasetProcessInput):
 
     from kiln.files import upload_path
     from kiln.tasks.dataset import executors as steps
-    from kiln.tasks.dataset.partitions import PartitionStore, write_outputs
+    from kiln.tasks.dataset.partitions import NOT_A_DATASET, PartitionStore, write_outputs
     from kiln.tasks.dataset.steps import PipelineFailed, SchemaMismatch, finish
 
     logger = get_run_logger()
@@ -48,7 +48,9 @@ def process_dataset(request: DatasetProcessInput):
     settings = get_settings()
     root = settings.results_dir / "datasets" / job_id if job_id else Path(tempfile.mkdtemp(prefix="kiln-dataset-"))
     store = PartitionStore(root)
-    sources = [(str(upload_path(file)), file.name) for file in request.source.files]
+    # an earlier dataset job's errors and quarantine tables are pinned with its dataset, but are not rows
+    skipped = NOT_A_DATASET if request.source.job else ()
+    sources = [(str(upload_path(file)), file.name) for file in request.source.files if file.name not in skipped]
     models_path = [str(p) for p in settings.models_path]
     with SyncClientContext.get_or_create():
         count = steps.split_dataset(str(root), sources, request.format, request.partition_rows)

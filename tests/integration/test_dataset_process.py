@@ -168,7 +168,8 @@ def test_an_earlier_job_s_output_is_a_dataset(api, idle):
     assert first["status"] == "completed", first["status_reason"]
     second = submit(api, {"source": {"job": first["id"]}, "steps": [{"step": "filter", "elements_exclude": ["Na"]}],
                           "output_format": "extxyz"})  # fmt: skip
-    assert [f["name"] for f in second["input"]["source"]["files"]] == ["dataset-cif.zip"]
+    # pinned: every file of the job; read: all but its errors table
+    assert [f["name"] for f in second["input"]["source"]["files"]] == ["dataset-cif.zip", "errors.parquet"]
     done = wait_final(api, second["id"], timeout=300)
     assert done["status"] == "completed", done["status_reason"]
     assert (done["output"]["rows_in"], done["output"]["rows_out"]) == (3, 2)

@@ -158,3 +158,25 @@ def test_the_input_names_the_field_that_is_wrong():
     with pytest.raises(ValidationError, match="name the dataset"):
         DatasetProcessInput.model_validate({"source": {}})
     assert DatasetProcessInput.model_validate({"source": {"file": "a.cif"}}).source.files == ["a.cif"]
+
+
+def test_ml_energy_is_ml_predict_s_energy_through_the_warm_model():
+    from pathlib import Path
+
+    from pymatgen.core import Structure
+
+    from kiln.tasks.ml.models import load_potential
+    from kiln.tasks.ml.predict import predict
+
+    models = [Path(__file__).resolve().parents[3] / "shared" / "models"]
+    request = DatasetProcessInput.model_validate({"source": {"file": "d"}, "steps": [
+        {"step": "featurize", "featurizers": [{"name": "ml_energy"}]}]})  # fmt: skip
+    entries = dcdft_entries(["Si", "Cu", "Po"])
+    result = run_partition(entries, request, models_path=models)
+    potential = load_potential("tensornet-matpes-pbe", models)
+    assert [row.row_id for row in result.rows] == ["Si", "Cu"]  # TensorNet-MatPES has no Po
+    direct = predict(potential, [Structure.from_dict(json.loads(e.raw)) for e in entries[:2]])
+    for row, out in zip(result.rows, direct):
+        assert row.properties["ml_energy"] == pytest.approx(out["energy_per_atom"], rel=1e-6)
+    (error,) = result.errors
+    assert error["row_id"] == "Po" and error["error_type"] == "OutOfDomain" and "Po" in error["message"]
