@@ -62,6 +62,8 @@ def process_dataset(request: DatasetProcessInput):
             _run_partitions(str(root), count, set(done_before), request, models_path)
         except PipelineFailed as exc:
             failure = exc
+        except SchemaMismatch as exc:  # the dataset lacks a column the schema requires: no row is to blame
+            return Failed(message=str(exc))
         results = [store.load(index) for index in range(count) if store.finished(index)]
         try:
             total = finish(results, request)

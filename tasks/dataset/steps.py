@@ -43,6 +43,10 @@ class PipelineFailed(Exception):
         super().__init__(f"row {error['row_id']!r} failed {where} with policy 'fail': {error['error_type']}: "
                          f"{error['message']}")  # fmt: skip
 
+    def __reduce__(self):
+        # it crosses from a Dask process to the flow's: rebuilt from the error, not from its message
+        return (PipelineFailed, (self.error,))
+
 
 @dataclass
 class StepCount:

@@ -142,6 +142,9 @@ def test_policy_fail_fails_the_job_naming_the_row_and_step(api, idle):
     done = wait_final(api, job["id"], timeout=300)
     assert done["status"] == "failed"
     assert "row 'negative' failed steps.0 (validate)" in done["status_reason"], done["status_reason"]
+    # what was done is kept: the errors table names the row
+    (error,) = read_parquet(api, job["id"], "errors.parquet")
+    assert error["row_id"] == "negative" and error["step"] == "validate"
 
 
 def test_the_same_content_and_pipeline_is_a_cache_hit(api, idle):

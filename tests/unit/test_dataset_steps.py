@@ -95,8 +95,13 @@ def test_a_featurizer_failing_on_a_row_is_that_row_s_error_never_a_nan():
 
 
 def test_policy_fail_stops_at_the_first_failing_row_naming_it():
-    with pytest.raises(PipelineFailed, match=r"row 'overlapping' failed steps.2 \(validate\)"):
+    import pickle
+
+    with pytest.raises(PipelineFailed, match=r"row 'overlapping' failed steps.2 \(validate\)") as failed:
         run_partition(broken_entries()[1:], pipeline(policy="fail"))
+    # it crosses from a Dask process to the flow's whole
+    again = pickle.loads(pickle.dumps(failed.value))
+    assert again.error == failed.value.error and str(again) == str(failed.value)
 
 
 def test_policy_drop_keeps_no_quarantine():
