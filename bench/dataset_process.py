@@ -9,7 +9,7 @@ dcdft's 71 crystals are replicated and perturbed (a fixed seed) to each size ask
 Wall time and rows/s of each, their ratio, and kiln's scaling from the smallest size to the largest (goal: linear).
 Exits non-zero unless every kiln job completed through a flow run of its own (no cache hit) with every row out.
 
-    python bench/dataset_process.py [--sizes 10000 100000] [--partition-rows 5000]
+    python bench/dataset_process.py [--sizes 10000 100000] [--partitions 20]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def kiln_run(client, path: Path, partition_rows: int) -> tuple[float, dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--partition-rows", type=int, default=5000)
+    parser.add_argument("--partitions", type=int, default=20, help="partitions per job: partition_rows = size / this")
     args = parser.parse_args()
 
     from kiln.sdk import Client
@@ -98,7 +98,7 @@ def main() -> int:
             kiln_run(client, dataset(142), 71)
             for size in args.sizes:
                 path = dataset(size)
-                kiln_seconds, output = kiln_run(client, path, args.partition_rows)
+                kiln_seconds, output = kiln_run(client, path, max(1, -(-size // args.partitions)))
                 if output["rows_out"] != size:
                     print(f"kiln: {output['rows_out']} of {size} rows out: {output['steps']}")
                     return 1

@@ -56,8 +56,8 @@ UPLOAD_BODY = {
                         "type": "string",
                         "minLength": 1,
                         "description": "A file, or a folder whose files (not its subfolders) are each uploaded by "
-                        "name, on the API's machine under KILN_HOME (relative to it, or absolute). For data "
-                        "already there: nothing is sent but the path.",
+                        "name, on the API's machine under KILN_HOME/datasets (the path relative to KILN_HOME, or "
+                        "absolute). For data already there: nothing is sent but the path.",
                     }
                 },
                 "required": ["path"],
@@ -99,7 +99,7 @@ def _human(size: int) -> str:
     "/files",
     status_code=201,
     response_model=list[StoredFile],
-    summary="Upload files to the project (multipart, or a path under KILN_HOME); a job's input names them",
+    summary="Upload files to the project (multipart, or a path under KILN_HOME/datasets); a job's input names them",
     responses=error_responses(InvalidRequest, TooLarge, InputInvalid),
     openapi_extra={"requestBody": UPLOAD_BODY},
 )
@@ -129,7 +129,7 @@ async def upload_files(request: Request, project_id: Project) -> list[StoredFile
 
 
 async def _upload_path(request: Request, project_id: str, limit: int) -> list[StoredFile]:
-    """POST /api/v1/files with `{"path"}`: a file or folder under KILN_HOME, uploaded where it lies."""
+    """POST /api/v1/files with `{"path"}`: a file or folder under KILN_HOME/datasets, uploaded where it lies."""
     import json
 
     try:
@@ -137,7 +137,7 @@ async def _upload_path(request: Request, project_id: str, limit: int) -> list[St
     except ValueError:
         raise InvalidRequest("body: not JSON; send {\"path\": \"…\"} or multipart files") from None
     if not isinstance(body, dict) or set(body) != {"path"} or not isinstance(body["path"], str) or not body["path"]:
-        raise InputInvalid("path: send {\"path\": \"…\"}, a file or folder under KILN_HOME, and nothing else",
+        raise InputInvalid("path: send {\"path\": \"…\"}, a file or folder under KILN_HOME/datasets, and nothing else",
                            details=[{"loc": ["body", "path"], "msg": "required string", "type": "invalid_upload"}])
     home = request.app.state.settings.home_dir
     try:

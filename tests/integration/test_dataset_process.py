@@ -190,7 +190,7 @@ def test_bad_input_is_a_4xx_naming_the_field(api):
     assert no_job.status_code == 422 and "input.source.job: no job 'no-such-job'" in no_job.json()["detail"]
 
 
-def test_a_path_under_kiln_home_is_uploaded_where_it_lies(api):
+def test_a_path_under_kiln_home_datasets_is_uploaded_where_it_lies(api):
     from pathlib import Path
 
     folder = Path(HOME) / "datasets" / "cifs"
@@ -202,8 +202,12 @@ def test_a_path_under_kiln_home_is_uploaded_where_it_lies(api):
     response = api.post("/api/v1/files", json={"path": "datasets/cifs"})
     assert response.status_code == 201, response.text
     assert sorted(f["name"] for f in response.json()) == ["Cu-0.cif", "Si-0.cif"]
-    outside = api.post("/api/v1/files", json={"path": "/etc/passwd"})
-    assert outside.status_code == 422 and "outside KILN_HOME" in outside.json()["detail"]
+    # only KILN_HOME/datasets: the rest of KILN_HOME holds the databases and keys
+    for elsewhere in ("/etc/passwd", "api-key", ".", "datasets/../kiln.db"):
+        refused = api.post("/api/v1/files", json={"path": elsewhere})
+        assert refused.status_code == 422 and "is not under" in refused.json()["detail"], elsewhere
+    (folder / "leak").symlink_to(Path(HOME) / "api-key")
+    assert "leak" not in {f["name"] for f in api.post("/api/v1/files", json={"path": "datasets/cifs"}).json()}
 
 
 def test_smiles_rows_are_molecules(api, idle):
