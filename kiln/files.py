@@ -151,7 +151,11 @@ class FileStore:
         home = Path(home).resolve()
         allowed = home / DATASETS_FOLDER
         candidate = Path(path)
-        target = (candidate if candidate.is_absolute() else home / candidate).resolve()
+        try:
+            target = (candidate if candidate.is_absolute() else home / candidate).resolve()
+            target.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+            raise InputInvalid(f"path: {path!r} is no path here ({exc})") from None
         if target != allowed and allowed not in target.parents:
             raise InputInvalid(f"path: {path!r} is not under {allowed}; only files put there can be uploaded by path "
                                "(the rest of KILN_HOME holds kiln's databases and keys): send others as multipart")  # fmt: skip

@@ -139,6 +139,9 @@ def test_a_path_is_uploaded_only_from_kiln_home_datasets(store, tmp_path):
             store.upload_path_in_home(PROJECT, home, elsewhere)
     with pytest.raises(OverflowError):
         store.upload_path_in_home(PROJECT, home, "datasets/cifs", max_bytes=11)
+    for nonsense in ("datasets/a\x00b", "datasets/" + "x" * 5000):
+        with pytest.raises(InputInvalid, match="is no path here"):
+            store.upload_path_in_home(PROJECT, home, nonsense)
 
 
 def test_dotted_input_fields_reach_into_nested_models():
