@@ -101,6 +101,11 @@ def test_an_upload_becomes_a_featurized_parquet_dataset(api, idle):
     for before, after in zip(rows, read_dataset(path)):
         np.testing.assert_allclose(after.structure.cart_coords, before.structure.cart_coords, rtol=0, atol=1e-12)
     assert read_parquet(api, job["id"], "errors.parquet") == []
+    # each partition is a Prefect task run of the job's flow run (the run graph in the Prefect UI)
+    task_runs = httpx.post(f"{SETTINGS.prefect_api}/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [done["flow_run_id"]]}}}, timeout=30).json()  # fmt: skip
+    names = {run["name"] for run in task_runs if run["state"]["type"] == "COMPLETED"}
+    assert {"partition 1 of 3", "partition 2 of 3", "partition 3 of 3"} <= names, names
 
 
 def test_broken_rows_end_in_the_errors_table_with_their_step_and_in_the_artifacts(api, idle):
