@@ -117,8 +117,8 @@ class FilterStep(_Strict):
         "bonds are not squeezed (ml_predict's `in_domain`).",
     )  # fmt: skip
     duplicates: bool = Field(
-        False, description="Drop a row whose structure pymatgen's StructureMatcher matches to an earlier row of the same "
-        "partition (partition_rows rows).",
+        False, description="Drop a row whose structure pymatgen's StructureMatcher matches to an earlier row's: within "
+        "its partition as the step runs, then across partitions once all are done.",
     )  # fmt: skip
     policy: Policy = Field("drop", description="What a row the conditions cannot be evaluated on does (a molecule "
                            "has no volume): rows that merely fail a condition are filtered out, not errors.")  # fmt: skip

@@ -5,7 +5,7 @@ an error (row_id, step, step_index, error_type, message) and leaves the rows by 
 `quarantine` (kept, with its error, for the quarantine table) or `fail` (PipelineFailed: the job ends failed,
 naming the row and the step). A row that merely does not pass a filter is filtered out, not an error.
 Every step counts the rows it got, kept, filtered out and failed. `finish` joins the partitions and applies
-what needs every row at once (a pandera column that must be unique over the dataset).
+what needs every row at once (duplicates across partitions, a pandera column that must be unique over the dataset).
 """
 
 from __future__ import annotations
@@ -482,8 +482,8 @@ _STEPS = {ConvertStep: _convert, FilterStep: _filter, FeaturizeStep: _featurize,
 
 
 def finish(results: list[PartitionResult], request: DatasetProcessInput, unique: bool = True) -> PartitionResult:
-    """The partitions joined in order, with the pandera columns that must be unique checked over every row (unless
-    `unique` is False)."""
+    """The partitions joined in order; duplicates filtered across partitions, and the pandera columns that must be
+    unique checked over every row (unless `unique` is False)."""
     total = PartitionResult()
     for part in results:
         total.rows += part.rows
@@ -493,6 +493,11 @@ def finish(results: list[PartitionResult], request: DatasetProcessInput, unique:
             total.counts = [StepCount(c.step, c.step_index) for c in part.counts]
         for mine, theirs in zip(total.counts, part.counts):
             mine.add(theirs)
+    for index, step in enumerate(request.steps):
+        if isinstance(step, FilterStep) and step.duplicates and len(results) > 1:
+            # each partition dropped its own duplicates; a structure may also match one of an earlier partition
+            total.rows, removed = _unique_structures(total.rows)
+            _recount(total.counts, index, removed, filtered=True)
     for index, step in enumerate(request.steps if unique else ()):
         if not isinstance(step, ValidateStep) or step.pandera_schema is None:
             continue
@@ -516,13 +521,20 @@ def finish(results: list[PartitionResult], request: DatasetProcessInput, unique:
             kept.append(row)
         _apply_policy(total, failures, step.step, index, step.policy)
         total.rows = kept
-        # the rows failed here had passed this step and every later one in their partitions
-        for count in total.counts:
-            if count.step_index is None or count.step_index < index:
-                continue
-            count.rows_out -= len(failures)
-            if count.step_index == index:
-                count.failed += len(failures)
-            else:
-                count.rows_in -= len(failures)
+        _recount(total.counts, index, len(failures), filtered=False)
     return total
+
+
+def _recount(counts: list[StepCount], index: int, removed: int, *, filtered: bool) -> None:
+    """Counts after `removed` rows, which had passed step `index` and every later one in their partitions, were
+    taken out at that step once every partition was done."""
+    for count in counts:
+        if count.step_index is None or count.step_index < index:
+            continue
+        count.rows_out -= removed
+        if count.step_index > index:
+            count.rows_in -= removed
+        elif filtered:
+            count.filtered += removed
+        else:
+            count.failed += removed

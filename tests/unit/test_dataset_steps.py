@@ -185,3 +185,15 @@ def test_ml_energy_is_ml_predict_s_energy_through_the_warm_model():
         assert row.properties["ml_energy"] == pytest.approx(out["energy_per_atom"], rel=1e-6)
     (error,) = result.errors
     assert error["row_id"] == "Po" and error["error_type"] == "OutOfDomain" and "Po" in error["message"]
+
+
+def test_duplicates_are_found_across_partitions_too():
+    request = DatasetProcessInput.model_validate({"source": {"file": "d"}, "steps": [
+        {"step": "filter", "duplicates": True}, {"step": "validate"}]})  # fmt: skip
+    first, second = dcdft_entries(["Si", "Cu"]), dcdft_entries(["Fe", "Si"])
+    second[1].row_id = "Si-again"
+    result = finish([run_partition(first, request), run_partition(second, request)], request)
+    assert [row.row_id for row in result.rows] == ["Si", "Cu", "Fe"]
+    counts = [c.as_dict() for c in result.counts]
+    assert (counts[1]["in"], counts[1]["out"], counts[1]["filtered"]) == (4, 3, 1)
+    assert (counts[2]["in"], counts[2]["out"]) == (3, 3)
