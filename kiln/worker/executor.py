@@ -95,8 +95,14 @@ def _ended(flow_run) -> bool:
     return flow_run.state is not None and flow_run.state.is_final()
 
 
-def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None) -> dict:
-    """Runs the pre-created flow run to its end in this process; returns its final state's type and message."""
+def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None,
+                     fans_out: bool = False) -> dict:  # fmt: skip
+    """Runs the pre-created flow run to its end in this process; returns its final state's type and message.
+
+    A flow that fans out (JobType.fans_out) runs tasks of its own on this Dask cluster; this thread is handed back
+    to Dask while it waits for them, so they can run in this process too instead of waiting for a free one.
+    """
+    _note_dask_worker(fans_out)
     flow = load_flow(module, function)
     if timeout_seconds:
         flow = flow.with_options(timeout_seconds=timeout_seconds)
@@ -109,6 +115,20 @@ def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_secon
     except (asyncio.CancelledError, concurrent.futures.CancelledError, RunCancelled):
         return {"state": "CANCELLED", "message": "stopped by the kiln worker"}
     return {"state": state.type.value, "message": state.message}
+
+
+def _note_dask_worker(fans_out: bool) -> None:
+    from distributed import get_worker, secede
+
+    from kiln.runtime import set_dask_scheduler
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask task: the flow runs its tasks in-process
+        return
+    set_dask_scheduler(worker.scheduler.address)
+    if fans_out:
+        secede()
 
 
 async def _run_async(runner: _Runner, flow, flow_run_id: str):

@@ -347,7 +347,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         spec = await self._deployment_spec(flow_run)
         timeout = configuration.max_timeout_run_ms / 1000 if configuration.max_timeout_run_ms else None
         future = self._dask.submit(
-            executor.execute_flow_run, run_id, spec.module, spec.function, timeout, key=f"kiln-{run_id}", pure=False
+            executor.execute_flow_run, run_id, spec.module, spec.function, timeout, self._fans_out(spec),
+            key=f"kiln-{run_id}", pure=False,
         )
         self._running[run_id] = future
         self._beat_now.set()
@@ -365,6 +366,13 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             self._running.pop(run_id, None)
         await self._settle(flow_run.id, outcome)
         return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
+
+    def _fans_out(self, spec: DeploymentSpec) -> bool:
+        """Whether the deployment's flow is that of a job type whose flow runs tasks of its own on the cluster."""
+        from kiln.registry import available_job_types
+
+        return any(jt.fans_out and jt.module == spec.module and jt.flow.fn.__name__ == spec.function
+                   for jt in available_job_types().values())  # fmt: skip
 
     async def _clean_sandbox(self, run_id: str) -> None:
         """A plugin the run had started outlives a Dask process that dies (a container is its own process tree)."""
