@@ -137,7 +137,8 @@ async def _upload_path(request: Request, project_id: str, limit: int) -> list[St
     except ValueError:
         raise InvalidRequest("body: not JSON; send {\"path\": \"…\"} or multipart files") from None
     if not isinstance(body, dict) or set(body) != {"path"} or not isinstance(body["path"], str) or not body["path"]:
-        raise InputInvalid("path: send {\"path\": \"…\"}, a file or folder under KILN_HOME/datasets, and nothing else",
+        raise InputInvalid("path: send {\"path\": \"…\"}, a file or folder under KILN_HOME/datasets, and nothing else; "
+                           "or the files themselves as multipart/form-data parts named 'files'",
                            details=[{"loc": ["body", "path"], "msg": "required string", "type": "invalid_upload"}])
     home = request.app.state.settings.home_dir
     try:
