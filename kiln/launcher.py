@@ -6,7 +6,6 @@ server start`, the worker's Dask processes), and dies with `kiln up` even when `
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,10 +18,10 @@ import httpx
 import psutil
 
 from kiln.prefect_env import kiln_env, prefect_env
+from kiln.processes import die_with_parent
 from kiln.settings import KilnSettings
 
 
-PR_SET_PDEATHSIG = 1
 # a part that dies is started again after 1, 2, 4 … s, at most RESTART_MAX_SECONDS; after RESTART_GIVE_UP starts in a
 # row that did not come up, the stack stops; a part that has served RESTART_RESET_SECONDS starts from 1 s again
 RESTART_MAX_SECONDS = 30.0
@@ -32,7 +31,7 @@ RESTART_RESET_SECONDS = 60.0
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when `kiln up` dies, however it dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class Stack:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import os
 import signal
@@ -12,6 +11,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
+from kiln.processes import die_with_parent
 from kiln.tasks.mcp.errors import ReplicaFailed
 
 TAIL_BYTES = 16 * 1024
@@ -19,7 +19,6 @@ STDERR_IN_REASON = 300  # characters of stderr's end in an "exited with code N" 
 STDOUT_LIMIT = 64 * 1024 * 1024  # the longest JSON-RPC line read from an stdio server
 STDIN_CLOSE_SECONDS = 1.0  # an stdio server told to stop by closing its stdin has this long before SIGTERM
 TERM_SECONDS = 2.0  # then this long before SIGKILL
-PR_SET_PDEATHSIG = 1
 # what a command's process gets of the worker's environment; the worker's own secrets stay out
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "LOGNAME")
 
@@ -158,7 +157,7 @@ def _in_child(preexec: Callable[[], None] | None) -> None:
     session of its own, so a worker stopped or killed with its Dask processes would leave it running; a server over
     stdio ends at its stdin's EOF anyway, one over streamable HTTP would serve on for nobody (seen after `kiln up`
     stopped). A sandboxed replica's container is removed by the worker's cleanup of dead runs."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     if preexec is not None:
         preexec()
 
