@@ -66,33 +66,17 @@ def test_a_prefect_server_restart_mid_job_leaves_no_job_running(client, stack, i
 
 
 def test_a_worker_runs_jobs_on_an_existing_dask_scheduler(client, stack, idle):
-    import subprocess
-    import sys
+    from tests.integration.support import dask_cluster
 
-    from tests.integration.support import free_port
-
-    port = free_port()
-    logs = open(stack.logs_dir / "dask.log", "ab")
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--no-dashboard"], stdout=logs, stderr=subprocess.STDOUT,
-    )
-    dask_worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
-         "--no-dashboard"], stdout=logs, stderr=subprocess.STDOUT, env={**stack.env},
-    )
-    try:
-        stack.stop("worker")
-        stack.start_worker(name="on-scheduler", extra=["--scheduler-address", f"tcp://127.0.0.1:{port}"])
-        job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=60)
-        assert job.status.value == "completed", job.status_reason
-    finally:
-        stack.stop("worker")
-        dask_worker.terminate()
-        scheduler.terminate()
-        dask_worker.wait(timeout=30)
-        scheduler.wait(timeout=30)
-        stack.start_worker()
+    with dask_cluster(1, stack.env, stack.logs_dir / "dask.log") as address:
+        try:
+            stack.stop("worker")
+            stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
+            job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=60)
+            assert job.status.value == "completed", job.status_reason
+        finally:
+            stack.stop("worker")
+            stack.start_worker()
 
 
 def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack, idle):
