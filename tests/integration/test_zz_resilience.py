@@ -79,6 +79,35 @@ def test_a_worker_runs_jobs_on_an_existing_dask_scheduler(client, stack, idle):
             stack.start_worker()
 
 
+def test_a_dask_process_of_an_existing_cluster_killed_mid_job_fails_the_job_and_is_not_run_again(client, stack, idle):
+    """That cluster's scheduler runs a task whose worker died again on another (Dask's allowed-failures is the
+    cluster's setting, not kiln's): the second start is refused, and the job crashes as on kiln's own cluster."""
+    import os
+
+    import psutil
+    from distributed import Client
+
+    from tests.integration.support import dask_cluster
+
+    with dask_cluster(2, stack.env, stack.logs_dir / "dask.log") as address:
+        try:
+            stack.stop("worker")
+            stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
+            job = client.jobs.create(type="sleep", input={"seconds": 20})
+            wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+            key = f"kiln-{client.jobs.get(job.id).flow_run_id}"
+            with Client(address, timeout=60) as external:
+                (running_it,) = [worker for worker, keys in external.processing().items() if key in keys]
+                psutil.Process(external.run(os.getpid, workers=[running_it])[running_it]).kill()
+            job.wait(timeout=60)
+            assert job.status.value == "failed"
+            assert "Dask worker process running this job died" in job.status_reason, job.status_reason
+            assert flow_run_state(job.flow_run_id) == "CRASHED"
+        finally:
+            stack.stop("worker")
+            stack.start_worker()
+
+
 def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack, idle):
     import psutil
 
