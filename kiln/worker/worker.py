@@ -351,6 +351,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                     if current.state is None or current.state.type is not StateType.CANCELLED:
                         await force_state(self.client, flow_run_id, Cancelled(message=reason))
                     await self._cancel_subflows(flow_run_id, reason)
+                elif outcome.get("state") == StateType.PAUSED.value and current.state is not None:
+                    # suspended (a lab booking waiting for the lab): it waits in Prefect holding no worker, and a
+                    # resume schedules it again (Scheduled, then Running on whichever worker takes it); not a crash
+                    pass
                 elif current.state is None or not current.state.is_final():
                     message = outcome.get("message") or "the job's process ended without reporting a final state"
                     await force_state(self.client, flow_run_id, Crashed(message=message))
