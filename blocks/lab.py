@@ -64,15 +64,6 @@ class Lab(Block):
             raise ValueError("list at least one resource, none of them empty")
         return value
 
-    @field_validator("signing_secret", "previous_signing_secret")
-    @classmethod
-    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
-        from kiln.webhooks import secret_key
-
-        if value is not None:
-            secret_key(value.get_secret_value())  # its message names what is wrong, never the secret
-        return value
-
     def signing_secrets(self) -> list[str]:
         """The secrets a callback may be signed with: the current one, and the previous one during a rotation."""
         found = [self.signing_secret.get_secret_value()]

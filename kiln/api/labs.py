@@ -93,6 +93,16 @@ async def register_lab(spec: LabSpec, project_id: Project) -> dict:
         raise Conflict(f"name: the lab {spec.name!r} was registered by "
                        f"{'an operator' if existing.project_id is None else 'another project'}; only they can "
                        "replace it: choose another name")  # fmt: skip
+    from kiln.webhooks import secret_key
+
+    for field, secret in (("signing_secret", spec.signing_secret), ("previous_signing_secret",
+                                                                     spec.previous_signing_secret)):
+        try:
+            if secret is not None:
+                secret_key(secret.get_secret_value())
+        except ValueError as exc:  # its message names what is wrong, never the secret
+            raise InputInvalid(f"{field}: {exc}", details=[{"loc": ["body", field], "msg": str(exc),
+                                                             "type": "webhook_secret"}]) from None  # fmt: skip
     try:
         lab = Lab(base_url=spec.base_url, api_key=spec.api_key, signing_secret=spec.signing_secret,
                   previous_signing_secret=spec.previous_signing_secret, resources=spec.resources,

@@ -83,9 +83,11 @@ class LabWatch:
                 await booked.mark_delivered(self.store, job.id, job.flow_run_id)
             return False
         try:
-            await aresume_flow_run(UUID(job.flow_run_id), run_input=booking.outcome)
+            # exactly the fields of the flow's LabOutcome: Prefect checks the input against its schema
+            outcome = {key: booking.outcome.get(key) for key in ("status", "results", "message", "source")}
+            await aresume_flow_run(UUID(job.flow_run_id), run_input=outcome)
         except Exception as exc:  # noqa: BLE001 - resumed meanwhile (another API process), or Prefect down
-            log.info("could not resume the run of job %s: %s", job.id, exc)
+            log.warning("could not resume the run of job %s: %s", job.id, exc)
             return False
         await booked.mark_delivered(self.store, job.id, job.flow_run_id)
         return True
