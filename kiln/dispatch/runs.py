@@ -218,6 +218,10 @@ async def crash_run(client: PrefectClient, flow_run_id: str | UUID, reason: str)
     flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
     if flow_run.state is not None and flow_run.state.is_final():
         return False
+    if flow_run.state is not None and (flow_run.state.is_paused() or flow_run.state.name == "Resuming"):
+        # suspended (or resumed and not yet taken): it left its worker on purpose, whatever the worker's last
+        # heartbeat said; its Paused state reaches the job as SuspendedRunHoldsNoSlot
+        return False
     await force_state(client, flow_run_id, Crashed(message=reason))
     return True
 

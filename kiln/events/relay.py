@@ -46,6 +46,8 @@ log = logging.getLogger("kiln.relay")
 
 FLOW_RUN_PREFIX = "prefect.flow-run."
 BATCH_RUN = "batch_run"
+# the watch's rounds between two re-reads of suspended jobs' runs
+SUSPENDED_EVERY = 12
 
 
 class Relay:
@@ -56,6 +58,7 @@ class Relay:
         self.dispatcher = dispatcher
         self.settings = settings
         self.labs = labs
+        self._rounds = 0
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -280,8 +283,14 @@ class Relay:
     async def reconcile(self, only_stale: bool = False) -> None:
         """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed."""
         stale_before = utcnow() - timedelta(seconds=self.settings.reconcile_interval_seconds)
+        self._rounds += 1
+        # suspended jobs (lab bookings waiting for days, thousands of them) are re-read one round in SUSPENDED_EVERY:
+        # their run changes only when kiln itself resumes or cancels it
+        suspended_too = not only_stale or self._rounds % SUSPENDED_EVERY == 0
         for job in await self.store.unfinished_jobs():
             if only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before:
+                continue
+            if job.suspended_at is not None and not suspended_too:
                 continue
             flow_run = await self.client.read_flow_run(UUID(job.flow_run_id))
             if flow_run.state is None:

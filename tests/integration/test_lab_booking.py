@@ -24,6 +24,13 @@ pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="lab_booking's 
 FINAL = ("completed", "failed", "cancelled")
 
 
+def later() -> dict:
+    """A booking whose slot starts in 1000 lab hours: about 17 minutes of the simulator's clock, so it is still to
+    come while a test runs."""
+    return {"earliest": (datetime.now(timezone.utc) + timedelta(hours=1000)).isoformat(), "duration_minutes": 60,
+            "deadline_hours": 2000}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def sim():
     with simulator() as lab:
@@ -83,9 +90,20 @@ def lab_bookings(sim: Simulator, job_id: str) -> list[dict]:
     return [b for b in sim.client.get("/_sim/bookings").json()["bookings"] if b.get("reference") == job_id]
 
 
+def waiting(http, sim, job: dict) -> list[dict]:
+    """The job's bookings at the lab, once it has booked and waits for the lab (its status_reason says so)."""
+    def booked():
+        now = http.get(f"/api/v1/jobs/{job['id']}").json()
+        assert now["status"] not in FINAL, (now["status"], now["status_reason"])
+        return (now["status_reason"] or "").startswith(("booked", "started"))
+
+    wait_until(booked, timeout=60, what=f"job {job['id']} to book and wait")
+    return [{"booking": b["id"], **b} for b in lab_bookings(sim, job["id"])]
+
+
 def exactly_one_end(http, sim, job: dict, status: str) -> dict:
     ended = wait_final(http, job["id"], timeout=60)
-    assert ended["status"] == status, ended
+    assert ended["status"] == status, (ended["status"], ended["status_reason"])
     assert final_events(http, job["id"]) == [status]
     assert len(lab_bookings(sim, job["id"])) == 1
     return ended
@@ -143,8 +161,8 @@ def test_lost_callbacks_are_recovered_by_asking_the_lab(http, lab, fresh):
 
 def test_delayed_callbacks_complete_the_job_when_they_come(http, lab, fresh):
     fresh.configure(callback_delay_s=3)
-    job = book(http, lab, duration_minutes=60)  # its slot ends in an hour: kiln does not ask before
-    time.sleep(2)
+    job = book(http, lab, duration_minutes=60, deadline_hours=2)  # its slot ends in an hour: kiln does not ask before
+    waiting(http, fresh, job)
     assert http.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "running"
     ended = exactly_one_end(http, fresh, job, "completed")
     assert ended["output"]["source"] == "callback"
@@ -177,7 +195,7 @@ def test_forged_stale_and_mutated_callbacks_are_refused_audited_and_change_nothi
 def test_a_forged_final_callback_for_a_waiting_booking_leaves_it_waiting(http, lab, fresh):
     fresh.configure(callback_delay_s=4)
     job = book(http, lab)
-    booked = wait_until(lambda: [e for n, e in events(http, job["id"]) if n == "booked"], what="the booking")
+    booked = waiting(http, fresh, job)
     body = (f'{{"booking": "{booked[0]["booking"]}", "status": "failed", "message": "forged", "sequence": 99, '
             f'"at": "{datetime.now(timezone.utc).isoformat()}"}}').encode()  # fmt: skip
     for headers in (sign(new_secret(), "msg_forged", body),
@@ -213,8 +231,8 @@ def test_a_failed_run_fails_the_job_with_the_lab_message(http, lab, fresh):
 
 
 def test_a_lab_side_cancel_ends_the_job_cancelled_with_the_lab_message(http, lab, fresh):
-    job = book(http, lab, duration_minutes=600)  # its slot ends in 10 hours
-    booked = wait_until(lambda: [e for n, e in events(http, job["id"]) if n == "booked"], what="the booking")
+    job = book(http, lab, **later())
+    booked = waiting(http, fresh, job)
     assert fresh.lab_cancel(booked[0]["booking"]).status_code == 200
     ended = exactly_one_end(http, fresh, job, "cancelled")
     assert "cancelled by the lab" in ended["status_reason"] and "maintenance" in ended["status_reason"]
@@ -224,7 +242,7 @@ def test_two_jobs_for_one_slot_book_two_windows(http, lab, fresh):
     earliest = (datetime.now(timezone.utc) + timedelta(hours=3)).isoformat()
     first, second = (book(http, lab, earliest=earliest, duration_minutes=60, deadline_hours=24) for _ in range(2))
     for job in (first, second):
-        wait_until(lambda: [e for n, e in events(http, job["id"]) if n == "booked"], timeout=60, what="booked")
+        waiting(http, fresh, job)
     windows = sorted((b["start"], b["end"]) for job in (first, second) for b in lab_bookings(fresh, job["id"]))
     assert len(windows) == 2 and windows[0][1] <= windows[1][0]
     for job in (first, second):
@@ -242,9 +260,8 @@ def test_no_slot_before_latest_fails_saying_why(http, lab, fresh):
 
 
 def test_cancel_during_the_wait_reaches_the_lab(http, lab, fresh):
-    job = book(http, lab, duration_minutes=600)
-    booked = wait_until(lambda: [e for n, e in events(http, job["id"]) if n == "booked"], what="the booking")
-    wait_until(lambda: (http.get(f"/api/v1/jobs/{job['id']}").json()["status_reason"] or "").startswith("booked"))
+    job = book(http, lab, **later())
+    booked = waiting(http, fresh, job)
     answer = http.post(f"/api/v1/jobs/{job['id']}/cancel")
     assert answer.status_code == 200, answer.text
     ended = wait_final(http, job["id"])
@@ -294,7 +311,7 @@ def test_past_the_deadline_with_no_answer_the_job_fails_naming_the_booking(http,
 
 
 def test_fifty_waiting_bookings_hold_no_slot(http, lab, fresh, idle):
-    jobs = [book(http, lab, duration_minutes=600) for _ in range(50)]
+    jobs = [book(http, lab, **later()) for _ in range(50)]
     wait_until(lambda: httpx.get(f"{SETTINGS.api_url}/healthz").json()["suspended_jobs"] >= 50, timeout=180,
                interval=0.5, what="50 bookings waiting")  # fmt: skip
     assert httpx.get(f"{SETTINGS.api_url}/healthz").json()["busy_slots"] == 0
@@ -313,10 +330,9 @@ def test_fifty_waiting_bookings_hold_no_slot(http, lab, fresh, idle):
 
 def test_bookings_waiting_across_a_kiln_restart_complete_when_their_callbacks_come(http, lab, fresh, stack):
     fresh.configure(callback_delay_s=20, retry_base_s=1, retry_attempts=8)
-    jobs = [book(http, lab, duration_minutes=60) for _ in range(3)]
+    jobs = [book(http, lab, duration_minutes=60, deadline_hours=6) for _ in range(3)]
     for job in jobs:
-        wait_until(lambda: (http.get(f"/api/v1/jobs/{job['id']}").json()["status_reason"] or "").startswith("booked"),
-                   timeout=60, what="booked")  # fmt: skip
+        waiting(http, fresh, job)
     stack.stop("worker")
     stack.stop("api")
     stack.start_api()
