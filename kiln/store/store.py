@@ -466,7 +466,9 @@ class Store:
                 await s.scalars(
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]),
-                        or_(JobRow.picked_at < before, JobRow.started_at < before),
+                        # when a worker took it: picked_at (a resumed run's is when a worker took it again, while its
+                        # started_at is its first start); started_at only for a run whose pick was never seen
+                        or_(JobRow.picked_at < before, and_(JobRow.picked_at.is_(None), JobRow.started_at < before)),
                         JobRow.in_parent_run.is_(False),
                         JobRow.flow_run_id.is_not(None),
                         # a suspended run left its worker: no worker is meant to hold it

@@ -110,5 +110,7 @@ async def test_a_suspended_job_holds_no_slot_until_a_worker_takes_it_again(store
     await store.transition(job_id, JobStatus.RUNNING, source=Source.PREFECT, flow_run_id=run,
                            at=utcnow() + timedelta(seconds=2))  # fmt: skip
     assert await store.in_flight_count() == 1 and await store.suspended_count() == 0
+    # a worker took it again just now: the lost-worker watch counts from then, not from its first start
+    assert job_id not in [j.id for j in await store.taken_before(utcnow() + timedelta(seconds=1))]
     job = await store.get_job(job_id)
     assert job.status == "running" and job.suspended_seconds > 0
