@@ -60,6 +60,12 @@ class Rejection(Decision):
     reason: str = Field(min_length=1, max_length=2000, description="Why the booking must not go to the lab.")
 
 
+class LabUnavailable(ServerError):
+    """The lab did not answer (or answered with a failure)."""
+
+    status_code = 502
+
+
 async def _lab(name: str):
     from kiln.blocks.lab import TABLE, unknown_lab
 
@@ -135,7 +141,7 @@ async def remove_lab(lab: str, project_id: Project) -> None:
 
 
 @router.get("/labs/{lab}/slots", summary="Free slots at a lab, as the lab answers them (no fixed look-ahead)",
-            responses={**KEYED, **error_responses(NotFound, InvalidRequest)})  # fmt: skip
+            responses={**KEYED, **error_responses(NotFound, InvalidRequest, LabUnavailable)})  # fmt: skip
 async def lab_slots(
     request: Request,
     lab: str,
@@ -163,12 +169,6 @@ async def lab_slots(
         if answer.status is not None and 400 <= answer.status < 500:
             raise InvalidRequest(f"the lab {lab!r} refused the question: {answer.message}") from None
         raise LabUnavailable(f"the lab {lab!r} did not answer: {answer.message}") from None
-
-
-class LabUnavailable(ServerError):
-    """The lab did not answer (or answered with a failure)."""
-
-    status_code = 502
 
 
 @router.get("/labs/{lab}/callbacks", summary="A lab's callbacks: those taken (with what each did) and those "
