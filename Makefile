@@ -15,6 +15,7 @@ test: install-test postgres chromium slurm sandbox
 	$(PYTHON) -m pytest tests/unit -q
 	$(PYTHON) -m pytest tests/sandbox -q -x
 	$(PYTHON) -m pytest tests/mcp -q -x
+	$(PYTHON) -m pytest tests/lab -q -x
 	$(PYTHON) -m pytest tests/integration -q -x
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
 	$(PYTHON) -m pytest tests/slurm -q -x

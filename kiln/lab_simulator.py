@@ -97,7 +97,7 @@ class SimConfig(BaseModel):
         default_factory=list, description="Windows already booked by others: GET /slots leaves them out, POST 409s.",
     )
     retry_base_s: float = Field(
-        0.2, ge=0, le=3600, description="Wall seconds before a callback that got no 2xx is retried, doubling each time.",
+        0.2, ge=0, le=3600, description="Wall seconds before a callback without a 2xx is retried, doubling each time.",
     )
     retry_attempts: int = Field(6, ge=1, le=50, description="Attempts of one callback before the lab gives up.")
     seed: int | None = Field(None, description="Seeds the draws of the rates; none draws afresh.")
@@ -190,7 +190,6 @@ class LabSimulator:
         self.taken_by_others: list[Slot] = []  # windows lost to other clients in a race
         self.deliveries: list[Delivery] = []
         self.ids = itertools.count(1)
-        self.lock = asyncio.Lock()
         self.client: httpx.AsyncClient | None = None
 
     # the switches
@@ -199,7 +198,7 @@ class LabSimulator:
         self.config = config
         self.rng = random.Random(config.seed)
 
-    def _draw(self, rate: float) -> bool:
+    def draw(self, rate: float) -> bool:
         return rate >= 1 or (rate > 0 and self.rng.random() < rate)
 
     def _lab_seconds(self, wall: float) -> float:
@@ -277,7 +276,7 @@ class LabSimulator:
             self._emit(run, CallbackStatus.PROGRESS,
                        progress=Progress(fraction=fraction, message=f"step {done} of {steps + 1}"))  # fmt: skip
         await asyncio.sleep(step)
-        if self._draw(self.config.fail_rate):
+        if self.draw(self.config.fail_rate):
             message = f"{booking.resource} stopped at step {steps + 1} of {steps + 1}: sample holder jammed (simulated)"
             self._set(run, BookingStatus.FAILED, message=message)
             self._emit(run, CallbackStatus.FAILED, message=message)
@@ -304,7 +303,7 @@ class LabSimulator:
     async def _deliver_all(self, run: _Run) -> None:
         """Delivers the booking's callbacks one after another until its outcome's; retries each until a 2xx."""
         held = []
-        reorder = self._draw(self.config.reorder_rate)
+        reorder = self.draw(self.config.reorder_rate)
         while True:
             callback = await run.outbox.get()
             final = callback.status in FINAL_CALLBACK_STATUSES
@@ -325,19 +324,19 @@ class LabSimulator:
                                            else 0)  # fmt: skip
         if delay:
             await asyncio.sleep(delay)
-        if self._draw(config.lost_rate):
+        if self.draw(config.lost_rate):
             self._record(run, callback, webhook_id, "lost", 1, None, None)
             return
         url, body = run.request.callback_url, callback.model_dump_json().encode()
         # an attacker's copies go first and share the genuine webhook-id: a receiver that marks an id as seen before
         # it verifies the signature would then drop the genuine callback
-        if self._draw(config.forged_rate):
+        if self.draw(config.forged_rate):
             await self._post(run, callback, webhook_id, "forged", 1, url, body, sign(new_secret(), webhook_id, body))
-        if self._draw(config.stale_rate):
+        if self.draw(config.stale_rate):
             stamp = int(_now().timestamp() - config.stale_by_s)
             headers = sign(self._secrets(), webhook_id, body, timestamp=stamp)
             await self._post(run, callback, webhook_id, "stale", 1, url, body, headers)
-        if self._draw(config.mutated_rate):
+        if self.draw(config.mutated_rate):
             mutated = callback.model_copy(update={"status": CallbackStatus.COMPLETED, "results": {"tampered": True}})
             headers = sign(self._secrets(), webhook_id, body)
             await self._post(run, callback, webhook_id, "mutated", 1, url, mutated.model_dump_json().encode(), headers)
@@ -350,7 +349,7 @@ class LabSimulator:
                 await asyncio.sleep(config.retry_base_s * 2 ** (attempt - 1))
         else:
             return
-        if self._draw(config.duplicate_rate):
+        if self.draw(config.duplicate_rate):
             await self._post(run, callback, webhook_id, "duplicate", 1, url, body,
                              sign(self._secrets(), webhook_id, body))  # fmt: skip
 
@@ -370,7 +369,8 @@ class LabSimulator:
         self._record(run, callback, webhook_id, kind, attempt, sent_at, answer, error)
         return answer
 
-    def _record(self, run, callback, webhook_id, kind, attempt, sent_at, answer, error=None) -> None:
+    def _record(self, run: _Run, callback: Callback, webhook_id: str, kind: DeliveryKind, attempt: int,
+                sent_at: datetime | None, answer: int | None, error: str | None = None) -> None:  # fmt: skip
         self.deliveries.append(Delivery(booking=run.booking.id, webhook_id=webhook_id, sequence=callback.sequence,
                                         status=callback.status, kind=kind, attempt=attempt, sent_at=sent_at,
                                         answer=answer, error=error))  # fmt: skip
@@ -461,39 +461,40 @@ def create_app(lab: LabSimulator) -> FastAPI:
             field, message = _problem(exc)
             return _error(422, "invalid_request", message, field=field)
         config = lab.config
-        async with lab.lock:
-            attempt = lab.attempts[key] = lab.attempts.get(key, 0) + 1
-            failing = attempt <= config.booking_failures
-            if failing and config.booking_failure_mode == "before_booking":
-                return _error(503, "unavailable", f"the lab is busy (simulated failure {attempt} of "
-                              f"{config.booking_failures}); retry with the same {IDEMPOTENCY_KEY_HEADER}")  # fmt: skip
-            if key in lab.by_key:
-                run = lab.runs[lab.by_key[key]]
-                if run.request != asked:
-                    return _error(422, "idempotency_key_reused", f"{IDEMPOTENCY_KEY_HEADER}: this key already "
-                                  f"booked {run.booking.id} with a different request; use a new key for a new "
-                                  "booking", field=IDEMPOTENCY_KEY_HEADER, booking=run.booking)  # fmt: skip
-                if failing:
-                    return _error(500, "unavailable", "the answer was lost (simulated)")
-                return JSONResponse(run.booking.model_dump(mode="json"), status_code=200)
-            if asked.resource not in lab.resources:
-                return _error(422, "unknown_resource", f"resource: {asked.resource!r} is not a resource of this lab; "
-                              f"it has {', '.join(lab.resources)}", field="resource")  # fmt: skip
-            if asked.start < _now() - PAST_START_GRACE:
-                return _error(422, "invalid_request", f"start: {_hm(asked.start)} is in the past; ask GET /slots for "
-                              "a free window", field="start")  # fmt: skip
-            if lab.conflict(asked) is None and lab._draw(config.race_rate):
-                lab.taken_by_others.append(Slot(resource=asked.resource, start=asked.start, end=asked.end))
-            taken = lab.conflict(asked)
-            if taken is not None:
-                return _error(409, "slot_taken", f"start: {asked.resource} is booked from {_hm(taken[0])} to "
-                              f"{_hm(taken[1])}, which overlaps the window asked for; ask GET /slots for a free one",
-                              field="start")  # fmt: skip
-            run = lab.book(asked, key)
+        # from here to the answer nothing awaits: under the one event loop a request's checks and its booking are
+        # atomic, so of two racing for one window exactly one books it
+        attempt = lab.attempts[key] = lab.attempts.get(key, 0) + 1
+        failing = attempt <= config.booking_failures
+        if failing and config.booking_failure_mode == "before_booking":
+            return _error(503, "unavailable", f"the lab is busy (simulated failure {attempt} of "
+                          f"{config.booking_failures}); retry with the same {IDEMPOTENCY_KEY_HEADER}")  # fmt: skip
+        if key in lab.by_key:
+            run = lab.runs[lab.by_key[key]]
+            if run.request != asked:
+                return _error(422, "idempotency_key_reused", f"{IDEMPOTENCY_KEY_HEADER}: this key already "
+                              f"booked {run.booking.id} with a different request; use a new key for a new "
+                              "booking", field=IDEMPOTENCY_KEY_HEADER, booking=run.booking)  # fmt: skip
             if failing:
-                return _error(500, "unavailable", "the booking was made but the answer was lost (simulated); retry "
-                              f"with the same {IDEMPOTENCY_KEY_HEADER}")  # fmt: skip
-            return JSONResponse(run.booking.model_dump(mode="json"), status_code=201)
+                return _error(500, "unavailable", "the answer was lost (simulated)")
+            return JSONResponse(run.booking.model_dump(mode="json"), status_code=200)
+        if asked.resource not in lab.resources:
+            return _error(422, "unknown_resource", f"resource: {asked.resource!r} is not a resource of this lab; "
+                          f"it has {', '.join(lab.resources)}", field="resource")  # fmt: skip
+        if asked.start < _now() - PAST_START_GRACE:
+            return _error(422, "invalid_request", f"start: {_hm(asked.start)} is in the past; ask GET /slots for "
+                          "a free window", field="start")  # fmt: skip
+        if lab.conflict(asked) is None and lab.draw(config.race_rate):
+            lab.taken_by_others.append(Slot(resource=asked.resource, start=asked.start, end=asked.end))
+        taken = lab.conflict(asked)
+        if taken is not None:
+            return _error(409, "slot_taken", f"start: {asked.resource} is booked from {_hm(taken[0])} to "
+                          f"{_hm(taken[1])}, which overlaps the window asked for; ask GET /slots for a free one",
+                          field="start")  # fmt: skip
+        run = lab.book(asked, key)
+        if failing:
+            return _error(500, "unavailable", "the booking was made but the answer was lost (simulated); retry "
+                          f"with the same {IDEMPOTENCY_KEY_HEADER}")  # fmt: skip
+        return JSONResponse(run.booking.model_dump(mode="json"), status_code=201)
 
     def find(booking_id: str) -> _Run:
         run = lab.runs.get(booking_id)

@@ -239,7 +239,7 @@ class Windows:
     def __init__(self):
         self.cursors: dict[tuple[str, bool], datetime] = {}
 
-    def next(self, resource: str = "xrd-1", minutes: float = 6, *, far: bool = False) -> tuple[datetime, datetime]:
+    def next(self, resource: str = "xrd-1", minutes: float = 1, *, far: bool = False) -> tuple[datetime, datetime]:
         earliest = datetime.now(timezone.utc) + (timedelta(days=30) if far else timedelta(seconds=30))
         start = max(self.cursors.get((resource, far), earliest), earliest)
         end = start + timedelta(minutes=minutes)
