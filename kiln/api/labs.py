@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -148,8 +148,8 @@ async def lab_slots(
     project_id: Project,
     resource: Annotated[str | None, Query(max_length=200, description="One of the lab's resources; all when unset.")] = None,
     start: Annotated[AwareDatetime | None, Query(alias="from", description="From (ISO 8601 with a zone); now.")] = None,
-    end: Annotated[AwareDatetime | None, Query(alias="to", description="To (ISO 8601 with a zone); as far as the "
-                                               "lab lists.")] = None,
+    end: Annotated[AwareDatetime | None, Query(alias="to", description="To (ISO 8601 with a zone), any distance "
+                                               "ahead; a week after `from` when unset.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="Most slots in the answer.")] = 100,
 ) -> SlotList:
     """The lab's GET /slots, proxied; 400 naming the field when the lab refuses the question, 502 when it fails."""
@@ -160,7 +160,8 @@ async def lab_slots(
         raise InvalidRequest(f"resource: {resource!r} is not a resource of lab {lab!r}; it offers "
                              f"{', '.join(found.resources)}")  # fmt: skip
     start = start or datetime.now(timezone.utc)
-    if end is not None and end <= start:
+    end = end or start + timedelta(days=7)
+    if end <= start:
         raise InvalidRequest(f"to: {end.isoformat()} is not after from ({start.isoformat()})")
     try:
         async with LabClient.of(lab, found, request.app.state.settings.lab_timeout_seconds) as client:
