@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--duplicate-rate", type=float, default=0.1)
     parser.add_argument("--forged-rate", type=float, default=0.05)
     parser.add_argument("--delay", type=float, default=1.0, help="wall seconds each callback waits at least")
-    parser.add_argument("--start-in-hours", type=float, default=300.0,
+    parser.add_argument("--start-in-hours", type=float, default=480.0,
                         help="the slots start this many lab hours ahead (1 lab hour = 1 wall second), so that every "
                         "booking is made and waiting before the first run starts")
     parser.add_argument("--jitter", type=float, default=30.0, help="up to this many more, per callback")
@@ -86,6 +86,7 @@ def run(args, settings, key: str, lab) -> int:
     print(f"submitted {len(ids)} bookings in {time.monotonic() - submitted:.2f} s")
 
     samples: list[dict] = []
+    all_waiting = None
     while True:
         health = httpx.get(f"{settings.api_url}/healthz", timeout=30).json()
         counts = {state: prefect.post("/flow_runs/count", json={"flow_runs": {"state": {"type": {"any_": [state]}}}})
@@ -98,6 +99,7 @@ def run(args, settings, key: str, lab) -> int:
                   **{f"runs_{k.lower()}": v for k, v in counts.items()}}  # fmt: skip
         if bookings >= len(ids) and delivered == 0 and sample["suspended"] >= len(ids):
             samples.append(sample)  # all booked and waiting, none has its outcome: what does waiting hold?
+            all_waiting = all_waiting or sample["t"]
         if len(samples) % 10 == 1 or sample["runs_completed"] >= len(ids):
             print(sample)
         if sample["runs_completed"] >= len(ids) or time.monotonic() - submitted > 3600:
@@ -130,7 +132,9 @@ def run(args, settings, key: str, lab) -> int:
         "callback_to_completed_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
         "callback_to_completed_p95_s": round(percentile(latencies, 95), 3) if latencies else None,
         "timed": len(latencies),
+        "all_booked_and_suspended_after_s": all_waiting,
         "waiting_samples": len(samples),
+        "max_suspended_while_waiting": max((s["suspended"] for s in samples), default=None),
         "max_busy_slots_while_waiting": max((s["busy_slots"] for s in samples), default=None),
         "max_runs_running_or_pending_while_waiting": max((s["runs_running"] + s["runs_pending"] for s in samples),
                                                          default=None),  # fmt: skip

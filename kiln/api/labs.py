@@ -86,7 +86,7 @@ async def list_labs(project_id: Project) -> list[dict]:
 
 
 @router.post("/labs", status_code=201, summary="Register a lab (a Prefect block); its key and secrets are kept as "
-             "secrets", responses={**KEYED, **error_responses(Conflict, InputInvalid)})  # fmt: skip
+             "secrets", responses={**KEYED, **error_responses(InvalidRequest, Conflict, InputInvalid)})  # fmt: skip
 async def register_lab(spec: LabSpec, project_id: Project) -> dict:
     """409 when the name is taken (unless `overwrite`, and only for a lab this project registered: an operator's or
     another project's is never replaced)."""
@@ -279,7 +279,8 @@ async def _decide(request: Request, job_id: str, project_id: str, approved: bool
 
 
 @router.post("/jobs/{job_id}/approve", response_model=Job, summary="Approve a lab_booking job that waits for "
-             "approval: it books its slot now", responses={**KEYED, **error_responses(NotFound, Conflict)})  # fmt: skip
+             "approval: it books its slot now", responses={**KEYED, **error_responses(InvalidRequest, NotFound, Conflict,
+                                                                          InputInvalid)})  # fmt: skip
 async def approve_job(request: Request, job_id: str, project_id: Project, body: Decision | None = None) -> Job:
     """409 with the job's status when it is not awaiting approval (not a lab_booking job, submitted without
     approval, already decided, or ended)."""
@@ -288,7 +289,7 @@ async def approve_job(request: Request, job_id: str, project_id: Project, body: 
 
 @router.post("/jobs/{job_id}/reject", response_model=Job, summary="Reject a lab_booking job that waits for "
              "approval: it ends cancelled with the reason, nothing sent to the lab",
-             responses={**KEYED, **error_responses(NotFound, Conflict)})  # fmt: skip
+             responses={**KEYED, **error_responses(InvalidRequest, NotFound, Conflict, InputInvalid)})  # fmt: skip
 async def reject_job(request: Request, job_id: str, project_id: Project, body: Rejection) -> Job:
     """409 with the job's status when it is not awaiting approval."""
     return await _decide(request, job_id, project_id, False, body.reason)

@@ -144,7 +144,7 @@ def test_duplicated_callbacks_change_nothing(http, lab, fresh):
 
 
 def test_reordered_callbacks_end_once_and_late_progress_changes_nothing(http, lab, fresh):
-    fresh.configure(reorder_rate=1)
+    fresh.configure(reorder_rate=1, callback_delay_s=3)  # after kiln has entered the booking
     job = book(http, lab)
     exactly_one_end(http, fresh, job, "completed")
     callbacks = http.get(f"/api/v1/labs/{lab}/callbacks").json()["taken"]
@@ -303,8 +303,8 @@ def test_past_the_deadline_with_no_answer_the_job_fails_naming_the_booking(http,
     fresh.configure(lost_rate=1, time_scale=0.1)
     job = book(http, lab, duration_minutes=0.1, deadline_hours=0.004)
     ended = wait_final(http, job["id"], timeout=60)
+    assert ended["status"] == "failed" and lab_bookings(fresh, job["id"]), ended["status_reason"]
     booking = lab_bookings(fresh, job["id"])[0]["id"]
-    assert ended["status"] == "failed", ended
     assert "by the deadline" in ended["status_reason"] and booking in ended["status_reason"]
     assert "the lab last said" in ended["status_reason"]
     assert final_events(http, job["id"]) == ["failed"]
