@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp bench-mcp-conformance
+.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp bench-mcp-conformance bench-dataset
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -65,3 +65,7 @@ bench-mcp: install
 # the MCP conformance suite, direct vs through kiln; needs Node 22 and the suite from npm (the script's --install)
 bench-mcp-conformance: install
 	$(PYTHON) bench/mcp_conformance.py
+
+# dataset_process vs matminer's featurize_dataframe(n_jobs=2): dcdft replicated and perturbed to 10,000 and 100,000 rows
+bench-dataset: install
+	$(PYTHON) bench/dataset_process.py

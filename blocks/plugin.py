@@ -64,7 +64,7 @@ class Plugin(Block):
 
     def limits_for(self, override: LimitsOverride) -> Limits:
         """A run's limits: the plugin's, with what the run gives in their place."""
-        return Limits.model_validate({**self.limits.model_dump(), **override.model_dump(exclude_none=True)})
+        return override.over(self.limits)
 
     def input_problems(self, value: Any) -> list[dict[str, Any]]:
         """Where a run's input fails the plugin's input schema, as error details under input.input; none when it
@@ -97,18 +97,27 @@ async def load_plugin(name: str) -> Plugin | None:
         return None
 
 
-async def plugin_for_run(name: str) -> Plugin:
-    """The registered plugin a plugin_exec job names; InputInvalid naming input.plugin and the registered ones."""
+async def plugin_for_run(name: str, field: str = "input.plugin") -> Plugin:
+    """The registered plugin a job names (a plugin_exec's input.plugin, an mcp_host's input.server.plugin);
+    InputInvalid naming the field and the registered ones."""
     plugin = await load_plugin(name)
     if plugin is None:
         known = sorted(await registered_plugins())
         raise InputInvalid(
-            f"input.plugin: no plugin {name!r} is registered; registered: {', '.join(known) or 'none'} "
+            f"{field}: no plugin {name!r} is registered; registered: {', '.join(known) or 'none'} "
             "(`kiln plugins add`, POST /api/v1/plugins)",
-            details=[{"loc": ["input", "plugin"], "msg": "unknown plugin", "type": "unknown_plugin", "input": name,
+            details=[{"loc": field.split("."), "msg": "unknown plugin", "type": "unknown_plugin", "input": name,
                       "registered": known}],
         )  # fmt: skip
     return plugin
+
+
+async def check_server(job_input, settings=None) -> None:
+    """At an mcp_host job's submission (JobType.check): a plugin server names a registered plugin."""
+    from kiln.schemas.mcp_host import PluginServer
+
+    if isinstance(job_input.server, PluginServer):
+        await plugin_for_run(job_input.server.plugin, field="input.server.plugin")
 
 
 async def check_run(job_input: PluginExecInput, settings=None) -> None:

@@ -29,11 +29,13 @@ async def mcp_host(input: McpHostInput):
 
 JOB_TYPE = JobType(
     name="mcp_host",
-    description="MCP servers (a command over stdio or streamable HTTP, or a remote URL) served as a persistent job "
+    description="MCP servers (a command over stdio or streamable HTTP under the sandbox's tier B limits, a "
+    "registered plugin's image in the sandbox over stdio, or a remote URL) served as a persistent job "
     "at /api/v1/mcp/{name}/mcp: replicas kept healthy by MCP pings, restarted with backoff, scaled live.",
     input_model=McpHostInput,
     flow=mcp_host,
     persistent=True,
+    check="kiln.blocks.plugin:check_server",
     cacheable=False,
     tags=("mcp",),
 )

@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -91,7 +91,7 @@ def up(
     if demo:
         _demo(settings, key_file.read_text().strip())
     typer.echo("kiln is up; Ctrl-C stops it.")
-    code = stack.wait()
+    code = stack.supervise(lambda: stopping)
     stack.stop()
     raise typer.Exit(code)
 
@@ -964,9 +964,13 @@ def mcp_deploy(
     name: str = typer.Argument(..., help="The deployment's name: its URL is /api/v1/mcp/NAME/mcp."),
     command: Optional[str] = typer.Option(None, help="The server's command line (split as a shell would)."),
     url: Optional[str] = typer.Option(None, help="A remote streamable-HTTP server kiln fronts instead."),
+    plugin: Optional[str] = typer.Option(None, help="A registered plugin whose image serves over stdio, sandboxed."),
     transport: Optional[str] = typer.Option(None, help="stdio or streamable-http (for a command; stdio by default)."),
     replicas: int = typer.Option(1, help="Copies of the server."),
     env: list[str] = typer.Option([], help="K=V, an environment variable of the server (repeatable)."),
+    cpus: Optional[float] = typer.Option(None, help="CPU cores each replica may keep busy."),
+    memory_mb: Optional[int] = typer.Option(None, help="Memory of each replica, its processes together."),
+    pids: Optional[int] = typer.Option(None, help="Processes and threads of each replica alive at once."),
 ) -> None:
     """Deploys an MCP server as an mcp_host job; prints its job id and URL."""
     import shlex
@@ -976,11 +980,14 @@ def mcp_deploy(
     for item in env:
         if "=" not in item:
             _fail(f"--env: give K=V, not {item!r}")
+    options: dict[str, Any] = {"env": dict(item.partition("=")[::2] for item in env)} if env else {}
+    limits = {k: v for k, v in (("cpus", cpus), ("memory_mb", memory_mb), ("pids", pids)) if v is not None}
+    if limits:
+        options["limits"] = limits
     try:
-        body = mcp_input(name, shlex.split(command) if command else None, url, None, transport, replicas,
-                         {"env": dict(item.partition("=")[::2] for item in env)} if env else {})  # fmt: skip
+        body = mcp_input(name, shlex.split(command) if command else None, url, plugin, transport, replicas, options)
     except ValueError as exc:
-        _fail(f"--command/--url: {exc}")
+        _fail(f"--command/--url/--plugin: {exc}")
     with _client() as client:
         job = _run(lambda: client.jobs.create("mcp_host", body))
         typer.echo(f"{job.id}\t{client.mcp.url(name)}")

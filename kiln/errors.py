@@ -76,6 +76,12 @@ class Unauthorized(KilnError):
     status_code = 401
 
 
+class Forbidden(KilnError):
+    """The request comes from where it may not: a browser page of another origin."""
+
+    status_code = 403
+
+
 class QuotaExceeded(KilnError):
     """The project's core-hour budget cannot cover the request."""
 

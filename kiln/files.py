@@ -34,6 +34,8 @@ from kiln.schemas.files import InputFile, StoredFile, name_problem
 from kiln.settings import KilnSettings, get_settings
 
 CHUNK = 1024 * 1024
+# the folder under KILN_HOME whose files POST /api/v1/files may upload by path
+DATASETS_FOLDER = "datasets"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -138,6 +140,50 @@ class FileStore:
                           "input": ref} for index, ref in problems],
             )  # fmt: skip
         return pinned
+
+    def upload_path_in_home(self, project_id: str, home: Path, path: str, max_bytes: int | None = None
+                            ) -> list[StoredFile]:  # fmt: skip
+        """Uploads a file, or every file of a folder (not its subfolders), under `home`/datasets, by its own name:
+        data already on the machine the API runs on, copied into the store (content-addressed like any upload).
+        `path` is relative to `home` (KILN_HOME) or absolute. Only KILN_HOME/datasets: the rest of KILN_HOME holds
+        the databases and API keys. InputInvalid naming `path` when it is outside, missing, or names nothing to
+        upload; OverflowError when its files together are larger than `max_bytes`."""
+        home = Path(home).resolve()
+        allowed = home / DATASETS_FOLDER
+        candidate = Path(path)
+        try:
+            target = (candidate if candidate.is_absolute() else home / candidate).resolve()
+            target.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long
+            raise InputInvalid(f"path: {path!r} is no path here ({exc})") from None
+        if target != allowed and allowed not in target.parents:
+            raise InputInvalid(f"path: {path!r} is not under {allowed}; only files put there can be uploaded by path "
+                               "(the rest of KILN_HOME holds kiln's databases and keys): send others as multipart")  # fmt: skip
+        if target.is_file():
+            sources = [target]
+        elif target.is_dir():
+            # a link out of the folder is not followed
+            sources = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith(".")
+                             and allowed in p.resolve().parents)  # fmt: skip
+            if not sources:
+                raise InputInvalid(f"path: the folder {path!r} holds no files")
+        else:
+            raise InputInvalid(f"path: no file or folder {path!r} under {allowed}")
+        if max_bytes is not None and sum(source.stat().st_size for source in sources) > max_bytes:
+            raise OverflowError(path)
+        stored = []
+        for source in sources:
+            with source.open("rb") as handle:
+                stored.append(self.upload(project_id, source.name, handle))
+        return stored
+
+    def pin_job_files(self, job_id: str, field: str) -> list[StoredFile]:
+        """The files a job stored, as a job input pins uploads (kiln.schemas.files.StoredFile): the cache key covers
+        their contents. InputInvalid naming `field` when the job stored none."""
+        files = self.job_files(job_id)
+        if not files:
+            raise InputInvalid(f"{field}: job {job_id} has no files; GET /api/v1/jobs/{job_id}/files lists a job's files")
+        return files
 
     def upload_path(self, file: StoredFile | str) -> Path:
         """The local path of an upload's content, given as the StoredFile a job's input was pinned to or its sha256."""

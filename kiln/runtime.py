@@ -29,6 +29,21 @@ TEXT_INTERVAL_SECONDS = 0.1
 _progress_artifacts: dict[str, uuid.UUID] = {}
 
 
+# the scheduler of the Dask cluster this process is a worker of (the kiln worker's), for flows that fan out
+_dask_scheduler: str | None = None
+
+
+def set_dask_scheduler(address: str | None) -> None:
+    """Records the scheduler of the Dask cluster this process works for (kiln.worker.executor does, per run)."""
+    global _dask_scheduler
+    _dask_scheduler = address
+
+
+def dask_scheduler_address() -> str | None:
+    """The address of the kiln worker's Dask scheduler when this flow runs on it, else None (a flow called directly)."""
+    return _dask_scheduler
+
+
 def _tag_value(prefix: str, tag_list) -> str | None:
     for tag in tag_list or ():
         if tag.startswith(prefix):

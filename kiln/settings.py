@@ -88,6 +88,13 @@ class KilnSettings(BaseSettings):
     plugin_image_max_mb: int = Field(
         2048, ge=1, description="Largest plugin image POST /api/v1/plugins takes, in MB; a larger one gets a 413."
     )
+    mcp_allowed_origins: list[str] = Field(
+        [],
+        description="Browser origins (`https://app.example.org`) whose pages may call the MCP URLs "
+        "(/api/v1/mcp/{name}/mcp), beside loopback ones; a request with any other Origin header gets a 403 (DNS "
+        "rebinding protection, as the MCP specification asks). Requests without an Origin header (MCP clients "
+        "that are not browsers) are not affected. As JSON: KILN_MCP_ALLOWED_ORIGINS='[\"https://app.example.org\"]'.",
+    )
     public_url: str | None = Field(
         None,
         description="The kiln API's URL as labs reach it: lab_booking callbacks go to "

@@ -32,6 +32,7 @@ from kiln.files import FileStore
 from kiln.registry import job_type as registered_type
 from kiln.schemas import JobCreate, JobType, Resources
 from kiln.schemas.batches import BatchEntry, BatchEntryResult, BatchResult, Hardware
+from kiln.schemas.job_types import input_field, with_input_field
 from kiln.schemas.strict import integral_floats
 from kiln.schemas.statuses import JobStatus
 from kiln.store import batches as store_batches
@@ -105,23 +106,32 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
     if body.model is not None:
         raw_input.setdefault("model", body.model)
 
-    def validate_and_hash() -> tuple[BaseModel, str]:
+    files = FileStore.of(state.settings)
+
+    def validate_and_pin() -> BaseModel:
         job_input = read_input(job_type, raw_input)
         if job_type.input_files:
             # before the hash: the cache key covers the uploads' contents, not only their names
             field = job_type.input_files
-            pinned = FileStore.of(state.settings).pin_uploads(project_id, getattr(job_input, field), f"input.{field}")
-            job_input = job_input.model_copy(update={field: pinned})
-        return job_input, input_hash(body.type, job_input, job_type.versions_of(job_input))
+            refs = input_field(job_input, field)
+            if refs is not None and not (job_type.input_job and input_field(job_input, job_type.input_job)):
+                job_input = with_input_field(job_input, field, files.pin_uploads(project_id, refs, f"input.{field}"))
+        return job_input
+
+    def hash_input(job_input: BaseModel) -> str:
+        return input_hash(body.type, job_input, job_type.versions_of(job_input))
+
+    async def run(function, *args):
+        # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
+        return await asyncio.to_thread(function, *args) if in_thread else function(*args)
 
     try:
-        if in_thread:
-            # parsing thousands of structures takes seconds: keep it off the event loop that serves SSE
-            job_input, digest = await asyncio.to_thread(validate_and_hash)
-        else:
-            job_input, digest = validate_and_hash()
+        job_input = await run(validate_and_pin)
     except ValidationError as exc:
         raise InputInvalid(field_errors(exc, "input"), details=json.loads(exc.json())) from exc
+    if job_type.input_job and (earlier := input_field(job_input, job_type.input_job)) is not None:
+        job_input = await _pin_job_files(state, project_id, job_type, job_input, earlier)
+    digest = await run(hash_input, job_input)
     resources = job_type.resources_for(body.resources)
     cacheable = job_type.cacheable_for(job_input)
     await job_type.check_input(job_input, state.settings)
@@ -146,6 +156,21 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
         held_usd=held_usd,
         persistent=job_type.persistent,
     )
+
+
+async def _pin_job_files(state, project_id: str, job_type: JobType, job_input: BaseModel, job_id: str) -> BaseModel:
+    """The input with the earlier job's files pinned into its `input_files` field; InputInvalid naming the field
+    when the project has no such job or it has not completed."""
+    field = f"input.{job_type.input_job}"
+    try:
+        row = await state.store.get_job(job_id, project_id)
+    except NotFound:
+        raise InputInvalid(f"{field}: no job {job_id!r} in this project") from None
+    if row.status not in (JobStatus.COMPLETED.value, JobStatus.CACHE_HIT.value):
+        raise InputInvalid(f"{field}: job {job_id} is {row.status}; a job's files are a dataset once it has completed")
+    owner = await store_batches.files_owner(state.store, job_id, project_id)
+    pinned = await asyncio.to_thread(FileStore.of(state.settings).pin_job_files, owner, field)
+    return with_input_field(job_input, job_type.input_files, pinned)
 
 
 def read_input(job_type: JobType, raw_input: dict[str, Any]) -> BaseModel:

@@ -157,6 +157,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             "prefect_events": state.relay.connected.is_set(),
             "workers": len(workers.workers),
             "worker_names": [w.name for w in workers.workers],
+            # each worker's process: a new instance under the same name is that worker restarted
+            "worker_instances": {w.name: w.instance for w in workers.workers},
             # the plugin sandbox each worker offers, best first: A (runc, cgroups), B (bubblewrap); none is []
             "sandbox_tiers": {w.name: w.offers.get("sandbox_tiers", []) for w in workers.workers},
             "slots": workers.slots,

@@ -18,8 +18,7 @@ from kiln.api.contract import error_responses
 from kiln.errors import InputInvalid, InvalidRequest, NotFound, ServerError, TooLarge, Unauthorized
 from kiln.files import FileStore
 from kiln.schemas.files import StoredFile, name_problem
-from kiln.schemas.statuses import JobStatus
-from kiln.store.batches import cache_source
+from kiln.store.batches import files_owner
 
 router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
 
@@ -48,7 +47,23 @@ UPLOAD_BODY = {
                 "required": [FIELD],
                 "additionalProperties": False,
             }
-        }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "path": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "A file, or a folder whose files (not its subfolders) are each uploaded by "
+                        "name, on the API's machine under KILN_HOME/datasets (the path relative to KILN_HOME, or "
+                        "absolute). For data already there: nothing is sent but the path.",
+                    }
+                },
+                "required": ["path"],
+                "additionalProperties": False,
+            }
+        },
     },
 }
 
@@ -84,7 +99,7 @@ def _human(size: int) -> str:
     "/files",
     status_code=201,
     response_model=list[StoredFile],
-    summary="Upload files to the project; a job's input names them",
+    summary="Upload files to the project (multipart, or a path under KILN_HOME/datasets); a job's input names them",
     responses=error_responses(InvalidRequest, TooLarge, InputInvalid),
     openapi_extra={"requestBody": UPLOAD_BODY},
 )
@@ -94,6 +109,8 @@ async def upload_files(request: Request, project_id: Project) -> list[StoredFile
     if declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)  # before a byte of it is read
     media_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    if media_type == b"application/json":
+        return await _upload_path(request, project_id, limit)
     if media_type != b"multipart/form-data":
         sent = media_type.decode("latin-1") or "none"
         raise InvalidRequest(f"Content-Type: an upload is multipart/form-data with one part named '{FIELD}' per file "
@@ -109,6 +126,25 @@ async def upload_files(request: Request, project_id: Project) -> list[StoredFile
         return [await asyncio.to_thread(store.upload, project_id, part.filename, part.file) for part in parts]
     finally:
         await form.close()
+
+
+async def _upload_path(request: Request, project_id: str, limit: int) -> list[StoredFile]:
+    """POST /api/v1/files with `{"path"}`: a file or folder under KILN_HOME/datasets, uploaded where it lies."""
+    import json
+
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise InvalidRequest("body: not JSON; send {\"path\": \"…\"} or multipart files") from None
+    if not isinstance(body, dict) or set(body) != {"path"} or not isinstance(body["path"], str) or not body["path"]:
+        raise InputInvalid("path: send {\"path\": \"…\"}, a file or folder under KILN_HOME/datasets, and nothing else; "
+                           "or the files themselves as multipart/form-data parts named 'files'",
+                           details=[{"loc": ["body", "path"], "msg": "required string", "type": "invalid_upload"}])
+    home = request.app.state.settings.home_dir
+    try:
+        return await asyncio.to_thread(files_of(request).upload_path_in_home, project_id, home, body["path"], limit)
+    except OverflowError:
+        raise _too_large(limit) from None
 
 
 def _read_parts(form) -> list[UploadFile]:
@@ -151,13 +187,7 @@ async def list_job_files(request: Request, job_id: str, project_id: Project) -> 
 
 
 async def _files_owner(request: Request, job_id: str, project_id: str) -> str:
-    """The job whose files are the job's: itself, or for a cache hit the job whose result it reused; NotFound
-    when the project has no such job."""
-    store = request.app.state.store
-    row = await store.get_job(job_id, project_id)
-    if row.status == JobStatus.CACHE_HIT.value:
-        return await cache_source(store, job_id) or job_id
-    return job_id
+    return await files_owner(request.app.state.store, job_id, project_id)
 
 
 @router.get(

@@ -8,6 +8,7 @@ place of the key, streamed both ways, so SSE answers and the GET stream pass as 
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import APIRouter, Depends, Request
@@ -18,16 +19,18 @@ from starlette.background import BackgroundTask
 import kiln.services as services
 from kiln.api.auth import admit, bearer, bearer_key
 from kiln.api.contract import error_responses
-from kiln.errors import Conflict, NotFound, ServerError, Unauthorized
+from kiln.errors import Conflict, Forbidden, NotFound, ServerError, Unauthorized
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobRow
 
-router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, ServerError))
+router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, Forbidden, ServerError))
 
 MCP_HOST = "mcp_host"
 # what passes from the client to the front, and back: MCP's own headers and the body's framing
 FORWARDED = ("accept", "content-type", "mcp-session-id", "mcp-protocol-version", "last-event-id")
 RETURNED = ("content-type", "mcp-session-id", "mcp-protocol-version", "retry-after", "cache-control")
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 _http: httpx.AsyncClient | None = None
 
@@ -45,6 +48,7 @@ async def serving(
 ) -> services.Service:
     """Where the caller's project's running mcp_host job named `name` (the newest, if several) serves. Every request
     of an MCP session comes through here, so the key and the project's deployments are read together, in one read."""
+    check_origin(request)
     key = bearer_key(credentials)
     caller, rows = await request.app.state.store.caller_and_jobs(key, type=MCP_HOST, status=JobStatus.RUNNING,
                                                                  limit=200)  # fmt: skip
@@ -57,6 +61,17 @@ async def serving(
     if service is None:
         raise NotFound(f"name: the MCP deployment {name!r} (job {job_id}) is starting; try again in a moment")
     return service
+
+
+def check_origin(request: Request) -> None:
+    """Refuses a browser page of a foreign origin (DNS rebinding: a page of evil.example whose name resolves to this
+    host). A request without an Origin header is no browser's and passes; the bearer key is checked after."""
+    origin = request.headers.get("origin")
+    if origin is None or urlsplit(origin).hostname in LOOPBACK:
+        return
+    if origin.rstrip("/") not in request.app.state.settings.mcp_allowed_origins:
+        raise Forbidden(f"Origin: {origin!r} may not call MCP deployments; an operator allows a browser origin with "
+                        "KILN_MCP_ALLOWED_ORIGINS")  # fmt: skip
 
 
 Serving = Annotated[services.Service, Depends(serving)]
@@ -78,7 +93,8 @@ async def _forward(request: Request, service: services.Service, name: str):
 
 
 DESCRIPTION = ("MCP streamable HTTP: POST JSON-RPC messages, GET the server's stream, DELETE the session "
-               "(Mcp-Session-Id). 404 when the project has no deployment of that name serving.")
+               "(Mcp-Session-Id). 404 when the project has no deployment of that name serving; 403 for a browser "
+               "Origin that is neither loopback nor in KILN_MCP_ALLOWED_ORIGINS.")
 
 
 @router.post("/mcp/{name}/mcp", summary="An MCP deployment's endpoint (streamable HTTP)", description=DESCRIPTION,

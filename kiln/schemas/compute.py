@@ -1,5 +1,5 @@
-"""The GPU job API's container jobs (/api/v1/compute/jobs): its request and job shapes, and how kiln runs one as a
-plugin_exec job of a registered plugin.
+"""The GPU job API's container jobs (/api/v1/compute/jobs): its request and job shapes, and how kiln runs one: a
+BATCH job as a plugin_exec job of a registered plugin, a PERSISTENT one as an mcp_host deployment of its image.
 
 Every field of that API's request body is a field here, so a body written for it is taken verbatim. What its
 document forbids is a 422 naming the field (max_timeout_run_ms below 60000); what it allows and kiln's sandbox
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
@@ -37,6 +38,8 @@ MAX_CPUS = 64
 # a bound no machine reaches, so that min_ram_gb in MB stays a number
 MAX_RAM_GB = 2**20
 HEX_PREFIX = re.compile(r"(sha256:)?([0-9a-f]{12,64})")
+# a PERSISTENT job's MCP deployment: the image's name and a suffix of its own, so that two never share a URL
+PERSISTENT_NAME = "{image}-{suffix}"
 
 
 class Volume(StrictRequest):
@@ -123,8 +126,9 @@ class ComputeJobCreate(StrictRequest):
     title: str = Field(description="The job's title, echoed back.")
     description: str | None = Field(None, description="An optional description, echoed back.")
     task: Literal["BATCH", "PERSISTENT"] = Field(
-        description="BATCH: run once to its end. PERSISTENT is a 400: kiln serves persistent containers as mcp_host "
-        "jobs, which cannot run plugin images yet."
+        description="BATCH: a plugin_exec job, the container run once to its end. PERSISTENT: an mcp_host job, the "
+        "container serving MCP over stdio until the job is cancelled (DELETE), restarted when it dies, at the URL "
+        "its container_access_tokens give."
     )
     cpu_count: int = Field(
         0, ge=0, le=MAX_CPUS, description="CPU cores the job needs: a worker must offer them (resources.cpu_count), "
@@ -145,9 +149,10 @@ class ComputeJobCreate(StrictRequest):
     min_vram_gb: float = Field(0, ge=0, description="GPU memory in GB a worker must have (resources.min_vram_gb).")
     min_storage_gb: float = Field(0, ge=0, description="Free disk in GB a worker must have (resources.min_storage_gb).")
     max_timeout_run_ms: int = Field(
-        ge=60_000, le=MAX_TIMEOUT_MS - RUN_GRACE_MS, description="Longest the container may run: its wall time (limits.wall_seconds); "
-        f"the job's flow times out {RUN_GRACE_MS // 1000} s later (resources.max_timeout_run_ms), time to unpack "
-        "and to collect /out.",
+        ge=60_000, le=MAX_TIMEOUT_MS - RUN_GRACE_MS, description="BATCH: longest the container may run, its wall time "
+        f"(limits.wall_seconds); the job's flow times out {RUN_GRACE_MS // 1000} s later "
+        "(resources.max_timeout_run_ms), time to unpack and to collect /out. PERSISTENT: not applied (the document "
+        "defines it for BATCH jobs): the container serves until the job is cancelled.",
     )
     max_timeout_assign_ms: int = Field(
         300_000, ge=300_000, le=MAX_TIMEOUT_MS, description="Longest the job may wait for a worker to pick it up; "
@@ -170,10 +175,6 @@ class ComputeJobCreate(StrictRequest):
         if self.parameters.type != "docker":
             found.append((("parameters", "type"), f"kiln runs 'docker' jobs only (a registered plugin's image), "
                           f"not {self.parameters.type!r}"))  # fmt: skip
-        if self.task == "PERSISTENT":
-            found.append((("task",), "kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which cannot "
-                          "run plugin images yet; submit a BATCH job, or deploy the server as an mcp_host "
-                          "command"))  # fmt: skip
         docker = self.parameters.parameters
         for name, why in UNHONOURED.items():
             if getattr(docker, name):
@@ -182,24 +183,32 @@ class ComputeJobCreate(StrictRequest):
             found.append((("gpu_registry_uuid",), "kiln has no GPU registry: name the GPU model in gpu_name"))
         return [{"loc": list(loc), "msg": msg, "type": "not_supported"} for loc, msg in found]
 
-    def plugin_exec_job(self, plugin_limits: Limits) -> JobCreate:
-        """The kiln job that runs this request: the plugin `image` names, with the body's env, its wall time and, as
-        minimums over the plugin's limits (`plugin_limits`), its cores and memory; the resource fields as resources."""
-        limits: dict[str, Any] = {"wall_seconds": self.max_timeout_run_ms / 1000}
+    def kiln_job(self, plugin_limits: Limits) -> JobCreate:
+        """The kiln job that runs this request: BATCH, a plugin_exec job of the plugin `image` names, with the body's
+        env and its wall time; PERSISTENT, an mcp_host job serving that plugin's image over stdio at a deployment
+        named after it (PERSISTENT_NAME), with the body's env. Either way the body's cores and memory are minimums
+        over the plugin's limits (`plugin_limits`), and its resource fields the job's resources."""
+        limits: dict[str, Any] = {}
         if self.cpu_count > 0:
             limits["cpus"] = max(float(self.cpu_count), plugin_limits.cpus)
         if self.min_ram_gb > 0:
             limits["memory_mb"] = max(math.ceil(self.min_ram_gb * 1024), plugin_limits.memory_mb)
         docker = self.parameters.parameters
+        persistent = self.task == "PERSISTENT"
         resources = Resources(
             cpu_count=self.cpu_count, gpu_count=self.gpu_count, gpu_name=self.gpu_name, min_ram_gb=self.min_ram_gb,
             min_vram_gb=self.min_vram_gb, min_storage_gb=self.min_storage_gb,
             max_timeout_assign_ms=self.max_timeout_assign_ms, max_timeout_start_ms=self.max_timeout_start_ms,
-            max_timeout_run_ms=self.max_timeout_run_ms + RUN_GRACE_MS, max_retry_count=self.max_retry_count,
-            max_node_count=self.max_node_count,
+            max_timeout_run_ms=None if persistent else self.max_timeout_run_ms + RUN_GRACE_MS,
+            max_retry_count=self.max_retry_count, max_node_count=self.max_node_count,
         )  # fmt: skip
-        return JobCreate(type="plugin_exec", input={"plugin": docker.image, "env": docker.env, "limits": limits},
-                         resources=resources)  # fmt: skip
+        if persistent:
+            name = PERSISTENT_NAME.format(image=docker.image[:56], suffix=secrets.token_hex(3))
+            served = {"name": name, "server": {"plugin": docker.image}, "env": docker.env, "limits": limits}
+            return JobCreate(type="mcp_host", input=served, resources=resources)
+        return JobCreate(type="plugin_exec", input={"plugin": docker.image, "env": docker.env,
+                                                    "limits": {"wall_seconds": self.max_timeout_run_ms / 1000,
+                                                               **limits}}, resources=resources)  # fmt: skip
 
     def record(self, image_digest: str, image_size_bytes: int | None) -> dict[str, Any]:
         """What the job index keeps to answer in this API's shape (JobRow.submitted_request): the body, its secrets
@@ -257,7 +266,8 @@ ECHOED = ("task", "title", "description", "cpu_count", "gpu_count", "gpu_name", 
 
 
 class ComputeJob(BaseModel):
-    """A job in the GPU job API's shape: kiln's plugin_exec job with the request it came from."""
+    """A job in the GPU job API's shape: kiln's plugin_exec (BATCH) or mcp_host (PERSISTENT) job with the request
+    it came from."""
 
     object: Literal["job"] = Field("job", description="What this object is: always 'job'.")
     uuid: str = Field(description="The kiln job's id: GET /api/v1/jobs/{uuid} shows it as kiln has it.")
@@ -299,7 +309,9 @@ class ComputeJob(BaseModel):
         "read the image store."
     )
     container_access_tokens: list[dict[str, Any]] = Field(
-        default_factory=list, description="Always empty: nothing can reach a container in kiln's sandbox."
+        default_factory=list, description="BATCH: always empty, nothing can reach a container in kiln's sandbox. "
+        "PERSISTENT: one entry, {'type': 'mcp', 'name': …, 'url': …}, the container's MCP endpoint (streamable HTTP) "
+        "on the kiln API, reached with the kiln key as bearer; nothing secret is in it.",
     )
     source_recipe_uuid: str | None = Field(None, description="Always null: kiln has no recipes.")
 
@@ -308,11 +320,17 @@ class ComputeJob(BaseModel):
         return iso(value)
 
     @classmethod
-    def of(cls, job: Job, submitted_request: dict[str, Any]) -> ComputeJob:
-        """The kiln job `job` answered in this API's shape, with the request kiln kept for it (record())."""
+    def of(cls, job: Job, submitted_request: dict[str, Any], api_url: str = "") -> ComputeJob:
+        """The kiln job `job` answered in this API's shape, with the request kiln kept for it (record()); a
+        PERSISTENT job's MCP endpoint under `api_url`."""
         body = submitted_request["body"]
         assign_ms = body["max_timeout_assign_ms"]
+        tokens = []
+        if job.type == "mcp_host":
+            name = job.input["name"]
+            tokens = [{"type": "mcp", "name": name, "url": f"{api_url.rstrip('/')}/api/v1/mcp/{name}/mcp"}]
         return cls(
+            container_access_tokens=tokens,
             uuid=job.id, status=STATUS_OF[job.status], status_reason=job.status_reason, created_at=job.created_at,
             updated_at=max(t for t in (job.created_at, job.queued_at, job.started_at, job.completed_at) if t),
             started_at=job.started_at, completed_at=job.completed_at,

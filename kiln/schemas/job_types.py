@@ -22,6 +22,39 @@ from kiln.schemas.resources import Resources
 DEFAULT_ESTIMATE_HOURS = 1.0
 
 
+def _has_field(model: type[BaseModel], path: str) -> bool:
+    """Whether `path` (dotted: `source.files`) names a field of the model, through nested models."""
+    import typing
+
+    first, _, rest = path.partition(".")
+    info = model.model_fields.get(first)
+    if info is None:
+        return False
+    if not rest:
+        return True
+    nested = [arg for arg in (typing.get_args(info.annotation) or (info.annotation,))
+              if isinstance(arg, type) and issubclass(arg, BaseModel)]  # fmt: skip
+    return any(_has_field(candidate, rest) for candidate in nested)
+
+
+def input_field(job_input: BaseModel, path: str) -> Any:
+    """The value at a dotted path of a job's input (None when a model on the way is absent)."""
+    value: Any = job_input
+    for name in path.split("."):
+        if value is None:
+            return None
+        value = getattr(value, name)
+    return value
+
+
+def with_input_field(job_input: BaseModel, path: str, value: Any) -> BaseModel:
+    """A copy of the input with the dotted path set to `value`."""
+    first, _, rest = path.partition(".")
+    if not rest:
+        return job_input.model_copy(update={first: value})
+    return job_input.model_copy(update={first: with_input_field(getattr(job_input, first), rest, value)})
+
+
 @dataclass(frozen=True)
 class JobType:
     """A job type: its name and description, its input model, its flow and how kiln treats its jobs."""
@@ -57,6 +90,13 @@ class JobType:
     # submission pins each item to the project's upload it names (kiln.files.FileStore.pin_uploads), so an
     # unknown one is a 422 naming input.<field>.<index>, and the flow gets StoredFiles (kiln.files.upload_path)
     input_files: str | None = None
+    # the input field (a job id, dotted like `source.job`) naming an earlier job of the project whose files the job
+    # reads: submission pins that job's files (kiln.files.FileStore.pin_job_files) into the `input_files` field, so
+    # the cache key covers their contents; an unknown or unfinished job is a 422 naming the field
+    input_job: str | None = None
+    # the flow runs tasks of its own on the worker's Dask cluster (dataset_process's partitions): while it waits
+    # for them its Dask thread is handed back (distributed.secede), so they can run in its own process too
+    fans_out: bool = False
     # the job serves until it is cancelled (an MCP deployment): it takes one of a worker's service slots, never
     # a batch slot, reports its health as its status_reason while it runs, and runs again whenever its run
     # crashes (a worker killed, kiln restarted); it fails only when its flow says so
@@ -71,9 +111,13 @@ class JobType:
     tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.input_files is not None and self.input_files not in self.input_model.model_fields:
-            raise ValueError(f"job type {self.name!r}: input_files names {self.input_files!r}, which is no field of "
-                             f"{self.input_model.__name__}")  # fmt: skip
+        for role in ("input_files", "input_job"):
+            path = getattr(self, role)
+            if path is not None and not _has_field(self.input_model, path):
+                raise ValueError(f"job type {self.name!r}: {role} names {path!r}, which is no field of "
+                                 f"{self.input_model.__name__}")  # fmt: skip
+        if self.input_job is not None and self.input_files is None:
+            raise ValueError(f"job type {self.name!r}: input_job needs input_files, where the job's files are pinned")
 
     @property
     def module(self) -> str:

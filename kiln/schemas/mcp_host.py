@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from kiln.schemas.plugin_exec import LimitsOverride
 from kiln.schemas.plugins import PLUGIN_NAME, check_env_names
 
 McpTransport = Literal["stdio", "streamable-http"]
@@ -30,7 +31,7 @@ class CommandServer(BaseModel):
 
 
 class PluginServer(BaseModel):
-    """A registered plugin's image, run in plugin_exec's sandbox, once per replica."""
+    """A registered plugin's image, run in plugin_exec's sandbox, once per replica, speaking MCP over stdio."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -87,17 +88,49 @@ class McpHostInput(BaseModel):
         description="What serves: {'command': [...]}, {'plugin': NAME} or {'url': 'http(s)://…'}."
     )
     transport: McpTransport | None = Field(
-        None, description="How kiln talks to the server: stdio (the default for a command or plugin) or "
-        "streamable-http (a url's only transport).",
+        None, description="How kiln talks to the server: stdio (the default for a command or plugin, and a plugin's "
+        "only transport: its sandbox has no network) or streamable-http (a command's option, a url's only transport).",
     )
     replicas: int = Field(1, ge=1, le=32, description="Copies of the server kiln runs; sessions are spread over them.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables of the server's process (a command or plugin)."
     )
+    limits: LimitsOverride = Field(
+        default_factory=LimitsOverride, description="What each replica may use, over the plugin's limits (a plugin) "
+        "or the defaults (a command: cpus 1, memory_mb 512, pids 64, held as plugin_exec's sandbox tier B holds "
+        "them: cgroups where the worker may make them, else rlimits; a default the worker cannot hold is left "
+        "unheld). A server runs until it is stopped: wall_seconds is refused, and a command takes only cpus, "
+        "memory_mb and pids. A limit given that the worker cannot enforce fails the job before any replica starts, "
+        "naming it.",
+    )
     health: HealthCheck = Field(default_factory=HealthCheck, description="How each replica's health is checked.")
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="How failed replicas are restarted.")
 
     _env_names = field_validator("env")(check_env_names)
+
+    @field_validator("transport")
+    @classmethod
+    def _plugin_speaks_stdio(cls, value: McpTransport | None, info: ValidationInfo) -> McpTransport | None:
+        if value == "streamable-http" and isinstance(info.data.get("server"), PluginServer):
+            raise ValueError("a plugin's server runs in the sandbox, whose network is its own loopback alone, so "
+                             "nothing outside can reach a port it listens on; kiln speaks to it over stdio (give "
+                             "transport 'stdio', or leave it out)")  # fmt: skip
+        return value
+
+    @field_validator("limits")
+    @classmethod
+    def _limits_fit_the_server(cls, value: LimitsOverride, info: ValidationInfo) -> LimitsOverride:
+        given = set(value.model_dump(exclude_none=True))
+        server = info.data.get("server")
+        if given and isinstance(server, UrlServer):
+            raise ValueError("a url server is not started by kiln, so it takes no limits")
+        if "wall_seconds" in given:
+            raise ValueError("wall_seconds: a server runs until it is stopped, so it has no wall time")
+        if isinstance(server, CommandServer) and given & {"output_mb", "tmp_mb"}:
+            field = sorted(given & {"output_mb", "tmp_mb"})[0]
+            raise ValueError(f"{field}: a command runs under the worker, with no /out or /tmp of its own; it takes "
+                             "cpus, memory_mb and pids")  # fmt: skip
+        return value
 
     @model_validator(mode="after")
     def _transport_fits_the_server(self) -> McpHostInput:

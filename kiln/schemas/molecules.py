@@ -9,10 +9,36 @@ class MoleculeError(ValueError):
     """A molecule that cannot be read; the message says what to send instead."""
 
 
-SEND_INSTEAD = (
-    "send XYZ text, a dict {symbols, positions}, a pymatgen Molecule dict, or a G2 name such as 'H2O' "
-    "(SMILES needs RDKit, which this installation lacks)"
-)
+SEND_INSTEAD = "send XYZ text, a dict {symbols, positions}, a pymatgen Molecule dict, a G2 name such as 'H2O', or SMILES"
+# RDKit's 3D embedding is random: a fixed seed makes a SMILES the same molecule every time
+SMILES_SEED = 42
+
+
+def molecule_from_smiles(smiles: str, seed: int = SMILES_SEED):
+    """A SMILES string as ASE Atoms: hydrogens added, one 3D conformer embedded (ETKDG, `seed`) and relaxed
+    with MMFF94 (UFF where MMFF has no parameters). MoleculeError when RDKit cannot read or embed it."""
+    from ase import Atoms
+
+    try:
+        from rdkit import Chem, RDLogger
+        from rdkit.Chem import AllChem
+    except ImportError:  # pragma: no cover - rdkit is one of kiln's dependencies
+        raise MoleculeError("molecule: SMILES needs RDKit (pip install rdkit)") from None
+    RDLogger.DisableLog("rdApp.*")
+    parsed = Chem.MolFromSmiles(smiles.strip())
+    if parsed is None or parsed.GetNumAtoms() == 0:
+        raise MoleculeError(f"molecule: {smiles.strip()!r} is not a SMILES RDKit can read; {SEND_INSTEAD}")
+    mol = Chem.AddHs(parsed)
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed
+    if AllChem.EmbedMolecule(mol, params) != 0:
+        raise MoleculeError(f"molecule: RDKit could not embed {smiles.strip()!r} in 3D (seed {seed})")
+    if AllChem.MMFFHasAllMoleculeParams(mol):
+        AllChem.MMFFOptimizeMolecule(mol, maxIters=500)
+    else:
+        AllChem.UFFOptimizeMolecule(mol, maxIters=500)
+    positions = mol.GetConformer().GetPositions()
+    return Atoms(symbols=[atom.GetSymbol() for atom in mol.GetAtoms()], positions=positions)
 
 
 def parse_molecule(value: str | dict):
@@ -55,7 +81,7 @@ def parse_molecule(value: str | dict):
 
     if text in g2.names:
         return molecule(text)
-    raise MoleculeError(f"molecule: {text!r} is not a G2 molecule name nor XYZ text; {SEND_INSTEAD}")
+    return molecule_from_smiles(text)
 
 
 def pyscf_mole(atoms, basis: str, charge: int, multiplicity: int):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln.schemas.files import InputFile
-from kiln.schemas.plugins import PLUGIN_NAME, check_env_names
+from kiln.schemas.plugins import PLUGIN_NAME, Limits, check_env_names
 
 SandboxTier = Literal["A", "B"]
 
@@ -23,6 +23,10 @@ class LimitsOverride(BaseModel):
     wall_seconds: float | None = Field(None, gt=0, description="Time from start to kill.")
     output_mb: int | None = Field(None, ge=1, description="Size of /out, the only place whose files come back.")
     tmp_mb: int | None = Field(None, ge=1, description="Size of /tmp.")
+
+    def over(self, base: Limits) -> Limits:
+        """The limits `base` (a plugin's, or the defaults) with what is given here in their place."""
+        return Limits.model_validate({**base.model_dump(), **self.model_dump(exclude_none=True)})
 
 
 class PluginExecInput(BaseModel):

@@ -68,7 +68,8 @@ class SimulationInput(BaseModel):
         None,
         description=(
             "The molecule for single_point: XYZ text, a dict {symbols, positions (Å)}, a pymatgen Molecule dict, "
-            "or a name from ASE's G2 set (e.g. 'H2O', 'CH4'). SMILES needs RDKit, which this installation lacks."
+            "a name from ASE's G2 set (e.g. 'H2O', 'CH4'), or SMILES (e.g. 'CCO'; hydrogens added, a 3D conformer "
+            "embedded by RDKit with a fixed seed and relaxed with MMFF94). A G2 name wins over the same SMILES."
         ),
     )
     model: str = Field("tensornet-matpes-pbe", description="The kiln ML model (GET /api/v1/models) for relax and md.")

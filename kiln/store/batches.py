@@ -188,6 +188,15 @@ async def cache_entries(store, project_id: str, type: str | None, input_hash: st
         return list(await s.scalars(query.order_by(CacheEntryRow.created_at.desc()).limit(1000)))
 
 
+async def files_owner(store, job_id: str, project_id: str) -> str:
+    """The job whose files are `job_id`'s: itself, or for a cache hit the job whose result it reused; NotFound when the
+    project has no such job."""
+    row = await store.get_job(job_id, project_id)
+    if row.status == JobStatus.CACHE_HIT.value:
+        return await cache_source(store, job_id) or job_id
+    return job_id
+
+
 async def cache_source(store, job_id: str) -> str | None:
     """The job whose result the cache hit `job_id` reused (its files are the hit's too), as add_jobs recorded it in
     the hit's completed event; None for a job that is no cache hit."""

@@ -94,11 +94,15 @@ class Rule(ABC):
 class ReportOfAnotherRun(Rule):
     """A state of a flow run the job no longer runs on (an earlier attempt's) changes nothing."""
 
+    # A job back in pending for its next attempt runs on no flow run yet: a second report of the crash that sent
+    # it back (the relay's own crash of an orphan, and the Crashed event Prefect sends of it) is of another run,
+    # not a second failure to count against max_retry_count.
+
     def applies(self, job, proposal):
         return (
             proposal.source is Source.PREFECT
             and proposal.flow_run_id is not None
-            and job.flow_run_id not in (None, proposal.flow_run_id)
+            and job.flow_run_id != proposal.flow_run_id
         )
 
 

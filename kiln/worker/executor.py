@@ -91,8 +91,20 @@ def _without_deployment(flow_run):
     return flow_run.model_copy(update={"deployment_id": None})
 
 
-def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None) -> dict:
-    """Runs the pre-created flow run to its end in this process; returns its final state's type and message."""
+def _ended(flow_run) -> bool:
+    """The run ended before its process came to start it (cancelled, or crashed by kiln while it waited for a Dask
+    process): Prefect's engine would take it from its final state and run it after all."""
+    return flow_run.state is not None and flow_run.state.is_final()
+
+
+def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None,
+                     fans_out: bool = False) -> dict:  # fmt: skip
+    """Runs the pre-created flow run to its end in this process; returns its final state's type and message.
+
+    A flow that fans out (JobType.fans_out) runs tasks of its own on this Dask cluster; this thread is handed back
+    to Dask while it waits for them, so they can run in this process too instead of waiting for a free one.
+    """
+    _note_dask_worker(fans_out)
     flow = load_flow(module, function)
     if timeout_seconds:
         flow = flow.with_options(timeout_seconds=timeout_seconds)
@@ -112,6 +124,20 @@ def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_secon
     return {"state": state.type.value, "message": state.message}
 
 
+def _note_dask_worker(fans_out: bool) -> None:
+    from distributed import get_worker, secede
+
+    from kiln.runtime import set_dask_scheduler
+
+    try:
+        worker = get_worker()
+    except ValueError:  # not in a Dask task: the flow runs its tasks in-process
+        return
+    set_dask_scheduler(worker.scheduler.address)
+    if fans_out:
+        secede()
+
+
 async def _run_async(runner: _Runner, flow, flow_run_id: str):
     from prefect.context import AsyncClientContext
     from prefect.flow_engine import run_flow_async
@@ -119,6 +145,8 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
     # this task's own context: the engine finds the shared client here
     AsyncClientContext.__var__.set(runner.client_context)
     flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
+    if _ended(flow_run):
+        return flow_run.state
     parameters = await asyncio.to_thread(resolve_parameters, flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)
@@ -135,6 +163,8 @@ def _run_sync(flow, flow_run_id: str):
 
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
+    if _ended(flow_run):
+        return flow_run.state
     parameters = resolve_parameters(flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)

@@ -113,6 +113,11 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._cluster = None
         self._dask = None
         self._running: dict[str, Any] = {}
+        # runs taken (Pending) whose start is still on its way: Prefect's submission of a run can outlast
+        # KILN_WORKER_LOST_SECONDS under load, and a run no heartbeat lists is crashed as an orphan
+        self._taken: set[str] = set()
+        # run id → the final state a run reached while it was being submitted here: it is not started
+        self._ended_in_submission: dict[str, Any] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._deployments: dict[UUID, DeploymentSpec] = {}
         self._background: list[asyncio.Task] = []
@@ -227,7 +232,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                         "slots": self.slots,
                         "service_slots": self.service_slots,
                         "offers": offers,
-                        "running": sorted(self._running),
+                        # every run this worker holds: taken and being submitted, or running
+                        "running": sorted(self._taken | self._running.keys()),
                     },
                 )
                 await self._check_cancelling()
@@ -291,6 +297,27 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # the dispatcher releases the next job as this one ends; take it now, not at the next poll
         self._poll_now.set()
 
+    async def _submit_run(self, flow_run: FlowRun) -> None:
+        # the run is this worker's from before it proposes Pending until run() has it in _running
+        run_id = str(flow_run.id)
+        self._taken.add(run_id)
+        self._beat_now.set()
+        try:
+            await super()._submit_run(flow_run)
+        finally:
+            self._taken.discard(run_id)
+            self._ended_in_submission.pop(run_id, None)
+
+    async def _propose_submitting_state(self, flow_run: FlowRun) -> None:
+        """Submitting, unless the run already ended (kiln cancelled it, or crashed it as an orphan) while this
+        worker was taking it: Prefect lets a final state give way to Pending (its manual retries), so the run
+        would be reopened and start after all, beside its job's retry."""
+        current = await self.client.read_flow_run(flow_run.id)
+        if current.state is not None and current.state.is_final():
+            self._ended_in_submission[str(flow_run.id)] = current.state
+            return
+        await super()._propose_submitting_state(flow_run)
+
     async def _deployment_spec(self, flow_run: FlowRun) -> DeploymentSpec:
         if flow_run.deployment_id not in self._deployments:
             deployment = await self.client.read_deployment(flow_run.deployment_id)
@@ -310,10 +337,18 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         task_status: Optional[anyio.abc.TaskStatus[int]] = None,
     ) -> KilnWorkerResult:
         run_id = str(flow_run.id)
+        ended = self._ended_in_submission.pop(run_id, None)
+        if ended is not None:
+            log.warning("flow run %s not started: it ended %s while this worker was taking it (%s)", run_id,
+                        ended.type.value, ended.message)  # fmt: skip
+            if task_status is not None:
+                task_status.started(None)
+            return KilnWorkerResult(identifier="", status_code=0)
         spec = await self._deployment_spec(flow_run)
         timeout = configuration.max_timeout_run_ms / 1000 if configuration.max_timeout_run_ms else None
         future = self._dask.submit(
-            executor.execute_flow_run, run_id, spec.module, spec.function, timeout, key=f"kiln-{run_id}", pure=False
+            executor.execute_flow_run, run_id, spec.module, spec.function, timeout, self._fans_out(spec),
+            key=f"kiln-{run_id}", pure=False,
         )
         self._running[run_id] = future
         self._beat_now.set()
@@ -331,6 +366,13 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             self._running.pop(run_id, None)
         await self._settle(flow_run.id, outcome)
         return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
+
+    def _fans_out(self, spec: DeploymentSpec) -> bool:
+        """Whether the deployment's flow is that of a job type whose flow runs tasks of its own on the cluster."""
+        from kiln.registry import available_job_types
+
+        return any(jt.fans_out and jt.module == spec.module and jt.flow.fn.__name__ == spec.function
+                   for jt in available_job_types().values())  # fmt: skip
 
     async def _clean_sandbox(self, run_id: str) -> None:
         """A plugin the run had started outlives a Dask process that dies (a container is its own process tree)."""

@@ -28,12 +28,12 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from kiln.schemas.mcp_host import CommandServer, McpHostInput, PluginServer, UrlServer
+from kiln.schemas.mcp_host import McpHostInput, PluginServer, UrlServer
 from kiln.tasks.mcp.errors import DeploymentFailed, McpHostError, PingFailed, ReplicaFailed, ServerUnsupported
 from kiln.tasks.mcp.front import Front
 from kiln.tasks.mcp.process import Launcher, launch_command
@@ -86,12 +86,16 @@ class Deployment:
     """
 
     def __init__(self, spec: McpHostInput, *, on_event: EventCallback | None = None, launch: Launcher = launch_command,
-                 stable_s: float = 60.0, session_grace_s: float = 10.0, drain_timeout_s: float = 300.0,
-                 min_start_s: float = 10.0, spare: bool = False):  # fmt: skip
-        if isinstance(spec.server, PluginServer):
-            raise ServerUnsupported(f"server.plugin: plugin images ({spec.server.plugin!r}) cannot be hosted yet; "
-                                    "give a command or a url")  # fmt: skip
+                 command: Sequence[str] | None = None, stable_s: float = 60.0, session_grace_s: float = 10.0,
+                 drain_timeout_s: float = 300.0, min_start_s: float = 10.0, spare: bool = False):  # fmt: skip
+        """`launch` starts each replica's process (an mcp_host job's come from sandboxed.launcher_for: a command
+        under tier B's limits, a plugin in the sandbox; launch_command, a plain process, by default); `command` is a
+        plugin server's (its entrypoint and args), which needs a sandbox's launcher."""
+        if isinstance(spec.server, PluginServer) and (command is None or launch is launch_command):
+            raise ServerUnsupported(f"server.plugin: the plugin {spec.server.plugin!r} runs in the sandbox: give "
+                                    "its command and a sandbox launcher (kiln.tasks.mcp.sandboxed.launcher_for)")
         self.spec = spec
+        self.command = list(command) if command is not None else getattr(spec.server, "command", None)
         self.on_event = on_event
         self.stable_s = stable_s
         self.session_grace_s = session_grace_s
@@ -189,10 +193,9 @@ class Deployment:
         server, env = self.spec.server, self.spec.env
         if isinstance(server, UrlServer):
             return RemoteReplica(number, server.url, self._client)
-        assert isinstance(server, CommandServer)
         if self.spec.transport == "stdio":
-            return StdioReplica(number, server.command, env, self._launch)
-        return ProcessHttpReplica(number, server.command, env, self._client, self._launch)
+            return StdioReplica(number, self.command, env, self._launch)
+        return ProcessHttpReplica(number, self.command, env, self._client, self._launch)
 
     async def _run_slot(self, slot: Slot) -> None:
         """Starts, watches and restarts the slot's replica until it fails for good, is drained, or stopped."""

@@ -1,7 +1,7 @@
 """What can go wrong in an MCP deployment, each with a message in a user's words.
 
     McpHostError
-    ├── ServerUnsupported   the input names a server kind this core cannot run yet (a plugin image)
+    ├── ServerUnsupported   a Deployment was given a server it cannot start (a plugin without a sandbox launcher)
     ├── PingFailed          one MCP round trip to a replica failed: no answer in time, an error, a lost connection
     ├── ReplicaFailed       one attempt of a replica failed: it could not start, exited, never answered its first
     │                       ping, or failed its health checks in a row
@@ -16,7 +16,7 @@ class McpHostError(Exception):
 
 
 class ServerUnsupported(McpHostError):
-    """The deployment's server is of a kind this core does not run yet."""
+    """The deployment's server cannot be started as it was given: a plugin needs its command and a sandbox launcher."""
 
 
 class PingFailed(McpHostError):

@@ -6,8 +6,8 @@
   `{port}` in its argv) and reached at http://127.0.0.1:PORT/mcp;
 - RemoteReplica: a url, nothing to start.
 
-The process replicas start their process through a Launcher (process.launch_command by default), which is where
-a replica of a plugin image will start its process in the sandbox instead.
+The process replicas start their process through a Launcher (kiln.tasks.mcp.sandboxed): a command under the
+worker with tier B's limits, or a plugin image in plugin_exec's sandbox (stdio only: the sandbox has no network).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from kiln.tasks.mcp.errors import PingFailed, ReplicaFailed
 from kiln.tasks.mcp.http import json_rpc_error, parse
-from kiln.tasks.mcp.process import Launcher, ServerProcess, command_env, launch_command
+from kiln.tasks.mcp.process import Launcher, ServerProcess, launch_command
 from kiln.tasks.mcp.relay import SESSION_HEADER, HttpProbe, HttpUpstream
 from kiln.tasks.mcp.stdio import StdioServer
 from kiln.tasks.mcp.stdio_http import StdioHttpSession
@@ -105,7 +105,7 @@ class StdioReplica(Replica):
     def __init__(self, number: int, argv: Sequence[str], env: Mapping[str, str], launch: Launcher = launch_command):
         super().__init__(number)
         self.argv = list(argv)
-        self.env = command_env(env)
+        self.env = dict(env)
         self._launch = launch
         self.process: ServerProcess | None = None
         self.server: StdioServer | None = None
@@ -321,7 +321,7 @@ class ProcessHttpReplica(HttpReplica):
     async def start(self, bound_s: float) -> None:
         port = free_port()
         argv = [arg.replace("{port}", str(port)) for arg in self.argv]
-        self.process = await self._launch(argv, command_env(self.env, port), False)
+        self.process = await self._launch(argv, {**self.env, "PORT": str(port)}, False)
         self._reach(f"http://127.0.0.1:{port}/mcp")
         await self._first_ping(bound_s)
 

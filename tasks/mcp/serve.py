@@ -21,6 +21,7 @@ from kiln.runtime import current_job, report_health
 from kiln.schemas.mcp_host import McpHostInput
 from kiln.tasks.mcp.deployment import Deployment
 from kiln.tasks.mcp.http import header
+from kiln.tasks.mcp.sandboxed import launcher_for
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,15 @@ async def _answer(send: Send, status: int, body: dict) -> None:
 
 async def serve_deployment(spec: McpHostInput) -> str:
     """Serves the deployment until it fails (its reason comes back) or the job is cancelled; leaves nothing running."""
-    job_id = current_job()[0] or f"local-{secrets.token_hex(4)}"
+    job_id, _, flow_run_id = current_job()
+    job_id = job_id or f"local-{secrets.token_hex(4)}"
     deployment: Deployment | None = None
 
     def on_event(kind: str, data: dict) -> None:
         report_health(deployment.status(), kind if kind in HEALTH_EVENTS else None, data)
 
-    deployment = Deployment(spec, on_event=on_event)
+    launch, command = await launcher_for(spec, flow_run_id)
+    deployment = Deployment(spec, on_event=on_event, command=command, **({"launch": launch} if launch else {}))
     server = None
     try:
         await deployment.start()

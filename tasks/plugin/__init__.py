@@ -2,10 +2,11 @@
 
 from kiln.tasks.plugin.images import ImageRef, InvalidImage, import_image
 from kiln.tasks.plugin.limits import Ending, Limits, LimitUnenforceable, SandboxFailed
-from kiln.tasks.plugin.sandbox import Outcome, PluginRun, claim_work_dir, clean_leftovers
+from kiln.tasks.plugin.sandbox import Confinement, Outcome, PluginRun, Sandbox, claim_work_dir, clean_leftovers
 from kiln.tasks.plugin.tiers import TierCheck, detect_tier
 
 __all__ = [
+    "Confinement",
     "Ending",
     "ImageRef",
     "InvalidImage",
@@ -13,6 +14,7 @@ __all__ = [
     "Limits",
     "Outcome",
     "PluginRun",
+    "Sandbox",
     "SandboxFailed",
     "TierCheck",
     "claim_work_dir",

@@ -138,13 +138,19 @@ async def _empty_and_remove(path: Path, timeout: float = 5.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        for pid in (path / "cgroup.procs").read_text().split():
+        try:
+            pids = (path / "cgroup.procs").read_text().split()
+        except FileNotFoundError:  # removed meanwhile, by the runc that still ran the container
+            return
+        for pid in pids:
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except ProcessLookupError:
                 pass
         try:
             path.rmdir()
+            return
+        except FileNotFoundError:
             return
         except OSError:  # EBUSY until the killed processes are gone
             if loop.time() > deadline:

@@ -22,6 +22,12 @@ class Ending(str, Enum):
     EXIT_CODE = "exit_code"
     CANCELLED = "cancelled"
 
+    @classmethod
+    def of_hits(cls, hits: set[str]) -> Ending | None:
+        """The ending of a run that hit these limits (of "memory", "pids", "output", "cpu"), the first of
+        LIMIT_ENDINGS when several; None when it hit none."""
+        return next((LIMIT_ENDINGS[hit] for hit in LIMIT_ENDINGS if hit in hits), None)
+
     def reason(self, limits: Limits, exit_code: int | None = None) -> str:
         """'out of memory (limit 256 MB)', 'exited with code 3', …"""
         return {
@@ -36,13 +42,17 @@ class Ending(str, Enum):
         }[self]
 
 
+# the limits a run can hit, in the order their endings win when it hit several
+LIMIT_ENDINGS = {"memory": Ending.OUT_OF_MEMORY, "pids": Ending.TOO_MANY_PROCESSES, "output": Ending.OUTPUT_TOO_LARGE,
+                 "cpu": Ending.CPU_TIME_LIMIT}  # fmt: skip
+
+
 class LimitUnenforceable(InvalidRequest):
     """A limit this worker's sandbox tier cannot enforce; the run is refused rather than run without it."""
 
-    def __init__(self, limit: str, tier: str, why: str):
+    def __init__(self, limit: str, tier: str, why: str, remedy: str = "run it on a worker that offers tier A"):
         super().__init__(
-            f"limits.{limit}: sandbox tier {tier} on this worker cannot enforce it ({why}); "
-            f"run it on a worker that offers tier A",
+            f"limits.{limit}: sandbox tier {tier} on this worker cannot enforce it ({why}); {remedy}",
             details=[{"loc": ["limits", limit], "msg": why, "type": "limit_unenforceable", "tier": tier}],
         )
         self.limit = limit

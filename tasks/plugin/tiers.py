@@ -75,8 +75,9 @@ class Tier(ABC):
     out_options: str  # tmpfs options of /out besides its size
 
     @abstractmethod
-    def enforcement(self, limits: Limits) -> dict[str, str]:
-        """How each limit is enforced here; raises LimitUnenforceable for one that cannot be."""
+    def enforcement(self, limits: Limits, *, persistent: bool = False) -> dict[str, str]:
+        """How each limit is enforced here; raises LimitUnenforceable for one that cannot be. `persistent`: a server
+        that runs until it is stopped, which has no wall time (and no limit may be derived from one)."""
 
     @abstractmethod
     def prepare(self, bundle: Bundle) -> Launch:
@@ -101,7 +102,7 @@ class RuncTier(Tier):
     out_userns = False
     out_options = f"uid={NOBODY},gid={NOBODY},mode=0755,nosuid,nodev"
 
-    def enforcement(self, limits: Limits) -> dict[str, str]:
+    def enforcement(self, limits: Limits, *, persistent: bool = False) -> dict[str, str]:
         if os.geteuid() != 0:
             raise SandboxFailed("sandbox: tier A runs runc, which needs root on this worker")
         missing = set(LIMITING) - can_limit()
@@ -109,8 +110,9 @@ class RuncTier(Tier):
             controller = sorted(missing)[0]
             raise LimitUnenforceable(LIMIT_OF_CONTROLLER[controller], self.name,
                                      f"no writable {controller} cgroup")  # fmt: skip
-        return {"memory_mb": "memory cgroup (swap included)", "pids": "pids cgroup", "cpus": "cpu cgroup quota",
-                "wall_seconds": "kill at the deadline", "output_mb": "tmpfs size", "tmp_mb": "tmpfs size"}  # fmt: skip
+        how = {"memory_mb": "memory cgroup (swap included)", "pids": "pids cgroup", "cpus": "cpu cgroup quota",
+               "output_mb": "tmpfs size", "tmp_mb": "tmpfs size"}  # fmt: skip
+        return how if persistent else {**how, "wall_seconds": "kill at the deadline"}
 
     def prepare(self, bundle: Bundle) -> Launch:
         (bundle.dir / "config.json").write_text(json.dumps(oci_config(bundle), indent=1))
@@ -184,13 +186,7 @@ def oci_config(bundle: Bundle) -> dict:
 
 
 class BwrapTier(Tier):
-    """Tier B: bwrap over the same root, unprivileged; cgroups where this process may create them, else rlimits.
-
-    The rlimits bind each process, not the run: RLIMIT_AS caps each process's address space at memory_mb,
-    RLIMIT_NPROC the processes of the sandbox's user, and RLIMIT_CPU each process's CPU seconds at
-    cpus × wall_seconds (what the quota would allow). Where they hold, a run that hits memory or pids sees
-    failed allocations or forks and ends by its own exit code; SIGXCPU names the CPU limit.
-    """
+    """Tier B: bwrap over the same root, unprivileged, its process tree held to its limits by `confine`."""
 
     name = "B"
     out_userns = True
@@ -198,23 +194,10 @@ class BwrapTier(Tier):
     # bwrap's own two processes, counted with the plugin's by its cgroup or RLIMIT_NPROC (the outer one, pid 1)
     BWRAP_PROCESSES = 2
 
-    def enforcement(self, limits: Limits) -> dict[str, str]:
-        cgroups = can_limit()
-        how = {"wall_seconds": "kill at the deadline", "output_mb": "tmpfs size", "tmp_mb": "tmpfs size"}
-        how["memory_mb"] = "memory cgroup (swap included)" if "memory" in cgroups else "RLIMIT_AS per process"
-        how["cpus"] = "cpu cgroup quota" if "cpu" in cgroups else \
-            f"RLIMIT_CPU {self.cpu_seconds(limits)} s per process"  # fmt: skip
-        if "pids" in cgroups:
-            how["pids"] = "pids cgroup"
-        elif os.geteuid() == 0:
-            raise LimitUnenforceable("pids", self.name, "no writable pids cgroup, and RLIMIT_NPROC does not bind root")
-        else:
-            how["pids"] = "RLIMIT_NPROC of the sandbox's user"
-        return how
-
-    @staticmethod
-    def cpu_seconds(limits: Limits) -> int:
-        return math.ceil(limits.cpus * limits.wall_seconds)
+    def enforcement(self, limits: Limits, *, persistent: bool = False) -> dict[str, str]:
+        how = {**process_limits(limits, can_limit(), persistent=persistent), "output_mb": "tmpfs size",
+               "tmp_mb": "tmpfs size"}  # fmt: skip
+        return how if persistent else {**how, "wall_seconds": "kill at the deadline"}
 
     def prepare(self, bundle: Bundle) -> Launch:
         limits = bundle.limits
@@ -230,25 +213,7 @@ class BwrapTier(Tier):
             name, _, value = variable.partition("=")
             argv += ["--setenv", name, value]
         argv += ["--seccomp", str(filter_fd), "--", *bundle.argv]
-
-        cgroups = {c for c in LIMITING if "cgroup" in bundle.enforcement[LIMIT_OF_CONTROLLER[c]]}
-        with_bwrap = limits.model_copy(update={"pids": limits.pids + self.BWRAP_PROCESSES})
-        procs = bundle.cgroups.create(with_bwrap, cgroups)
-        rlimits = []
-        if "memory" not in cgroups:
-            rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
-        if "pids" not in cgroups:
-            rlimits.append((resource.RLIMIT_NPROC, with_bwrap.pids))
-        if "cpu" not in cgroups:
-            seconds = self.cpu_seconds(limits)
-            rlimits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))  # SIGXCPU first, SIGKILL a second later
-
-        def preexec() -> None:  # in the child, before exec: nothing it starts escapes the cgroups or rlimits
-            for path in procs:
-                path.write_text(str(os.getpid()))
-            for kind, value in rlimits:
-                resource.setrlimit(kind, value if isinstance(value, tuple) else (value, value))
-
+        preexec = confine(bundle.cgroups, limits, bundle.enforcement, extra_pids=self.BWRAP_PROCESSES)
         return Launch(argv, pass_fds=(filter_fd,), preexec=preexec)
 
     async def stop(self, bundle: Bundle, process: asyncio.subprocess.Process) -> None:
@@ -256,10 +221,86 @@ class BwrapTier(Tier):
         _kill_group(process)
 
     def hits(self, bundle: Bundle, exit_code: int) -> set[str]:
-        hit = super().hits(bundle, exit_code)
-        if "RLIMIT_CPU" in bundle.enforcement["cpus"] and exit_code == 128 + signal.SIGXCPU:
-            hit.add("cpu")
-        return hit
+        return process_hits(bundle.cgroups, bundle.enforcement, exit_code)
+
+
+def cpu_seconds(limits: Limits) -> int:
+    """RLIMIT_CPU's seconds for a run without a cpu cgroup: what the quota would allow over its wall time."""
+    return math.ceil(limits.cpus * limits.wall_seconds)
+
+
+def process_limits(limits: Limits, cgroups: set[str], *, persistent: bool = False, sandboxed: bool = True,
+                   optional: frozenset[str] = frozenset()) -> dict[str, str]:  # fmt: skip
+    """How tier B holds a process tree to memory_mb, pids and cpus: by the cgroup of each where this process may
+    create one (`cgroups`, of LIMITING), else by rlimits, which bind each process, not the tree: RLIMIT_AS caps
+    each process's address space at memory_mb, RLIMIT_NPROC the processes of the sandbox's user, and RLIMIT_CPU
+    each process's CPU seconds at cpus × wall_seconds (what the quota would allow). Where they hold, a process that
+    hits memory or pids sees failed allocations or forks and ends by its own exit code; SIGXCPU names the CPU limit.
+
+    A `persistent` process (a server, running until it is stopped) has no wall time: its CPU limit needs the
+    cgroup's quota. A process not `sandboxed` (a command under the worker) runs as the worker's user, whose other
+    processes RLIMIT_NPROC would count too: its pids limit needs the cgroup. What cannot be held is refused
+    (LimitUnenforceable), unless it is `optional` (a default nobody asked for): then it is said to be unheld."""
+    how: dict[str, str] = {}
+
+    def cannot(limit: str, why: str) -> None:
+        if limit not in optional:
+            remedy = "run it on a worker that offers tier A" if sandboxed else \
+                "run it on a worker that may create cgroups (root, or a delegated cgroup), or leave the limit out"
+            raise LimitUnenforceable(limit, BwrapTier.name, why, remedy)
+        how[limit] = f"not held: {why}"
+
+    how["memory_mb"] = "memory cgroup (swap included)" if "memory" in cgroups else "RLIMIT_AS per process"
+    if "cpu" in cgroups:
+        how["cpus"] = "cpu cgroup quota"
+    elif persistent:
+        cannot("cpus", "no writable cpu cgroup, and a server runs until it is stopped: RLIMIT_CPU would end it after "
+                       "some CPU seconds, not hold it to a share of a core")  # fmt: skip
+    else:
+        how["cpus"] = f"RLIMIT_CPU {cpu_seconds(limits)} s per process"
+    if "pids" in cgroups:
+        how["pids"] = "pids cgroup"
+    elif os.geteuid() == 0:
+        cannot("pids", "no writable pids cgroup, and RLIMIT_NPROC does not bind root")
+    elif not sandboxed:
+        cannot("pids", "no writable pids cgroup, and RLIMIT_NPROC would count the worker's own processes too")
+    else:
+        how["pids"] = "RLIMIT_NPROC of the sandbox's user"
+    return how
+
+
+def confine(cgroups: RunCgroups, limits: Limits, enforcement: dict[str, str], *,
+            extra_pids: int = 0) -> Callable[[], None]:  # fmt: skip
+    """Creates the cgroups `enforcement` (process_limits) names, with the limits (pids raised by `extra_pids`, the
+    processes of the sandbox's own around the program); what the child runs before exec: it joins them and sets
+    the rlimits enforcement names, so nothing it starts escapes either."""
+    controllers = {c for c in LIMITING if "cgroup" in enforcement[LIMIT_OF_CONTROLLER[c]]}
+    with_extra = limits.model_copy(update={"pids": limits.pids + extra_pids})
+    procs = cgroups.create(with_extra, controllers)
+    rlimits = []
+    if "RLIMIT_AS" in enforcement["memory_mb"]:
+        rlimits.append((resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024))
+    if "RLIMIT_NPROC" in enforcement["pids"]:
+        rlimits.append((resource.RLIMIT_NPROC, with_extra.pids))
+    if "RLIMIT_CPU" in enforcement["cpus"]:
+        seconds = cpu_seconds(limits)
+        rlimits.append((resource.RLIMIT_CPU, (seconds, seconds + 1)))  # SIGXCPU first, SIGKILL a second later
+
+    def preexec() -> None:  # in the child, before exec
+        for path in procs:
+            path.write_text(str(os.getpid()))
+        for kind, value in rlimits:
+            resource.setrlimit(kind, value if isinstance(value, tuple) else (value, value))
+
+    return preexec
+
+
+def process_hits(cgroups: RunCgroups, enforcement: dict[str, str], exit_code: int | None) -> set[str]:
+    """The limits a confined process tree ran into: its cgroups' counters, and SIGXCPU where RLIMIT_CPU holds."""
+    hit = cgroups.hits()
+    if "RLIMIT_CPU" in enforcement.get("cpus", "") and exit_code == 128 + signal.SIGXCPU:
+        hit.add("cpu")
+    return hit
 
 
 TIERS = {tier.name: tier for tier in (RuncTier(), BwrapTier())}

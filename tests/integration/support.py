@@ -18,12 +18,16 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from kiln.prefect_env import prefect_env
 from kiln.settings import KilnSettings
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"
 DATABASE = os.environ.get("KILN_TEST_DATABASE", "sqlite")
+# the platform's tests run on both databases; a job type's own tests on SQLite, since the database does not matter to
+# them (CI time): `pytestmark = JOB_TYPE_TESTS` in their module
+JOB_TYPE_TESTS = pytest.mark.skipif(DATABASE == "postgresql", reason="a job type's own tests run on SQLite only")
 PG_ADMIN = os.environ.get("KILN_TEST_PG_URL", "postgresql://kiln:kiln@127.0.0.1:5432/postgres")
 
 
@@ -111,3 +115,85 @@ def left_behind(flow_run_id: str | None) -> list[str]:
     from tests.sandbox.conftest import residue
 
     return [] if flow_run_id is None else residue(flow_run_id, SETTINGS.sandbox_root)
+
+
+class SlowPrefectApi:
+    """A TCP relay to the Prefect API, on loopback, that holds the first request whose bytes contain `hold` for
+    `seconds` before passing it on: a worker pointed here has one slow call, as under load, and no other change.
+
+    HTTP/1.1 sends one request at a time on a connection, so holding that request's bytes holds that call only;
+    the worker's other calls, and its heartbeats on the events websocket, go on other connections.
+    """
+
+    def __init__(self, upstream_port: int, hold: bytes, seconds: float):
+        import asyncio
+        import threading
+
+        self.upstream_port, self.hold, self.seconds = upstream_port, hold, seconds
+        self.port = free_port()
+        self.holding = threading.Event()  # the held request arrived
+        self.released = threading.Event()  # ...and was passed on
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+            started.set()
+
+        threading.Thread(target=lambda: (self._loop.run_until_complete(serve()), self._loop.run_forever()),
+                         name="slow-prefect-api", daemon=True).start()  # fmt: skip
+        started.wait(10)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    async def _connect(self, reader, writer) -> None:
+        import asyncio
+
+        # the server end is opened at the first request, and opened afresh after the hold: Prefect's server
+        # closes a connection that stays idle for 5 s, and the held request would then be retried on another
+        upstream = None
+        try:
+            while chunk := await reader.read(65536):
+                if self.hold in chunk and not self.holding.is_set():
+                    self.holding.set()
+                    if upstream is not None:
+                        upstream[2].cancel()
+                        upstream[1].close()
+                        upstream = None
+                    await asyncio.sleep(self.seconds)
+                    self.released.set()
+                if upstream is None:
+                    up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+                    upstream = (up_reader, up_writer, asyncio.ensure_future(self._answer(up_reader, writer)))
+                upstream[1].write(chunk)
+                await upstream[1].drain()
+        except OSError:
+            pass
+        finally:
+            if upstream is not None:
+                upstream[1].close()
+            writer.close()
+
+    @staticmethod
+    async def _answer(reader, writer) -> None:
+        """Passes the server's answers back; a server that closes the connection closes the client's."""
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        except OSError:
+            pass
+        writer.close()
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def flow_run_state_types(flow_run_id: str) -> list[str]:
+    """Every state the flow run went through, oldest first, as Prefect itself recorded them."""
+    response = httpx.get(f"{SETTINGS.prefect_api}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=10)
+    response.raise_for_status()
+    return [state["type"] for state in sorted(response.json(), key=lambda state: state["timestamp"])]

@@ -1,5 +1,6 @@
 """The GPU job API's container jobs (/api/v1/compute/jobs) against the real stack: a busybox plugin run as plugin_exec
-jobs, answered in that API's job shape, cancelled with DELETE; the bodies kiln cannot run refused naming the field."""
+jobs, answered in that API's job shape, cancelled with DELETE; the bodies kiln cannot run refused naming the field;
+a PERSISTENT job of an MCP server image served as an mcp_host deployment until DELETE."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from datetime import datetime
 
 import pytest
 
-from tests.integration.support import SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
+from tests.integration.test_mcp_host import mcp_plugin  # noqa: F401  a fixture
+from tests.sandbox.mcp_image import mcp_layout  # noqa: F401  a fixture
+from tests.sandbox.python_image import python_layout  # noqa: F401  a fixture
 from tests.sandbox.busybox_image import write_layout
 from tests.sandbox.conftest import residue
 from tests.unit.test_compute import DOCUMENT_JOB_FIELDS
+
+pytestmark = JOB_TYPE_TESTS
 
 # the plugin echoes its environment's GREETING, then runs what the job's RUN says
 SCRIPT = 'echo "greeting=$GREETING"; eval "${RUN:-true}"'
@@ -142,10 +148,6 @@ def test_bodies_kiln_cannot_run_are_refused_naming_the_field_and_never_stored(ht
     tag = refused(404, job_body(container, docker={"tag": "12.4-runtime"}))
     assert tag["detail"].startswith(f"parameters.parameters.tag: the plugin {container!r} has one image, tagged "
                                     "'latest' and 'sha256:")  # fmt: skip
-    persistent = refused(400, job_body(container, task="PERSISTENT"))
-    assert persistent["detail"] == ("task: kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which "
-                                    "cannot run plugin images yet; submit a BATCH job, or deploy the server as an "
-                                    "mcp_host command")  # fmt: skip
     ports = refused(400, job_body(container, docker={"ports": [8888]}))
     assert ports["detail"].startswith("parameters.parameters.ports: the sandbox has no network")
     other = refused(400, job_body(container) | {"parameters": {"type": "singularity",
@@ -170,3 +172,56 @@ def test_a_body_that_is_not_json_is_refused_with_kilns_error_body(http):
     answer = http.post("/api/v1/compute/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and set(answer.json()) == {"detail", "errors"}
     assert json.loads(answer.text)["detail"]
+
+
+def test_a_persistent_container_serves_mcp_until_deleted_and_is_restarted_when_it_dies(http, api_key, mcp_plugin):
+    body = job_body(mcp_plugin, task="PERSISTENT", docker={"env": {"GREETING": "hi"}}, min_ram_gb=0.125)
+    answer = http.post("/api/v1/compute/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    job = answer.json()
+    try:
+        serves_until_deleted(http, api_key, mcp_plugin, job)
+    finally:  # a persistent job holds the worker's one service slot until it is cancelled
+        http.delete(f"/api/v1/compute/jobs/{job['uuid']}")
+
+
+def serves_until_deleted(http, api_key, mcp_plugin: str, job: dict) -> None:
+    import asyncio
+    import signal
+
+    from tests.integration.test_mcp_host import server_in, session
+
+    assert (job["task"], job["status"]) == ("PERSISTENT", "PENDING")
+    (token,) = job["container_access_tokens"]
+    assert token["type"] == "mcp" and token["url"] == f"{SETTINGS.api_url}/api/v1/mcp/{token['name']}/mcp"
+    kiln_job = http.get(f"/api/v1/jobs/{job['uuid']}").json()
+    assert (kiln_job["type"], kiln_job["input"]["server"]) == ("mcp_host", {"plugin": mcp_plugin})
+    limits = {k: v for k, v in kiln_job["input"]["limits"].items() if v is not None}
+    assert limits == {"memory_mb": 128} and kiln_job["resources"]["max_timeout_run_ms"] is None
+
+    def serving():
+        shown = http.get(f"/api/v1/compute/jobs/{job['uuid']}").json()
+        return shown["status"] == "RUNNING" and shown["status_reason"] == "1 of 1 replica healthy"
+
+    wait_until(serving, timeout=90, what="the persistent container to serve")
+
+    async def use() -> tuple[dict, dict]:
+        async with session(token["name"], api_key) as mcp:
+            greeting = (await mcp.call_tool("getenv", {"name": "GREETING"})).structured_content
+            return greeting, (await mcp.call_tool("whoami", {})).structured_content
+
+    greeting, who = asyncio.run(use())
+    assert greeting == {"value": "hi"} and who["uid"] == 65534
+    flow_run_id = http.get(f"/api/v1/jobs/{job['uuid']}").json()["flow_run_id"]
+    first = server_in(flow_run_id)
+    os.kill(first, signal.SIGKILL)  # it dies: restarted, the job still RUNNING
+    wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=30, what="a new container")
+    wait_until(serving, timeout=30, what="serving again")
+    assert asyncio.run(use())[0] == {"value": "hi"}
+
+    deleted = http.delete(f"/api/v1/compute/jobs/{job['uuid']}")
+    assert deleted.status_code == 200 and deleted.json()["status"] in ("RUNNING", "CANCELLED")
+    assert ended(http, job["uuid"], timeout=60)["status"] == "CANCELLED"
+    wait_until(lambda: residue(flow_run_id, SETTINGS.sandbox_root) == [], timeout=20, what="the container to go")
+    gone = http.post(f"/api/v1/mcp/{token['name']}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert gone.status_code == 404

@@ -109,8 +109,10 @@ def test_an_upload_whose_name_could_leave_its_folder_is_refused_naming_the_part(
 
 
 def test_an_upload_that_is_not_files_is_refused_saying_what_to_send(files_http):
+    # JSON is the path form ({"path"}); anything else in JSON says what to send, both ways
     as_json = files_http.post("/api/v1/files", json={"files": ["a"]})
-    assert as_json.status_code == 400 and "multipart/form-data" in as_json.json()["detail"]
+    detail = as_json.json()["detail"]
+    assert as_json.status_code == 422 and detail.startswith("path: ") and "multipart/form-data" in detail, detail
     text_field = files_http.post("/api/v1/files", files=[("files", (None, b"not a file"))])
     assert text_field.status_code == 422 and text_field.json()["detail"].startswith("files.0: a file is expected")
     nothing = files_http.post("/api/v1/files", files=[("other", ("a.txt", b"x"))])

@@ -21,10 +21,10 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.support import HOME, SETTINGS, free_port, wait_until
+from tests.integration.support import HOME, JOB_TYPE_TESTS, SETTINGS, free_port, wait_until
 from tests.llm_golden import ANTHROPIC_FINAL_USAGE, OPENAI_USAGE, golden_stream
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, JOB_TYPE_TESTS]
 
 KEY = f"sk-kiln-test-{uuid.uuid4().hex}"  # the providers' key: it must never come back out of kiln
 # llmock's console script, run by this interpreter (its script may sit in another bin than sys.executable's)

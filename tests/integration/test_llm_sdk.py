@@ -15,10 +15,10 @@ import pytest
 
 from kiln.errors import NotFound, ServerError
 from kiln.sdk import AsyncClient, ChatResult, Client
-from tests.integration.support import SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
 from tests.integration.test_llm_proxy import _add_provider, _llmock, providers, recorded  # noqa: F401 - a fixture
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, JOB_TYPE_TESTS]
 
 # a model of each protocol; mock-gpt's first provider answers 503, so its calls fail over first
 PROTOCOLS = [("mock-gpt", "openai"), ("mock-claude", "anthropic")]

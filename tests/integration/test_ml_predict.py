@@ -7,7 +7,9 @@ import os
 import pytest
 
 from kiln.errors import InputInvalid, InvalidRequest
-from tests.integration.support import MODEL_DIR
+from tests.integration.support import JOB_TYPE_TESTS, MODEL_DIR
+
+pytestmark = JOB_TYPE_TESTS
 
 MODEL = "tensornet-matpes-pbe"
 

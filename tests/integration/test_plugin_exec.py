@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from kiln.errors import KilnError
-from tests.integration.support import DATABASE, SETTINGS, flow_run_state, left_behind, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, flow_run_state, left_behind, wait_until
 
 # a job type's own tests: the database does not matter to them (the platform's run on both)
-pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="plugin_exec's own tests run on SQLite")
+pytestmark = JOB_TYPE_TESTS
 
 
 def run(client, plugin: str, script: str, **fields):

@@ -13,11 +13,11 @@ import uuid
 import httpx
 import pytest
 
-from tests.integration.support import DATABASE, SETTINGS, left_behind
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, left_behind
 from tests.sandbox.python_image import CELL_SUMMARY, ZNO, check_cell_summary, python_layout  # noqa: F401  a fixture
 
 # a job type's own tests: the database does not matter to them
-pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="plugin_exec's own tests run on SQLite")
+pytestmark = JOB_TYPE_TESTS
 
 LIMITS = {"memory_mb": 256, "pids": 32, "wall_seconds": 60, "output_mb": 1, "tmp_mb": 4}
 

@@ -10,8 +10,10 @@ import uuid
 
 import pytest
 
-from tests.integration.support import SETTINGS
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS
 from tests.sandbox.busybox_image import write_docker_archive, write_layout, write_layout_tarball
+
+pytestmark = JOB_TYPE_TESTS
 
 
 def kiln(*args: str) -> subprocess.CompletedProcess:

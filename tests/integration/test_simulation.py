@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from tests.integration.support import SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
+
+pytestmark = JOB_TYPE_TESTS
 
 
 def run(http, input: dict, timeout: float = 300, **extra) -> dict:
@@ -81,12 +83,26 @@ def test_bad_simulation_input_is_refused_naming_the_field(http):
     no_structure = http.post("/api/v1/jobs", json={"type": "simulation", "input": {"calculation": "md"}})
     assert no_structure.status_code == 422 and "structure" in no_structure.json()["detail"]
     bad_molecule = http.post("/api/v1/jobs", json={
-        "type": "simulation", "input": {"calculation": "single_point", "molecule": "c1ccccc1"}})
+        "type": "simulation", "input": {"calculation": "single_point", "molecule": "C1CC("}})
     assert bad_molecule.status_code == 422
-    assert "input.molecule" in bad_molecule.json()["detail"] and "RDKit" in bad_molecule.json()["detail"]
+    assert "input.molecule" in bad_molecule.json()["detail"] and "SMILES" in bad_molecule.json()["detail"]
     replicas_of_relax = http.post("/api/v1/jobs", json={
         "type": "simulation", "input": {"calculation": "relax", "structure": "Si", "ntasks": 2}})
     assert replicas_of_relax.status_code == 422 and "ntasks" in replicas_of_relax.json()["detail"]
     bad_ensemble = http.post("/api/v1/jobs", json={
         "type": "simulation", "input": {"calculation": "md", "structure": "Si", "md": {"ensemble": "NVX"}}})
     assert bad_ensemble.status_code == 422 and "input.md.ensemble" in bad_ensemble.json()["detail"]
+
+
+def test_a_single_point_of_a_molecule_given_as_smiles(http, idle):
+    """The Atomiverse batch document's molecules: `Atoms.from_smiles("CCO")`, here RDKit's conformer (fixed seed)."""
+    from ase.units import Bohr
+    from tblite.interface import Calculator
+
+    from kiln.schemas.molecules import molecule_from_smiles
+
+    out = run(http, {"calculation": "single_point", "molecule": "CCO", "method": "GFN2-xTB"})["output"]
+    ethanol = molecule_from_smiles("CCO")
+    direct = Calculator("GFN2-xTB", ethanol.numbers, ethanol.positions / Bohr)
+    direct.set("verbosity", 0)
+    assert out["energy"] == pytest.approx(float(direct.singlepoint().get("energy")), abs=1e-7)

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
-from tests.integration.support import DATABASE, SETTINGS, flow_run_state, left_behind, wait_until
+from tests.integration.support import (
+    DATABASE,
+    SETTINGS,
+    SlowPrefectApi,
+    flow_run_state,
+    flow_run_state_types,
+    left_behind,
+    wait_until,
+)
+
+# the request a kiln worker sends after it took a run (Pending) and before it starts it (Prefect's worker gives the
+# run its labels): held, it keeps the run in submission on the worker
+SUBMISSION_CALL = b"/labels HTTP/1.1"
 
 
 def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack, idle):
@@ -176,9 +189,63 @@ def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack,
     first_run = client.jobs.get(job.id).flow_run_id
     stack.stop("worker", sig=signal.SIGKILL)
     stack.start_worker()
-    # a later attempt, not necessarily the second: a run crashed on the way (an orphan) is served again too
-    wait_until(lambda: client.jobs.get(job.id).attempt >= 2 and (client.jobs.get(job.id).status_reason or "")
+    wait_until(lambda: client.jobs.get(job.id).attempt == 2 and (client.jobs.get(job.id).status_reason or "")
                .startswith("survivor: serving"), timeout=90, what="the service to serve again")  # fmt: skip
     assert flow_run_state(first_run) == "CRASHED"
     client.jobs.cancel(job.id)
     assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
+
+
+@contextmanager
+def worker_with_a_slow_submission(stack, seconds: float):
+    """The stack's worker restarted against a Prefect API whose first answer to SUBMISSION_CALL takes `seconds`;
+    the ordinary worker again afterwards."""
+    slow = SlowPrefectApi(SETTINGS.prefect_port, SUBMISSION_CALL, seconds)
+    ordinary = stack.settings
+    stack.stop("worker")
+    stack.settings = ordinary.model_copy(update={"prefect_api_url": slow.api_url})
+    try:
+        stack.start_worker()
+        yield slow
+    finally:
+        stack.settings = ordinary
+        stack.stop("worker")
+        slow.close()
+        stack.start_worker()
+
+
+def runs_of(job_id: str) -> list[dict]:
+    import httpx
+
+    return httpx.post(
+        f"{SETTINGS.prefect_api}/flow_runs/filter",
+        json={"flow_runs": {"tags": {"all_": [f"job:{job_id}"]}, "parent_task_run_id": {"is_null_": True}}},
+    ).json()
+
+
+def test_a_run_held_in_submission_past_the_lost_worker_window_runs_once(client, stack, idle):
+    # the worker took the run and heartbeats all along: it is not lost, and its run is no orphan
+    with worker_with_a_slow_submission(stack, SETTINGS.worker_lost_seconds + 6) as slow:
+        job = client.jobs.create(type="sleep", input={"seconds": 0}, resources={"max_retry_count": 1})
+        assert slow.holding.wait(60), "the worker never took the run"
+        assert slow.released.wait(60)
+        job.wait(timeout=60)
+    assert job.status.value == "completed", job.status_reason
+    assert job.attempt == 1, job.status_reason
+    assert len(runs_of(job.id)) == 1
+    assert "CRASHED" not in flow_run_state_types(job.flow_run_id)
+
+
+def test_a_job_cancelled_while_its_run_is_held_in_submission_never_runs(client, stack, idle):
+    with worker_with_a_slow_submission(stack, 4) as slow:
+        job = client.jobs.create(type="sleep", input={"seconds": 0})
+        assert slow.holding.wait(60), "the worker never took the run"
+        client.jobs.cancel(job.id)
+        assert job.wait(timeout=30).status.value == "cancelled"
+        assert slow.released.wait(30)
+        # the worker goes on with the held run, then takes the next job
+        after = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+        assert after.status.value == "completed", after.status_reason
+    assert client.jobs.get(job.id).status.value == "cancelled"
+    assert "RUNNING" not in flow_run_state_types(job.flow_run_id)
+    assert flow_run_state(job.flow_run_id) == "CANCELLED"

@@ -23,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from kiln.schemas.mcp_host import McpHostInput
 from kiln.tasks.mcp import Deployment
-from kiln.tasks.mcp.process import ServerProcess, launch_command
+from kiln.tasks.mcp.process import Launcher, ServerProcess, launch_command
 from kiln.tasks.mcp.replica import free_port
 
 SERVER = str(Path(__file__).with_name("server.py"))
@@ -58,13 +58,17 @@ class Hosted:
 
 @dataclass
 class Launches:
-    """Every process the tests' deployments started: their pids are the process groups and sessions of all they ran."""
+    """Every process the tests' deployments started, by `inner` (a plain process unless a test sets another
+    Launcher): their pids are the process groups and sessions of all they ran."""
 
     pids: list[int] = field(default_factory=list)
+    processes: list[ServerProcess] = field(default_factory=list)
+    inner: Launcher = launch_command
 
     async def launch(self, argv: Sequence[str], env, stdio: bool) -> ServerProcess:
-        process = await launch_command(argv, env, stdio)
+        process = await self.inner(argv, env, stdio)
         self.pids.append(process.pid)
+        self.processes.append(process)
         return process
 
 

@@ -148,9 +148,9 @@ async def test_an_unreachable_url_fails_after_its_attempts(launches):
         await Deployment(spec, min_start_s=0).start()
 
 
-async def test_plugin_servers_are_refused_for_now():
+async def test_a_plugin_server_without_its_sandbox_launcher_is_refused():
     spec = McpHostInput.model_validate({"name": "p", "server": {"plugin": "structure-tools"}})
-    with pytest.raises(ServerUnsupported, match="server.plugin: plugin images"):
+    with pytest.raises(ServerUnsupported, match="server.plugin: the plugin 'structure-tools' runs in the sandbox"):
         Deployment(spec)
 
 

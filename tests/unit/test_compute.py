@@ -1,8 +1,9 @@
-"""The GPU job API's container jobs mapped onto plugin_exec jobs: the body taken verbatim, what is refused and why,
-limits and resources, statuses, the job shape, and secrets never coming back."""
+"""The GPU job API's container jobs mapped onto plugin_exec (BATCH) and mcp_host (PERSISTENT) jobs: the body taken
+verbatim, what is refused and why, limits and resources, statuses, the job shape, and secrets never coming back."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -20,6 +21,7 @@ from kiln.schemas.compute import (
     hide_secrets,
     tag_names,
 )
+from kiln.schemas.mcp_host import McpHostInput
 from kiln.schemas.plugin_exec import PluginExecInput
 from kiln.schemas.plugins import Limits
 
@@ -81,13 +83,10 @@ def test_empty_unhonourable_fields_are_no_refusal():
     assert request.refusals() == []
 
 
-@pytest.mark.parametrize("fields, loc, words", [
-    ({"type": "kubernetes"}, "parameters.type", "kiln runs 'docker' jobs only"),
-    ({"task": "PERSISTENT"}, "task", "kiln serves persistent jobs as mcp_host jobs (POST /api/v1/jobs), which cannot run plugin images yet"),
-])  # fmt: skip
-def test_another_type_and_persistent_tasks_are_refused_saying_why(fields, loc, words):
-    (refusal,) = ComputeJobCreate.model_validate(body(**fields)).refusals()
-    assert ".".join(refusal["loc"]) == loc and words in refusal["msg"]
+def test_another_type_is_refused_saying_why_and_a_persistent_task_is_not():
+    (refusal,) = ComputeJobCreate.model_validate(body(type="kubernetes")).refusals()
+    assert ".".join(refusal["loc"]) == "parameters.type" and "kiln runs 'docker' jobs only" in refusal["msg"]
+    assert ComputeJobCreate.model_validate(body(task="PERSISTENT")).refusals() == []
 
 
 @pytest.mark.parametrize("field, value", [
@@ -114,7 +113,7 @@ def test_a_request_becomes_a_plugin_exec_job_with_its_env_wall_time_and_resource
     request = ComputeJobCreate.model_validate(body(docker={"env": {"GREETING": "hi"}}, max_timeout_run_ms=90000,
                                                    gpu_name="NVIDIA RTX 4090", min_storage_gb=2,
                                                    max_retry_count=2))  # fmt: skip
-    job = request.plugin_exec_job(Limits())
+    job = request.kiln_job(Limits())
     assert job.type == "plugin_exec"
     run = PluginExecInput.model_validate(job.input)  # what read_job will check it against
     assert (run.plugin, run.env, run.args, run.input) == ("shell", {"GREETING": "hi"}, None, None)
@@ -135,9 +134,26 @@ def test_a_request_becomes_a_plugin_exec_job_with_its_env_wall_time_and_resource
 ])  # fmt: skip
 def test_cores_and_memory_asked_for_raise_the_plugins_limits_and_never_lower_them(cpu_count, min_ram_gb, plugin,
                                                                                   limits):  # fmt: skip
-    job = ComputeJobCreate.model_validate(body(cpu_count=cpu_count, min_ram_gb=min_ram_gb)).plugin_exec_job(plugin)
-    assert {k: v for k, v in job.input["limits"].items() if k != "wall_seconds"} == limits
-    assert (job.resources.cpu_count, job.resources.min_ram_gb) == (cpu_count, min_ram_gb)
+    for task in ("BATCH", "PERSISTENT"):
+        request = ComputeJobCreate.model_validate(body(cpu_count=cpu_count, min_ram_gb=min_ram_gb, task=task))
+        job = request.kiln_job(plugin)
+        assert {k: v for k, v in job.input["limits"].items() if k != "wall_seconds"} == limits
+        assert (job.resources.cpu_count, job.resources.min_ram_gb) == (cpu_count, min_ram_gb)
+
+
+def test_a_persistent_request_becomes_an_mcp_host_deployment_of_its_image_with_no_run_timeout():
+    request = ComputeJobCreate.model_validate(body(task="PERSISTENT", docker={"env": {"GREETING": "hi"}},
+                                                   max_timeout_run_ms=90000, max_retry_count=1))  # fmt: skip
+    job = request.kiln_job(Limits())
+    assert job.type == "mcp_host"
+    served = McpHostInput.model_validate(job.input)  # what read_job will check it against
+    assert served.server.plugin == "shell" and served.transport == "stdio" and served.env == {"GREETING": "hi"}
+    assert re.fullmatch(r"shell-[0-9a-f]{6}", served.name)
+    assert served.limits.model_dump(exclude_none=True) == {}  # no wall time: it serves until cancelled
+    assert job.resources.max_timeout_run_ms is None and job.resources.max_retry_count == 1
+    assert request.kiln_job(Limits()).input["name"] != served.name  # two never share a URL
+    long = ComputeJobCreate.model_validate(body(task="PERSISTENT", docker={"image": "a" * 63})).kiln_job(Limits())
+    assert McpHostInput.model_validate(long.input).name.startswith("a" * 56 + "-")
 
 
 @pytest.mark.parametrize("tag, names", [
@@ -193,6 +209,18 @@ def test_a_job_has_every_field_of_the_documents_job_and_echoes_the_request():
     assert shown["container_access_tokens"] == [] and shown["source_recipe_uuid"] is None
     pending = ComputeJob.of(kiln_job(JobStatus.PENDING), request.record(DIGEST, None)).model_dump(mode="json")
     assert pending["updated_at"] == pending["created_at"] and pending["started_at"] is None
+
+
+def test_a_persistent_job_gives_its_mcp_endpoint_as_its_access_token():
+    request = ComputeJobCreate.model_validate(body(task="PERSISTENT"))
+    served = Job(id="j2", type="mcp_host", project_id="p", status=JobStatus.RUNNING, priority=0, resources={},
+                 input={"name": "shell-a1b2c3"}, created_at=datetime(2026, 12, 1, tzinfo=UTC),
+                 status_reason="1 of 1 replica healthy")  # fmt: skip
+    shown = ComputeJob.of(served, request.record(DIGEST, None), "http://kiln:8000/").model_dump(mode="json")
+    assert (shown["task"], shown["status"], shown["status_reason"]) == ("PERSISTENT", "RUNNING",
+                                                                        "1 of 1 replica healthy")  # fmt: skip
+    assert shown["container_access_tokens"] == [{"type": "mcp", "name": "shell-a1b2c3",
+                                                 "url": "http://kiln:8000/api/v1/mcp/shell-a1b2c3/mcp"}]  # fmt: skip
 
 
 def test_what_is_kept_of_a_request_has_no_secret():

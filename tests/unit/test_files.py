@@ -122,3 +122,38 @@ def test_a_job_type_names_an_input_field_of_uploads_that_its_input_has():
 
     with pytest.raises(ValueError, match="input_files names 'files', which is no field of SleepInput"):
         JobType(name="t", description="", input_model=SleepInput, flow=None, input_files="files")
+
+
+def test_a_path_is_uploaded_only_from_kiln_home_datasets(store, tmp_path):
+    home = tmp_path / "home"
+    (home / "datasets" / "cifs").mkdir(parents=True)
+    (home / "api-key").write_text("secret")
+    (home / "datasets" / "cifs" / "a.cif").write_text("data_a")
+    (home / "datasets" / "cifs" / "b.cif").write_text("data_b")
+    (home / "datasets" / "cifs" / "key").symlink_to(home / "api-key")
+    uploaded = store.upload_path_in_home(PROJECT, home, "datasets/cifs")
+    assert [f.name for f in uploaded] == ["a.cif", "b.cif"]  # the link out of the folder is not followed
+    assert store.upload_path_in_home(PROJECT, home, str(home / "datasets" / "cifs" / "a.cif"))[0].sha256 == sha(b"data_a")
+    for elsewhere in ("api-key", ".", "datasets/../api-key", "/etc/passwd", "datasets/cifs/key"):
+        with pytest.raises(InputInvalid, match="is not under"):
+            store.upload_path_in_home(PROJECT, home, elsewhere)
+    with pytest.raises(OverflowError):
+        store.upload_path_in_home(PROJECT, home, "datasets/cifs", max_bytes=11)
+    for nonsense in ("datasets/a\x00b", "datasets/" + "x" * 5000):
+        with pytest.raises(InputInvalid, match="is no path here"):
+            store.upload_path_in_home(PROJECT, home, nonsense)
+
+
+def test_dotted_input_fields_reach_into_nested_models():
+    from kiln.flows.dataset_process import JOB_TYPE
+    from kiln.schemas.dataset_process import DatasetProcessInput
+    from kiln.schemas.job_types import JobType, input_field, with_input_field
+
+    job_input = DatasetProcessInput.model_validate({"source": {"file": "a.cif"}})
+    assert input_field(job_input, "source.files") == ["a.cif"] and input_field(job_input, "source.job") is None
+    pinned = StoredFile(name="a.cif", sha256=sha(b"x"), size=1)
+    assert with_input_field(job_input, "source.files", [pinned]).source.files == [pinned]
+    assert (JOB_TYPE.input_files, JOB_TYPE.input_job) == ("source.files", "source.job")
+    with pytest.raises(ValueError, match="input_job names 'source.nope'"):
+        JobType(name="t", description="", input_model=DatasetProcessInput, flow=None, input_files="source.files",
+                input_job="source.nope")  # fmt: skip

@@ -34,11 +34,29 @@ def test_defaults_and_the_transport_each_server_kind_implies():
     ({"name": "x", "server": {"command": ["a"]}, "restart": {"max_attempts": 0}}, "restart.max_attempts"),
     ({"name": "x", "server": {"command": ["a"]}, "restart": {"tries": 3}}, "restart.tries"),
     ({"name": "x", "server": {"command": ["a"]}, "replica": 2}, "replica"),
+    ({"name": "x", "server": {"plugin": "p"}, "transport": "streamable-http"}, "kiln speaks to it over stdio"),
+    ({"name": "x", "server": {"command": ["a"]}, "limits": {"wall_seconds": 60}}, "runs until it is stopped"),
+    ({"name": "x", "server": {"plugin": "p"}, "limits": {"wall_seconds": 60}}, "runs until it is stopped"),
+    ({"name": "x", "server": {"command": ["a"]}, "limits": {"tmp_mb": 8}}, "tmp_mb: a command runs under the worker"),
+    ({"name": "x", "server": {"url": "https://a.example/mcp"}, "limits": {"cpus": 1}}, "takes no limits"),
+    ({"name": "x", "server": {"command": ["a"]}, "limits": {"memory_mb": 1}}, "limits.memory_mb"),
 ])  # fmt: skip
 def test_what_is_refused_and_the_message_names_it(body, complaint):
     with pytest.raises(ValidationError) as refused:
         McpHostInput.model_validate(body)
     assert complaint in str(refused.value)
+
+
+def test_a_plugin_server_speaks_stdio_and_each_server_takes_the_limits_it_can_be_held_to():
+    plugin = McpHostInput.model_validate({"name": "p", "server": {"plugin": "tools"}, "limits": {"tmp_mb": 8}})
+    assert (plugin.transport, plugin.limits.model_dump(exclude_none=True)) == ("stdio", {"tmp_mb": 8})
+    with pytest.raises(ValidationError) as refused:
+        McpHostInput.model_validate({"name": "p", "server": {"plugin": "tools"}, "transport": "streamable-http"})
+    assert refused.value.errors()[0]["loc"] == ("transport",)
+    command = McpHostInput.model_validate({"name": "c", "server": {"command": ["a"]}, "limits": {"memory_mb": 64}})
+    from kiln.schemas.plugins import Limits
+
+    assert command.limits.over(Limits()) == Limits(memory_mb=64)
 
 
 def test_every_field_is_described():

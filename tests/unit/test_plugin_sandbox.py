@@ -14,8 +14,8 @@ from kiln.tasks.plugin.tiers import Bundle, oci_config
 
 def test_the_public_names_are_chosen():
     assert plugin.__all__ == sorted(plugin.__all__) == [
-        "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun", "SandboxFailed",
-        "TierCheck", "claim_work_dir", "clean_leftovers", "detect_tier", "import_image",
+        "Confinement", "Ending", "ImageRef", "InvalidImage", "LimitUnenforceable", "Limits", "Outcome", "PluginRun",
+        "Sandbox", "SandboxFailed", "TierCheck", "claim_work_dir", "clean_leftovers", "detect_tier", "import_image",
     ]  # fmt: skip
 
 
@@ -92,3 +92,44 @@ def test_a_run_gets_the_tier_it_asks_for_or_the_best_and_a_missing_one_is_refuse
         choose_tier("A", only_b)
     with pytest.raises(InvalidRequest, match=r"^tier: this worker offers no sandbox \(tier B: bwrap not installed\)"):
         choose_tier(None, TierCheck((), ("tier B: bwrap not installed",)))
+
+
+def test_the_limit_a_run_hit_names_its_ending_memory_first():
+    assert Ending.of_hits(set()) is None
+    assert Ending.of_hits({"cpu", "pids", "memory"}) is Ending.OUT_OF_MEMORY
+    assert Ending.of_hits({"output", "cpu"}) is Ending.OUTPUT_TOO_LARGE
+
+
+def test_tier_b_holds_a_process_tree_by_cgroups_else_rlimits_and_a_server_cpu_only_by_its_cgroup(monkeypatch):
+    from kiln.tasks.plugin.tiers import process_limits
+
+    limits = Limits(cpus=0.5, memory_mb=128, pids=16, wall_seconds=20)
+    assert process_limits(limits, {"memory", "pids", "cpu"}) == {
+        "memory_mb": "memory cgroup (swap included)", "cpus": "cpu cgroup quota", "pids": "pids cgroup"}  # fmt: skip
+    assert process_limits(limits, {"memory", "pids", "cpu"}, persistent=True)["cpus"] == "cpu cgroup quota"
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert process_limits(limits, set()) == {
+        "memory_mb": "RLIMIT_AS per process", "cpus": "RLIMIT_CPU 10 s per process",
+        "pids": "RLIMIT_NPROC of the sandbox's user"}  # fmt: skip
+    # a server has no wall time to turn into CPU seconds: refused rather than stopped after some CPU seconds
+    with pytest.raises(LimitUnenforceable, match=r"^limits.cpus: sandbox tier B on this worker cannot enforce it "
+                                                 r"\(no writable cpu cgroup, and a server runs until it is stopped"):
+        process_limits(limits, {"memory", "pids"}, persistent=True)
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    with pytest.raises(LimitUnenforceable, match="RLIMIT_NPROC does not bind root"):
+        process_limits(limits, {"memory", "cpu"})
+
+
+def test_a_command_under_the_worker_needs_cgroups_for_pids_and_a_servers_cpu_and_a_default_is_left_unheld(
+        monkeypatch):  # fmt: skip
+    from kiln.tasks.plugin.tiers import process_limits
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    limits = Limits()
+    # RLIMIT_NPROC would count the worker's own processes: refused when asked, unheld as a default
+    with pytest.raises(LimitUnenforceable, match=r"^limits.pids: .*would count the worker's own processes too\); run "
+                                                 r"it on a worker that may create cgroups"):
+        process_limits(limits, {"memory", "cpu"}, persistent=True, sandboxed=False)
+    held = process_limits(limits, set(), persistent=True, sandboxed=False, optional=frozenset({"cpus", "pids"}))
+    assert held["memory_mb"] == "RLIMIT_AS per process"
+    assert held["cpus"].startswith("not held: no writable cpu cgroup") and held["pids"].startswith("not held:")

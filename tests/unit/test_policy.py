@@ -29,6 +29,11 @@ def test_report_of_another_run_is_ignored():
     job = Job(S.RUNNING, flow_run_id="run-2", attempt=2)
     assert decide(job, run_state(S.COMPLETED, "run-1")).rule == "ReportOfAnotherRun"
     assert decide(job, run_state(S.COMPLETED, "run-2")).action is Action.APPLY
+    # back in pending for its next attempt, on no run yet: the crash that sent it back, reported a second time
+    retried = Job(S.PENDING, flow_run_id=None, attempt=2, max_retry_count=1)
+    assert decide(retried, Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)).rule == "ReportOfAnotherRun"
+    # kiln's own word on a job with no run is no report of a run
+    assert decide(retried, Proposal(S.CANCELLED, USER)).action is Action.APPLY
 
 
 def test_cache_hits_are_final():

@@ -103,6 +103,19 @@ async def test_a_failed_attempt_is_requeued_while_retries_remain(store):
     assert (await store.get_job(job.id)).status == "failed"
 
 
+async def test_a_crash_reported_twice_is_counted_once(store):
+    # the relay crashes an orphan and proposes it; Prefect's Crashed event of the same run comes in beside it
+    pid = await project(store)
+    job = await add(store, pid, resources={"max_retry_count": 1})
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    crash = dict(source=PREFECT, flow_run_id="run-1", reason="crashed: the kiln worker stopped responding", crashed=True)
+    assert await store.transition(job.id, JobStatus.FAILED, **crash)
+    assert not await store.transition(job.id, JobStatus.FAILED, **crash)
+    again = await store.get_job(job.id)
+    assert (again.status, again.attempt) == ("pending", 2)
+
+
 async def test_prefect_overrules_kiln_a_run_that_completed_after_kiln_failed_its_job(store):
     pid = await project(store)
     job = await add(store, pid)
