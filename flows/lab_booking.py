@@ -14,6 +14,8 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.events import emit_event
 from prefect.flow_runs import suspend_flow_run
+from prefect.input.actions import aread_flow_run_input
+from prefect.input.run_input import keyset_from_base_key
 from prefect.states import Cancelled, Failed
 from pydantic import BaseModel, Field
 
@@ -43,6 +45,16 @@ class LabOutcome(BaseModel):
     source: str = Field(description="callback, poll (kiln asked the lab), deadline or user.")
 
 
+async def wait_for(model: type[BaseModel], key: str):
+    """The input the run is resumed with under `key`: suspends it (holding nothing) until then. A run that ends
+    (crashed) after its resume and runs again has its input at once: Prefect forgets a pause that fired once a run
+    is re-run from a final state, and a second suspension with the key would fail (the input exists)."""
+    given = await aread_flow_run_input(keyset_from_base_key(key)["response"])
+    if given is not None:
+        return model.model_validate(given)
+    return await suspend_flow_run(wait_for_input=model, key=key)
+
+
 def callback_url(lab: str) -> str:
     from kiln.settings import get_settings
 
@@ -59,7 +71,7 @@ async def lab_booking(input: LabBookingInput):
     if input.approval:
         report_health(f"awaiting approval: POST /api/v1/jobs/{job_id}/approve (or /reject with a reason); nothing "
                       f"has been sent to {input.lab} yet", "awaiting_approval")  # fmt: skip
-        decision = await suspend_flow_run(wait_for_input=Approval, key=APPROVAL_KEY)
+        decision = await wait_for(Approval, APPROVAL_KEY)
         if not decision.approved:
             return Cancelled(message=f"rejected{f' by {decision.by}' if decision.by else ''}: {decision.reason}")
     try:
@@ -74,7 +86,7 @@ async def lab_booking(input: LabBookingInput):
     emit_event(BOOKED_EVENT, resource={"prefect.resource.id": f"kiln.job.{job_id}"},
                related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
                payload=booking)  # fmt: skip
-    outcome = await suspend_flow_run(wait_for_input=LabOutcome, key=OUTCOME_KEY)
+    outcome = await wait_for(LabOutcome, OUTCOME_KEY)
     return ending(booking, outcome)
 
 

@@ -346,9 +346,12 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             return KilnWorkerResult(identifier="", status_code=0)
         spec = await self._deployment_spec(flow_run)
         timeout = configuration.max_timeout_run_ms / 1000 if configuration.max_timeout_run_ms else None
+        # a key of its own per submission: a resumed run (a lab booking) is submitted again under the same flow run
+        # id, and a Dask key used twice in one client shares the first future's state (done, or cancelled when the
+        # first future is released), so the second run would end "cancelled for reason: unknown"
         future = self._dask.submit(
             executor.execute_flow_run, run_id, spec.module, spec.function, timeout, self._fans_out(spec),
-            key=f"kiln-{run_id}", pure=False,
+            key=f"kiln-{run_id}-{uuid4().hex[:8]}", pure=False,
         )
         self._running[run_id] = future
         self._beat_now.set()
