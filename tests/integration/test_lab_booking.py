@@ -16,10 +16,10 @@ import httpx
 import pytest
 
 from kiln.webhooks import new_secret, sign
-from tests.integration.support import DATABASE, SETTINGS, flow_run_state, wait_final, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, flow_run_state, wait_final, wait_until
 from tests.lab.support import Simulator, simulator
 
-pytestmark = pytest.mark.skipif(DATABASE == "postgresql", reason="lab_booking's own tests run on SQLite")
+pytestmark = JOB_TYPE_TESTS
 
 FINAL = ("completed", "failed", "cancelled")
 
