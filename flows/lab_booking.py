@@ -114,6 +114,9 @@ JOB_TYPE = JobType(
     flow=lab_booking,
     check="kiln.blocks.lab:check_booking",
     on_cancel="kiln.dispatch.labs:cancel_booking",
+    # a worker lost mid-booking or while the resumed run ends: the next attempt books with the same Idempotency-Key
+    # (the lab answers the booking it made) and is handed the outcome the job index keeps
+    crash_reruns=3,
     # a lab run is an experiment: every submission books
     cacheable=False,
     tags=("lab",),

@@ -82,6 +82,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
         await store.migrate()
         await reconcile_holds(store)
         store.transition_listeners.append(emit_job_event)
+        store.crash_reruns = {name: jt.crash_reruns for name, jt in available_job_types().items() if jt.crash_reruns}
         async with get_client() as client:
             await wait_for_prefect(client)
         # the process's one Prefect client: the dispatcher's, the relay's, and (SharedPrefectClient) that of every

@@ -105,6 +105,10 @@ class JobType:
     # before its run is stopped: it tells the outside world (a lab_booking job's lab gets DELETE /bookings/{id}) and
     # returns words added to the job's cancel reason (whether that worked), or None
     on_cancel: str | None = None
+    # runs again this many times after a crash (its worker or process died), beyond the job's max_retry_count: for a
+    # flow that is safe to run again whatever it had done (a lab booking books once per job by its Idempotency-Key
+    # and takes its outcome from the job index); failures by the flow itself are not run again for it
+    crash_reruns: int = 0
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI

@@ -53,6 +53,8 @@ class Job:
     persistent: bool = False
     # when its run was suspended (Prefect Paused: a lab booking waiting for the lab); None while a worker holds it
     suspended_at: datetime | None = None
+    # attempts it has beyond max_retry_count when a run crashes (JobType.crash_reruns)
+    crash_reruns: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,8 @@ class PersistentJobsServeAgain(Rule):
 
 
 class RetryWhilePolicyAllows(Rule):
-    """A failed attempt of a top-level job runs again while its max_retry_count allows."""
+    """A failed attempt of a top-level job runs again while its max_retry_count allows, and a crashed one also while
+    its type's crash_reruns do (a lab booking, safe to run again)."""
 
     action = Action.RETRY
 
@@ -234,7 +237,7 @@ class RetryWhilePolicyAllows(Rule):
             and proposal.source is Source.PREFECT
             and not job.in_parent_run
             and not job.cancel_requested
-            and job.attempt <= job.max_retry_count
+            and job.attempt <= job.max_retry_count + (job.crash_reruns if proposal.crashed else 0)
         )
 
 

@@ -136,10 +136,10 @@ def _suspend(s, row: JobRow, reason: str | None, at: datetime) -> None:
                             **({"reason": row.status_reason} if row.status_reason else {})}))  # fmt: skip
 
 
-def _retry(s, row: JobRow, reason: str | None, at: datetime) -> None:
-    """Back to pending for the next attempt, on a new flow run."""
-    allowed = int((row.resources or {}).get("max_retry_count") or 0)
-    row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
+def _retry(s, row: JobRow, reason: str | None, at: datetime, allowed: int | None) -> None:
+    """Back to pending for the next attempt, on a new flow run; `allowed` retries in all (None: however many)."""
+    row.status_reason = (f"retry {row.attempt} of {allowed} after: {reason}" if allowed is not None
+                         else f"running again (attempt {row.attempt + 1}) after: {reason}")  # fmt: skip
     row.attempt += 1
     row.status = JobStatus.PENDING.value
     row.flow_run_id = None
@@ -157,6 +157,8 @@ class Store:
         self._project_names: dict[str, str] = {}
         # awaited with (store, job row) after each change of a job's status
         self.transition_listeners: list = []
+        # JobType.crash_reruns by type name, for the types that have them (set by the kiln API from its job types)
+        self.crash_reruns: dict[str, int] = {}
 
     async def migrate(self) -> None:
         await upgrade_async(self.url)
@@ -413,6 +415,7 @@ class Store:
                 in_parent_run=row.in_parent_run, attempt=row.attempt,
                 max_retry_count=int((row.resources or {}).get("max_retry_count") or 0), completed_at=row.completed_at,
                 persistent=row.persistent, suspended_at=row.suspended_at,
+                crash_reruns=self.crash_reruns.get(row.type, 0),
             )  # fmt: skip
             proposal = policy.Proposal(status, source, flow_run_id, at, crashed, suspended, scheduled)
             decision = policy.decide(facts, proposal)
@@ -428,7 +431,8 @@ class Store:
                 # a worker holds it again from now: the lost-worker watch gives that worker its time to report it
                 row.picked_at = at
             elif decision.action is policy.Action.RETRY:
-                _retry(s, row, reason, at)
+                allowed = None if facts.persistent else facts.max_retry_count + (facts.crash_reruns if crashed else 0)
+                _retry(s, row, reason, at, allowed)
             else:
                 was_final = facts.status in FINAL_STATUSES
                 if decision.action is policy.Action.REOPEN:

@@ -276,6 +276,21 @@ def test_cancel_during_the_wait_reaches_the_lab(http, lab, fresh):
     assert final_events(http, job["id"]) == ["cancelled"]
 
 
+def test_cancel_while_the_lab_is_down_ends_the_job_cancelled_saying_so(http, stack):
+    with simulator() as down:
+        register("lab-down", down)
+        job = book(http, "lab-down", **later())
+        waiting(http, down, job)
+        down.process.kill()
+        down.process.wait()
+        answer = http.post(f"/api/v1/jobs/{job['id']}/cancel")
+    assert answer.status_code == 200, answer.text
+    ended = wait_final(http, job["id"])
+    assert ended["status"] == "cancelled", (ended["status"], ended["status_reason"])
+    assert "did not confirm the cancel" in ended["status_reason"] and "it may still run it" in ended["status_reason"]
+    assert final_events(http, job["id"]) == ["cancelled"]
+
+
 def test_approval_gates_the_booking(http, lab, fresh):
     job = book(http, lab, approval=True)
     wait_until(lambda: "awaiting approval" in (http.get(f"/api/v1/jobs/{job['id']}").json()["status_reason"] or ""),

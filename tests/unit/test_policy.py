@@ -98,6 +98,16 @@ def test_retry_while_policy_allows():
     assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
 
 
+def test_a_crashed_run_of_a_type_with_crash_reruns_runs_again_that_many_times_more():
+    crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
+    booking = Job(S.RUNNING, flow_run_id="run-1", attempt=1, crash_reruns=2)
+    assert (decide(booking, crashed).rule, decide(booking, crashed).action) == ("RetryWhilePolicyAllows", Action.RETRY)
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=2, crash_reruns=2), crashed).action is Action.RETRY
+    # past them it fails; and a failure of the flow itself (the lab's "failed") is not run again for them
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=3, crash_reruns=2), crashed).action is Action.APPLY
+    assert decide(booking, run_state(S.FAILED)).action is Action.APPLY
+
+
 def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
     crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
     service = Job(S.RUNNING, flow_run_id="run-1", attempt=7, persistent=True)
