@@ -125,10 +125,21 @@ def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at
         s.add(JobEventRow(job_id=row.id, event="status", data=data, created_at=at))
 
 
-def _retry(s, row: JobRow, reason: str | None, at: datetime) -> None:
-    """Back to pending for the next attempt, on a new flow run."""
-    allowed = int((row.resources or {}).get("max_retry_count") or 0)
-    row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
+def _suspend(s, row: JobRow, reason: str | None, at: datetime) -> None:
+    """The job's run suspended itself: it stays running, holding no worker, with the reason its flow last gave."""
+    if row.status != JobStatus.RUNNING.value:
+        _move(s, row, JobStatus.RUNNING, reason, None, at)
+    row.suspended_at = at
+    row.status_reason = reason or row.status_reason
+    s.add(JobEventRow(job_id=row.id, event="status", created_at=at,
+                      data={"status": JobStatus.RUNNING.value, "suspended": True,
+                            **({"reason": row.status_reason} if row.status_reason else {})}))  # fmt: skip
+
+
+def _retry(s, row: JobRow, reason: str | None, at: datetime, allowed: int | None) -> None:
+    """Back to pending for the next attempt, on a new flow run; `allowed` retries in all (None: however many)."""
+    row.status_reason = (f"retry {row.attempt} of {allowed} after: {reason}" if allowed is not None
+                         else f"running again (attempt {row.attempt + 1}) after: {reason}")  # fmt: skip
     row.attempt += 1
     row.status = JobStatus.PENDING.value
     row.flow_run_id = None
@@ -146,6 +157,8 @@ class Store:
         self._project_names: dict[str, str] = {}
         # awaited with (store, job row) after each change of a job's status
         self.transition_listeners: list = []
+        # JobType.crash_reruns by type name, for the types that have them (set by the kiln API from its job types)
+        self.crash_reruns: dict[str, int] = {}
 
     async def migrate(self) -> None:
         await upgrade_async(self.url)
@@ -383,11 +396,14 @@ class Store:
         at: datetime | None = None,
         flow_run_id: str | None = None,
         crashed: bool = False,
+        suspended: bool = False,
+        scheduled: bool = False,
     ) -> bool:
         """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
         `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
-        run, and `crashed` says it crashed rather than failed. Returns whether the job changed.
+        run, `crashed` says it crashed rather than failed, `suspended` that it is suspended (Paused) and
+        `scheduled` that it waits for a worker (Scheduled). Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
@@ -398,13 +414,25 @@ class Store:
                 status=JobStatus(row.status), flow_run_id=row.flow_run_id, cancel_requested=row.cancel_requested,
                 in_parent_run=row.in_parent_run, attempt=row.attempt,
                 max_retry_count=int((row.resources or {}).get("max_retry_count") or 0), completed_at=row.completed_at,
-                persistent=row.persistent,
+                persistent=row.persistent, suspended_at=row.suspended_at,
+                crash_reruns=self.crash_reruns.get(row.type, 0),
             )  # fmt: skip
-            decision = policy.decide(facts, policy.Proposal(status, source, flow_run_id, at, crashed))
+            proposal = policy.Proposal(status, source, flow_run_id, at, crashed, suspended, scheduled)
+            decision = policy.decide(facts, proposal)
             if decision.action is policy.Action.IGNORE:
                 return False
-            if decision.action is policy.Action.RETRY:
-                _retry(s, row, reason, at)
+            if row.suspended_at is not None and decision.action is not policy.Action.SUSPEND:
+                # the time it waited suspended held no worker: it is not charged as run time
+                row.suspended_seconds += max((at - row.suspended_at).total_seconds(), 0.0)
+                row.suspended_at = None
+            if decision.action is policy.Action.SUSPEND:
+                _suspend(s, row, reason, at)
+            elif decision.action is policy.Action.RESUME:
+                # a worker holds it again from now: the lost-worker watch gives that worker its time to report it
+                row.picked_at = at
+            elif decision.action is policy.Action.RETRY:
+                allowed = None if facts.persistent else facts.max_retry_count + (facts.crash_reruns if crashed else 0)
+                _retry(s, row, reason, at, allowed)
             else:
                 was_final = facts.status in FINAL_STATUSES
                 if decision.action is policy.Action.REOPEN:
@@ -442,9 +470,13 @@ class Store:
                 await s.scalars(
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]),
-                        or_(JobRow.picked_at < before, JobRow.started_at < before),
+                        # when a worker took it: picked_at (a resumed run's is when a worker took it again, while its
+                        # started_at is its first start); started_at only for a run whose pick was never seen
+                        or_(JobRow.picked_at < before, and_(JobRow.picked_at.is_(None), JobRow.started_at < before)),
                         JobRow.in_parent_run.is_(False),
                         JobRow.flow_run_id.is_not(None),
+                        # a suspended run left its worker: no worker is meant to hold it
+                        JobRow.suspended_at.is_(None),
                     )
                 )
             )
@@ -554,8 +586,15 @@ class Store:
                 select(func.count())
                 .select_from(JobRow)
                 .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.in_parent_run.is_(False),
-                       JobRow.persistent.is_(persistent))  # fmt: skip
+                       JobRow.persistent.is_(persistent),
+                       # a suspended job (a lab booking waiting for its results) holds no slot (policy.SuspendedRunHoldsNoSlot)
+                       JobRow.suspended_at.is_(None))  # fmt: skip
             )
+
+    async def suspended_count(self) -> int:
+        """Jobs whose run is suspended (waiting, holding no worker: lab bookings waiting for their labs)."""
+        async with self.session() as s:
+            return await s.scalar(select(func.count()).select_from(JobRow).where(JobRow.suspended_at.is_not(None)))
 
     async def jobs_ahead(self, row: JobRow) -> int:
         """Pending jobs that will be released before this one."""

@@ -56,6 +56,9 @@ _env = {
     "KILN_RECONCILE_INTERVAL_SECONDS": "5",
     # small, so that tests/integration/test_files.py crosses it quickly
     "KILN_UPLOAD_MAX_BYTES": str(4 * 1024 * 1024),
+    # lab bookings whose callbacks are lost are asked for within seconds of their slot's end (test_lab_booking.py)
+    "KILN_LAB_POLL_FIRST_SECONDS": "1",
+    "KILN_LAB_POLL_MAX_SECONDS": "2",
     # the shipped weights beside the checkout; nothing is downloaded
     "KILN_MODEL_DIR": str(MODEL_DIR),
     "HF_HUB_OFFLINE": "1",
