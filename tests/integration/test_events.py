@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import httpx
+import pytest
+from sqlalchemy import event
+from sqlalchemy.util import await_only
 
+from kiln.schemas import JobStatus
 from kiln.sdk import AsyncClient
 from kiln.sdk.sse import SSEParser
-from tests.integration.support import SETTINGS
+from kiln.store.policy import Source
+from kiln.store.store import Store
+from tests.integration.support import DATABASE, PG_ADMIN, SETTINGS, pg_admin
 
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 
@@ -96,3 +103,52 @@ async def test_a_hundred_subscribers_dropped_at_random_points_resume_with_last_e
     # at most 12 lines a connection: every subscriber resumed several times (about 1600 connections in all)
     assert min(connections for _, connections in followed) >= 3
 
+
+@pytest.fixture
+async def own_index(tmp_path):
+    """A job index of the test's own, on the session's kind of database, with no stack writing to it."""
+    if DATABASE == "postgresql":
+        name = f"kiln_index_{uuid.uuid4().hex[:8]}"
+        pg_admin([f"CREATE DATABASE {name}"])
+        url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{name}"
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'index.db'}"
+    store = Store(url)
+    await store.migrate()
+    yield store
+    await store.close()
+    if DATABASE == "postgresql":
+        pg_admin([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
+
+
+async def test_an_event_written_while_the_job_ends_is_committed_before_the_end(own_index):
+    # The relay writes a progress event while its watch ends the job: were the progress numbered first and committed
+    # last, a stream that had sent the end would never send it (PostgreSQL numbers a row at its INSERT)
+    store = own_index
+    project_id = await store.project_for_key(await store.create_key("order"))
+    job = await store.add_job(project_id=project_id, type="sleep", input={"seconds": 0}, resources={})
+    flow_run_id = str(uuid.uuid4())
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, flow_run_id)
+    await store.transition(job.id, JobStatus.RUNNING, source=Source.PREFECT, flow_run_id=flow_run_id)
+    running = (await store.events_after(job.id))[-1].id
+    inserted, commit = asyncio.Event(), asyncio.Event()
+
+    def hold_the_progress_before_its_commit(_connection, _cursor, statement, parameters, _context, _many):
+        if statement.lstrip().upper().startswith("INSERT INTO JOB_EVENTS") and "progress" in str(parameters):
+            inserted.set()
+            await_only(commit.wait())
+
+    event.listen(store.engine.sync_engine, "after_cursor_execute", hold_the_progress_before_its_commit)
+    progress = asyncio.create_task(store.add_progress(job.id, 50, "half"))
+    await inserted.wait()
+    end = asyncio.create_task(
+        store.transition(job.id, JobStatus.COMPLETED, source=Source.PREFECT, flow_run_id=flow_run_id, output={})
+    )
+    # the end waits for the progress's transaction; a second is its chance to get ahead were it not made to wait
+    await asyncio.wait([end], timeout=1)
+    seen_meanwhile = [e.event for e in await store.events_after(job.id, running)]
+    commit.set()
+    await asyncio.gather(progress, end)
+    assert seen_meanwhile == []
+    assert [e.event for e in await store.events_after(job.id, running)] == ["progress", "completed"]
