@@ -245,8 +245,11 @@ class Store:
         in_parent_run: bool = False,
         held_usd: float = 0.0,
         key_prefix: str | None = None,
+        at: datetime | None = None,
     ) -> JobRow:
-        now = utcnow()
+        """A new job, its first status event logged; `at` is when it came in (for a job recorded after it started,
+        as a drop-in LLM call is: when the call started), now by default."""
+        now = at or utcnow()
         row = JobRow(
             id=job_id or str(uuid.uuid4()),
             project_id=project_id,
@@ -262,6 +265,7 @@ class Store:
             flow_run_id=flow_run_id,
             created_at=now,
             queued_at=now if status is not JobStatus.PENDING else None,
+            started_at=now if status is JobStatus.RUNNING else None,
             held_usd=held_usd,
             key_prefix=key_prefix,
         )
