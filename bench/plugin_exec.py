@@ -197,8 +197,12 @@ class Direct:
         # a bundle as PluginRun lays it out and RuncTier writes its config.json, for `runc run` to start again
         # and again (without --keep runc deletes the container and its cgroups when /bin/true exits)
         self.bare = self._plugin_run("bare")
-        self.bare._write_inputs()
-        self.bare_argv = [arg for arg in self.bare.tier.prepare(self.bare.bundle).argv if arg != "--keep"]
+        bundle = self.bare.bundle
+        # the folders Sandbox.start makes (the plugin has no inputs; /out stays a plain folder here, no tmpfs)
+        bundle.in_dir.mkdir(parents=True)
+        bundle.out_dir.mkdir()
+        bundle.dir.chmod(0o755)
+        self.bare_argv = [arg for arg in self.bare.tier.prepare(bundle).argv if arg != "--keep"]
 
     def _plugin_run(self, run_id: str):
         from kiln.tasks.plugin.sandbox import PluginRun
