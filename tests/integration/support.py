@@ -37,6 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pg_admin(statements: list[str]) -> None:
+    """Runs the statements (CREATE/DROP DATABASE) on the local PostgreSQL as its admin role, outside a transaction."""
+    import psycopg2
+
+    connection = psycopg2.connect(PG_ADMIN)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    connection.close()
+
+
 def _pg_databases() -> tuple[str, str]:
     suffix = uuid.uuid4().hex[:8]
     return f"kiln_index_{suffix}", f"kiln_prefect_{suffix}"
