@@ -28,7 +28,7 @@ from datetime import datetime
 
 import httpx
 
-from common import REPO, embedded_stack, percentile
+from common import REPO, did_not_run, embedded_stack, percentile
 
 sys.path.insert(0, str(REPO))
 from tests.lab.support import simulator  # noqa: E402
@@ -126,9 +126,9 @@ def run(args, settings, key: str, lab) -> int:
                 if line.startswith("event: ") and line[7:] in FINAL]  # fmt: skip
         output = job.get("output") or {}
         ran = job["flow_run_id"] and prefect.get(f"/flow_runs/{job['flow_run_id']}").json()["state"]["type"]
-        if (len(ends) != 1 or job["status"] != "completed" or ran != "COMPLETED"
+        if (did_not_run(job) or len(ends) != 1 or ran != "COMPLETED"
                 or (output.get("results") or {}).get("reference") != job_id):  # fmt: skip
-            bad.append((job_id, job["status"], job["status_reason"], len(ends), ran))
+            bad.append((job_id, did_not_run(job) or job["status"], len(ends), ran))
             continue
         sent = first_final.get(output["booking"])
         if sent is not None and output.get("source") == "callback":
