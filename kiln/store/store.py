@@ -544,6 +544,16 @@ class Store:
                 )
             )
 
+    async def failed_since(self, since: datetime) -> list[JobRow]:
+        """Top-level jobs that ended failed after `since` through a flow run: what a reconcile compares again."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(JobRow.status == JobStatus.FAILED.value, JobRow.completed_at > since,
+                                         JobRow.flow_run_id.is_not(None), JobRow.in_parent_run.is_(False))  # fmt: skip
+                )
+            )
+
     # the dispatcher's view
 
     async def pending_in_order(self, limit: int) -> list[JobRow]:
