@@ -43,12 +43,17 @@ def main() -> int:
     parser.add_argument("--duplicate-rate", type=float, default=0.1)
     parser.add_argument("--forged-rate", type=float, default=0.05)
     parser.add_argument("--delay", type=float, default=1.0, help="wall seconds each callback waits at least")
-    parser.add_argument("--start-in-hours", type=float, default=480.0,
+    parser.add_argument("--start-in-hours", type=float, default=None,
                         help="the slots start this many lab hours ahead (1 lab hour = 1 wall second), so that every "
-                        "booking is made and waiting before the first run starts")
+                        "booking is made and waiting before the first run starts; 4 per booking by default (a "
+                        "booking flow run takes 1-5 s on the loaded 2-core machine)")
+    parser.add_argument("--max-minutes", type=float, default=150.0,
+                        help="stop waiting for the jobs after this long (those not ended count as not exactly once)")
     parser.add_argument("--jitter", type=float, default=30.0, help="up to this many more, per callback")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args()
+    if args.start_in_hours is None:
+        args.start_in_hours = 4.0 * args.bookings
 
     env = {"KILN_LAB_POLL_FIRST_SECONDS": "600"}  # callbacks, not asks, are what is measured
     with embedded_stack(slots=args.slots, env=env) as (settings, stack, key), simulator(
@@ -110,7 +115,7 @@ def run(args, settings, key: str, lab) -> int:
             samples.append(sample)  # all booked and waiting, none has its outcome: what does waiting hold?
             all_waiting = all_waiting or sample["t"]
         print(sample)
-        if sample["runs_completed"] >= len(ids) or time.monotonic() - submitted > 3600:
+        if sample["runs_completed"] >= len(ids) or time.monotonic() - submitted > 60 * args.max_minutes:
             break
         time.sleep(2)
 
