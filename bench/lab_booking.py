@@ -127,7 +127,10 @@ def run(args, settings, key: str, lab) -> int:
             first_final.setdefault(d["booking"], datetime.fromisoformat(d["sent_at"].replace("Z", "+00:00")))
     latencies, bad = [], []
     for job_id, job in jobs.items():
-        ends = [line for line in api.get(f"/api/v1/jobs/{job_id}/events", timeout=30).text.splitlines()
+        if job["status"] not in FINAL:  # its event stream stays open until it ends
+            bad.append((job_id, f"{job['status']} ({job['status_reason']})", None, None))
+            continue
+        ends = [line for line in api.get(f"/api/v1/jobs/{job_id}/events", timeout=60).text.splitlines()
                 if line.startswith("event: ") and line[7:] in FINAL]  # fmt: skip
         output = job.get("output") or {}
         ran = job["flow_run_id"] and prefect.get(f"/flow_runs/{job['flow_run_id']}").json()["state"]["type"]
