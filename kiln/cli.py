@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import sys
@@ -581,6 +582,107 @@ def labs_simulate(
     typer.echo(f"lab simulator on http://{host}:{port} (resources {', '.join(lab.resources)}; "
                f"{config.time_scale:g} lab seconds per second); Ctrl-C stops it")  # fmt: skip
     uvicorn.run(create_app(lab), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+
+
+@labs_app.command("add")
+def labs_add(
+    name: str = typer.Argument(..., help="The lab's name in kiln: lowercase letters, digits and dashes."),
+    base_url: str = typer.Option(..., help="The lab's API, e.g. https://lab.example.org/api (kiln calls /slots, …)."),
+    resource: list[str] = typer.Option(..., help="A resource of the lab a booking may name (repeatable)."),
+    key_env: str = typer.Option(..., help="The environment variable holding the lab's API key (never the command "
+                                "line)."),  # fmt: skip
+    secret_env: str = typer.Option(..., help="The environment variable holding the whsec_… secret the lab signs "
+                                   "its callbacks with."),  # fmt: skip
+    rotate_secret: bool = typer.Option(False, help="A rotation: the lab's current secret stays accepted as the "
+                                       "previous one beside the new one (--overwrite implied)."),  # fmt: skip
+    description: str = typer.Option("", help="What the lab is."),
+    overwrite: bool = typer.Option(False, help="Replace a lab already registered under this name."),
+) -> None:
+    """Registers a lab as a Prefect block; its key and signing secret are kept as secrets."""
+    _prefect_ready(get_settings())
+    from pydantic import ValidationError
+
+    from kiln.blocks.lab import Lab, load_lab
+
+    key, secret = os.environ.get(key_env), os.environ.get(secret_env)
+    if not key:
+        _fail(f"--key-env: the variable {key_env} is unset or empty")
+    if not secret:
+        _fail(f"--secret-env: the variable {secret_env} is unset or empty")
+    existing = asyncio.run(load_lab(name))
+    if existing is not None and not (overwrite or rotate_secret):
+        _fail(f"{name}: a lab of this name is registered; pass --overwrite to replace it")
+    if rotate_secret and existing is None:
+        _fail(f"--rotate-secret: no lab {name!r} is registered to rotate")
+    previous = existing.signing_secret if rotate_secret else None
+    from kiln.webhooks import secret_key
+
+    try:
+        secret_key(secret)
+    except ValueError as exc:
+        _fail(f"--secret-env: {exc}")
+    try:
+        lab = Lab(base_url=base_url, api_key=key, signing_secret=secret, previous_signing_secret=previous,
+                  resources=resource, description=description)  # fmt: skip
+    except ValidationError as exc:
+        _fail("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg'].removeprefix('Value error, ')}"
+                        for e in exc.errors()))  # fmt: skip
+    lab.save(name, overwrite=True)
+    typer.echo(f"lab {name!r} registered ({base_url}; resources {', '.join(resource)}"
+               f"{'; the previous signing secret stays accepted' if previous else ''})")  # fmt: skip
+
+
+@labs_app.command("list")
+def labs_list() -> None:
+    """Lists the registered labs (never their key or secrets)."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.lab import registered_labs
+
+    for name, lab in sorted(asyncio.run(registered_labs()).items()):
+        typer.echo(f"{name}\t{lab.base_url}\t{','.join(lab.resources)}"
+                   f"{chr(9) + 'rotating secret' if lab.previous_signing_secret else ''}\t{lab.description}")
+
+
+@labs_app.command("remove")
+def labs_remove(name: str) -> None:
+    """Removes a registered lab."""
+    _prefect_ready(get_settings())
+    from kiln.blocks.lab import Lab
+
+    try:
+        Lab.delete(name)
+    except Exception as exc:  # noqa: BLE001 - Prefect says not found in several ways
+        _fail(f"{name}: no such lab ({exc})")
+    typer.echo(f"lab {name!r} removed")
+
+
+@labs_app.command("callbacks")
+def labs_callbacks(name: str, refused: bool = typer.Option(False, help="Only the refused ones (401, the audit).")):
+    """A lab's callbacks: those taken, with what each did, and those refused with 401."""
+    with _client() as client:
+        answer = _run(lambda: client.labs.callbacks(name))
+    if not refused:
+        for c in answer["taken"]:
+            typer.echo(f"{c['received_at']}\ttaken\t{c['webhook_id']}\t{c['booking']}#{c['sequence']}\t{c['status']}"
+                       f"\t{c['effect']}")  # fmt: skip
+    for c in answer["refused"]:
+        typer.echo(f"{c['received_at']}\trefused\t{c['webhook_id']}\t{c['reason']}\t{c['client']}\t{c['message']}")
+
+
+@app.command("approve")
+def approve(job_id: str, reason: Optional[str] = typer.Option(None, help="Why (kept with the job).")) -> None:
+    """Approves a lab_booking job that waits for approval: it books its slot now."""
+    with _client() as client:
+        job = _run(lambda: client.jobs.approve(job_id, reason=reason))
+    typer.echo(f"{job.id}: {job.status.value}: {job.status_reason}")
+
+
+@app.command("reject")
+def reject(job_id: str, reason: str = typer.Option(..., help="Why the booking must not go to the lab.")) -> None:
+    """Rejects a lab_booking job that waits for approval: it ends cancelled, nothing sent to the lab."""
+    with _client() as client:
+        job = _run(lambda: client.jobs.reject(job_id, reason=reason))
+    typer.echo(f"{job.id}: {job.status.value}: {job.status_reason}")
 
 
 # LLM providers

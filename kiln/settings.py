@@ -95,6 +95,21 @@ class KilnSettings(BaseSettings):
         "rebinding protection, as the MCP specification asks). Requests without an Origin header (MCP clients "
         "that are not browsers) are not affected. As JSON: KILN_MCP_ALLOWED_ORIGINS='[\"https://app.example.org\"]'.",
     )
+    public_url: str | None = Field(
+        None,
+        description="The kiln API's URL as labs reach it: lab_booking callbacks go to "
+        "PUBLIC_URL/api/v1/hooks/labs/{lab}. The API's own address (http://API_HOST:API_PORT) when unset.",
+    )
+    lab_poll_first_seconds: float = Field(
+        60.0, gt=0, description="How long after a booked slot ends kiln first asks the lab (GET /bookings/{id}) "
+        "for a result no callback brought; each later ask waits twice as long, up to lab_poll_max_seconds.",
+    )
+    lab_poll_max_seconds: float = Field(
+        3600.0, gt=0, description="The longest wait between two asks of a lab for a booking's result.",
+    )
+    lab_timeout_seconds: float = Field(
+        10.0, gt=0, description="Longest kiln waits for a lab to answer one request (slots, book, ask, cancel).",
+    )
     model_dir: Path | None = Field(
         None,
         description="Directory of ML model folders (matgl format), searched before the models shipped inside "
@@ -120,6 +135,11 @@ class KilnSettings(BaseSettings):
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def callback_base_url(self) -> str:
+        """Where labs send their callbacks: the public URL, else the API's own."""
+        return (self.public_url or self.api_url).rstrip("/")
 
     @property
     def results_dir(self) -> Path:

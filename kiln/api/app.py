@@ -24,10 +24,12 @@ from kiln.api.mcp import router as mcp_router
 from kiln.api.llm import Gateway
 from kiln.api.llm import install as install_llm
 from kiln.api.models import router as models_router
+from kiln.api.labs import router as labs_router
 from kiln.api.plugins import router as plugins_router
 from kiln.store.llm import reconcile_holds
 from kiln.submission import RateLimiter
 from kiln.dispatch.dispatcher import Dispatcher
+from kiln.dispatch.labs import LabWatch
 from kiln.errors import ErrorBody, KilnError, RateLimited, ServerError
 from kiln.events.job_events import emit_job_event
 from kiln.events.relay import Relay
@@ -80,6 +82,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
         await store.migrate()
         await reconcile_holds(store)
         store.transition_listeners.append(emit_job_event)
+        store.crash_reruns = {name: jt.crash_reruns for name, jt in available_job_types().items() if jt.crash_reruns}
         async with get_client() as client:
             await wait_for_prefect(client)
         # the process's one Prefect client: the dispatcher's, the relay's, and (SharedPrefectClient) that of every
@@ -89,7 +92,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             app.state.prefect = prefect
             dispatcher = Dispatcher(store, client, settings)
             await dispatcher.start()
-            relay = Relay(store, client, dispatcher, settings)
+            lab_watch = LabWatch(store, client, settings)
+            relay = Relay(store, client, dispatcher, settings, labs=lab_watch)
             app.state.rate_limiter = RateLimiter()
             app.state.llm = Gateway(store, client)
             app.state.settings, app.state.store, app.state.dispatcher, app.state.relay = (
@@ -98,7 +102,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
                 dispatcher,
                 relay,
             )
-            tasks = [asyncio.create_task(t) for t in (dispatcher.run(), relay.run(), relay.watch())]
+            app.state.labs = lab_watch
+            tasks = [asyncio.create_task(t) for t in (dispatcher.run(), relay.run(), relay.watch(), lab_watch.run())]
             try:
                 yield
             finally:
@@ -158,6 +163,9 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             # the plugin sandbox each worker offers, best first: A (runc, cgroups), B (bubblewrap); none is []
             "sandbox_tiers": {w.name: w.offers.get("sandbox_tiers", []) for w in workers.workers},
             "slots": workers.slots,
+            # batch slots held by released jobs; a suspended job (a lab booking waiting for its lab) holds none
+            "busy_slots": workers.busy,
+            "suspended_jobs": await state.store.suspended_count(),
             "job_types": sorted(state.dispatcher.deployments),
         }
 
@@ -168,6 +176,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(hpc_router)
     app.include_router(plugins_router)
+    app.include_router(labs_router)
     app.include_router(compute_router)
     install_llm(app)
     # the registered job types (kiln's own and other packages') are the request body's union

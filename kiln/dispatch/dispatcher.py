@@ -12,6 +12,7 @@ from prefect.states import Cancelled
 
 from kiln.dispatch.runs import apply_project, cancel_run, create_job_run
 from kiln.errors import NotFound
+from kiln.registry import job_types
 from kiln.schemas.resources import Resources
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
@@ -110,6 +111,16 @@ class Dispatcher:
         """
         descendants = await self.store.unfinished_children(job.id)
         await self.store.mark_cancel_requested([job.id, *(c.id for c in descendants)])
+        job_type = job_types().get(job.type)
+        if job_type is not None and job_type.on_cancel:
+            # the world outside kiln first (a lab's booking), and the reason says whether it heard
+            try:
+                done = await job_type.cancelled(self.store, job, reason)
+            except Exception as exc:  # noqa: BLE001 - the job is cancelled whatever the outside answers
+                log.exception("on_cancel of job %s failed", job.id)
+                done = f"{type(exc).__name__}: {exc}"
+            if done:
+                reason = f"{reason}; {done}"
         if not await self.store.cancel_pending(job.id, reason):
             current = await self.store.get_job(job.id)
             # with no flow run yet the release is under way, and _create_run cancels what it creates

@@ -204,7 +204,10 @@ async def cancel_run(client: PrefectClient, flow_run_id: str | UUID, reason: str
     flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
     if flow_run.state is None or flow_run.state.is_final():
         return
-    if flow_run.state.is_scheduled() or (flow_run.state.is_pending() and not flow_run.infrastructure_pid):
+    # a suspended run (Paused) has left its worker: nothing is there to stop
+    if flow_run.state.is_scheduled() or flow_run.state.is_paused() or (
+        flow_run.state.is_pending() and not flow_run.infrastructure_pid
+    ):
         await force_state(client, flow_run_id, Cancelled(message=reason))
     else:
         await force_state(client, flow_run_id, Cancelling(message=reason))
@@ -214,6 +217,10 @@ async def crash_run(client: PrefectClient, flow_run_id: str | UUID, reason: str)
     """Marks a flow run crashed unless it already ended; True when it was changed."""
     flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
     if flow_run.state is not None and flow_run.state.is_final():
+        return False
+    if flow_run.state is not None and (flow_run.state.is_paused() or flow_run.state.name == "Resuming"):
+        # suspended (or resumed and not yet taken): it left its worker on purpose, whatever the worker's last
+        # heartbeat said; its Paused state reaches the job as SuspendedRunHoldsNoSlot
         return False
     await force_state(client, flow_run_id, Crashed(message=reason))
     return True

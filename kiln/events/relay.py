@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
@@ -17,6 +18,7 @@ from prefect.states import Failed
 from sqlalchemy.exc import IntegrityError
 
 from kiln.dispatch.dispatcher import Dispatcher
+from kiln.dispatch.labs import LabWatch
 from kiln.dispatch.runs import (
     cancel_run,
     crash_run,
@@ -32,7 +34,9 @@ from kiln.runtime import DELTA_EVENT, HEALTH_EVENT, PROGRESS_EVENT
 from kiln.schemas.batches import Hardware
 from kiln.schemas.statuses import JobStatus
 from kiln.settings import KilnSettings
+from kiln.store import labs
 from kiln.store.job_tasks import record_task_progress
+from kiln.tasks.lab.booking import BOOKED_EVENT
 from kiln.store.models import utcnow
 from kiln.store.policy import Source
 from kiln.store.store import Store
@@ -43,14 +47,24 @@ log = logging.getLogger("kiln.relay")
 
 FLOW_RUN_PREFIX = "prefect.flow-run."
 BATCH_RUN = "batch_run"
+# the watch's rounds between two re-reads of suspended jobs' runs
+SUSPENDED_EVERY = 12
+# after a restart, jobs that ended failed this recently are compared with their runs too: one whose run completed
+# after all (a worker taken as lost that was only slow) is mended to completed with its output
+RECENT_ENDS = timedelta(hours=1)
+# flow runs read from Prefect in one request
+READ_CHUNK = 200
 
 
 class Relay:
-    def __init__(self, store: Store, client: PrefectClient, dispatcher: Dispatcher, settings: KilnSettings):
+    def __init__(self, store: Store, client: PrefectClient, dispatcher: Dispatcher, settings: KilnSettings,
+                 labs: LabWatch | None = None):
         self.store = store
         self.client = client
         self.dispatcher = dispatcher
         self.settings = settings
+        self.labs = labs
+        self._rounds = 0
         self.connected = asyncio.Event()
 
     async def run(self) -> None:
@@ -115,6 +129,8 @@ class Relay:
                                         payload.get("event"), payload.get("data") or {})  # fmt: skip
         elif name == DELTA_EVENT:
             await self.store.add_delta(event.resource.id.removeprefix("kiln.job."), str(event.payload.get("text", "")))
+        elif name == BOOKED_EVENT:
+            await self._record_booking(event.resource.id.removeprefix("kiln.job."), event.payload)
         elif name == HEARTBEAT_EVENT:
             payload = event.payload
             worker = event.resource.id.removeprefix("kiln.worker.")
@@ -127,6 +143,18 @@ class Relay:
             self.dispatcher.wake()
         elif name == STOPPED_EVENT:
             await self.store.worker_stopped(event.resource.id.removeprefix("kiln.worker."))
+
+    async def _record_booking(self, job_id: str, payload: dict) -> None:
+        """A lab_booking job booked its slot: the job index keeps the booking (its callbacks find the job by it),
+        and a callback that came first is applied now."""
+        start, end = datetime.fromisoformat(payload["start"]), datetime.fromisoformat(payload["end"])
+        deadline = datetime.fromisoformat(payload["deadline"])
+        first_poll = min(end + timedelta(seconds=self.settings.lab_poll_first_seconds), deadline)
+        await labs.record_booking(self.store, job_id, lab=payload["lab"], booking_id=payload["booking"],
+                                  resource=payload["resource"], start=start, end=end, deadline=deadline,
+                                  first_poll=first_poll)  # fmt: skip
+        if await labs.settle_from_callbacks(self.store, job_id) and self.labs is not None:
+            self.labs.wake()
 
     async def apply_state(
         self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
@@ -168,9 +196,14 @@ class Relay:
             output = None
         await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),
                                     output=output, at=at, flow_run_id=flow_run_id,
-                                    crashed=state_type == StateType.CRASHED.value)  # fmt: skip
+                                    crashed=state_type == StateType.CRASHED.value,
+                                    suspended=state_type == StateType.PAUSED.value,
+                                    scheduled=state_type == StateType.SCHEDULED.value)  # fmt: skip
         if status.is_final and not job.in_parent_run:
             self.dispatcher.wake()
+        if state_type == StateType.PAUSED.value and self.labs is not None:
+            # a run suspended itself: an outcome that came before it did can be handed to it now
+            self.labs.wake()
 
     async def _adopt_child(self, flow_run_id: str, tags):
         """A subflow run of a kiln job is a child job: enter it in the index under its parent."""
@@ -254,22 +287,40 @@ class Relay:
         return {"source": read["source"], **output}, None
 
     async def reconcile(self, only_stale: bool = False) -> None:
-        """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed."""
+        """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed; and, after a
+        restart (not `only_stale`), those of jobs ended failed in the last RECENT_ENDS, mending any whose run
+        completed. Each repair is logged."""
         stale_before = utcnow() - timedelta(seconds=self.settings.reconcile_interval_seconds)
-        for job in await self.store.unfinished_jobs():
-            if only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before:
-                continue
-            flow_run = await self.client.read_flow_run(UUID(job.flow_run_id))
-            if flow_run.state is None:
-                continue
-            await self.apply_state(
-                flow_run_id=job.flow_run_id,
-                state_type=flow_run.state.type.value,
-                state_name=flow_run.state.name,
-                message=flow_run.state.message,
-                tags=flow_run.tags,
-                at=flow_run.state.timestamp,
+        self._rounds += 1
+        # suspended jobs (lab bookings waiting for days, thousands of them) are re-read one round in SUSPENDED_EVERY:
+        # their run changes only when kiln itself resumes or cancels it
+        suspended_too = not only_stale or self._rounds % SUSPENDED_EVERY == 0
+        jobs = [job for job in await self.store.unfinished_jobs()
+                if not (only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before)
+                and (job.suspended_at is None or suspended_too)]  # fmt: skip
+        if not only_stale:
+            jobs += await self.store.failed_since(utcnow() - RECENT_ENDS)
+        for start in range(0, len(jobs), READ_CHUNK):
+            chunk = {job.flow_run_id: job for job in jobs[start:start + READ_CHUNK]}
+            runs = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in chunk])), limit=len(chunk)
             )
+            for flow_run in runs:
+                if flow_run.state is None:
+                    continue
+                job = chunk[str(flow_run.id)]
+                mirrored = status_of_state(flow_run.state.type.value, flow_run.state.name)
+                if mirrored is not None and mirrored.is_final and mirrored.value != job.status:
+                    log.info("reconcile: job %s is %s in the index, its flow run %s is %s: applying it", job.id,
+                             job.status, flow_run.id, flow_run.state.type.value)  # fmt: skip
+                await self.apply_state(
+                    flow_run_id=str(flow_run.id),
+                    state_type=flow_run.state.type.value,
+                    state_name=flow_run.state.name,
+                    message=flow_run.state.message,
+                    tags=flow_run.tags,
+                    at=flow_run.state.timestamp,
+                )
 
     async def crash_runs_of_lost_workers(self) -> None:
         """Jobs no live worker holds crash with a reason, and retry per policy.

@@ -101,6 +101,14 @@ class JobType:
     # a batch slot, reports its health as its status_reason while it runs, and runs again whenever its run
     # crashes (a worker killed, kiln restarted); it fails only when its flow says so
     persistent: bool = False
+    # "module:function" awaited with (store, job row, reason) in the kiln API when a job of this type is cancelled,
+    # before its run is stopped: it tells the outside world (a lab_booking job's lab gets DELETE /bookings/{id}) and
+    # returns words added to the job's cancel reason (whether that worked), or None
+    on_cancel: str | None = None
+    # runs again this many times after a crash (its worker or process died), beyond the job's max_retry_count: for a
+    # flow that is safe to run again whatever it had done (a lab booking books once per job by its Idempotency-Key
+    # and takes its outcome from the job index); failures by the flow itself are not run again for it
+    crash_reruns: int = 0
     # what a job of this type needs when its submission does not say
     default_resources: Resources = field(default_factory=Resources)
     # tags of the type's deployment besides `kiln` and `type:<name>`, shown in the Prefect UI
@@ -139,6 +147,13 @@ class JobType:
             checked = getattr(importlib.import_module(module), function)(job_input, settings)
             if inspect.isawaitable(checked):
                 await checked
+
+    async def cancelled(self, store, job, reason: str) -> str | None:
+        """What `on_cancel` says it did outside kiln for the cancelled job, to add to its reason."""
+        if not self.on_cancel:
+            return None
+        module, function = self.on_cancel.split(":")
+        return await getattr(importlib.import_module(module), function)(store, job, reason)
 
     def versions_of(self, job_input: BaseModel) -> dict[str, Any]:
         if not self.versions:

@@ -181,6 +181,14 @@ class _JobCalls:
         return _Call("POST", _job_path(job_id, "/cancel"), Job.model_validate)
 
     @staticmethod
+    def approve(job_id: str, reason: str | None = None) -> _Call[Job]:
+        return _Call("POST", _job_path(job_id, "/approve"), Job.model_validate, json={"reason": reason})
+
+    @staticmethod
+    def reject(job_id: str, reason: str) -> _Call[Job]:
+        return _Call("POST", _job_path(job_id, "/reject"), Job.model_validate, json={"reason": reason})
+
+    @staticmethod
     def children(job_id: str) -> _Call[builtins.list[Job]]:
         return _Call("GET", _job_path(job_id, "/children"), _JOB_LIST.validate_python)
 
@@ -612,6 +620,15 @@ class Jobs:
         """Cancels the job and its children."""
         return JobHandle(self._client._send(_JobCalls.cancel(id)), self)
 
+    def approve(self, id: str, reason: str | None = None) -> JobHandle:
+        """Approves a lab_booking job that waits for approval: it books its slot now (Conflict when it does not
+        wait for one)."""
+        return JobHandle(self._client._send(_JobCalls.approve(id, reason)), self)
+
+    def reject(self, id: str, reason: str) -> JobHandle:
+        """Rejects a lab_booking job that waits for approval: it ends cancelled with the reason."""
+        return JobHandle(self._client._send(_JobCalls.reject(id, reason)), self)
+
     def children(self, id: str) -> builtins.list[JobHandle]:
         """The job's child jobs, oldest first."""
         return [JobHandle(job, self) for job in self._client._send(_JobCalls.children(id))]
@@ -729,6 +746,14 @@ class AsyncJobs:
     async def cancel(self, id: str) -> AsyncJobHandle:
         """Cancels the job and its children."""
         return AsyncJobHandle(await self._client._send(_JobCalls.cancel(id)), self)
+
+    async def approve(self, id: str, reason: str | None = None) -> AsyncJobHandle:
+        """Approves a lab_booking job that waits for approval: it books its slot now."""
+        return AsyncJobHandle(await self._client._send(_JobCalls.approve(id, reason)), self)
+
+    async def reject(self, id: str, reason: str) -> AsyncJobHandle:
+        """Rejects a lab_booking job that waits for approval: it ends cancelled with the reason."""
+        return AsyncJobHandle(await self._client._send(_JobCalls.reject(id, reason)), self)
 
     async def children(self, id: str) -> builtins.list[AsyncJobHandle]:
         """The job's child jobs, oldest first."""
@@ -876,6 +901,49 @@ class Mcp:
         return self._client.jobs.cancel(self.get(name).id)
 
 
+# client.labs
+
+
+class _LabCalls:
+    @staticmethod
+    def list() -> _Call[builtins.list[dict]]:
+        return _Call("GET", "/api/v1/labs", list)
+
+    @staticmethod
+    def slots(lab: str, resource: str | None, start: Any, end: Any, limit: int) -> _Call[dict]:
+        params = {"resource": resource, "from": _iso(start), "to": _iso(end), "limit": limit}
+        return _Call("GET", f"/api/v1/labs/{quote(lab, safe='')}/slots", dict,
+                     params={k: v for k, v in params.items() if v is not None})  # fmt: skip
+
+    @staticmethod
+    def callbacks(lab: str, limit: int) -> _Call[dict]:
+        return _Call("GET", f"/api/v1/labs/{quote(lab, safe='')}/callbacks", dict, params={"limit": limit})
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+class Labs:
+    """`client.labs`: the registered labs lab_booking jobs book on, their free slots, and their callbacks."""
+
+    def __init__(self, client: Client):
+        self._client = client
+
+    def list(self) -> builtins.list[dict]:
+        """The registered labs: name, base_url, resources (never their key or secrets)."""
+        return self._client._send(_LabCalls.list())
+
+    def slots(self, lab: str, resource: str | None = None, start: Any = None, end: Any = None,
+              limit: int = 100) -> dict:  # fmt: skip
+        """The lab's free slots between `start` and `end` (datetimes with a zone, or ISO 8601), as it answers them."""
+        return self._client._send(_LabCalls.slots(lab, resource, start, end, limit))
+
+    def callbacks(self, lab: str, limit: int = 100) -> dict:
+        """The lab's newest callbacks: `taken` (with what each did) and `refused` (401, the audit)."""
+        return self._client._send(_LabCalls.callbacks(lab, limit))
+
+
 # the clients
 
 
@@ -896,6 +964,7 @@ class Client:
         self.jobs = Jobs(self)
         self.files = Files(self)
         self.mcp = Mcp(self)
+        self.labs = Labs(self)
         self.llm = Llm(base_url, api_key, lambda: self._send(_LLM_PROVIDERS))
 
     def _send(self, call: _Call[T]) -> T:

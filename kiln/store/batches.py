@@ -156,7 +156,7 @@ async def record_finish(s, row: JobRow, status: JobStatus, at, output: Any = Non
                                     job_id=row.id, created_at=at))  # fmt: skip
     if charge and row.started_at is not None:
         cores = max(int((row.resources or {}).get("cpu_count") or 0), 1)
-        hours = max((at - row.started_at).total_seconds(), 0.0) / 3600 * cores
+        hours = max((at - row.started_at).total_seconds() - (row.suspended_seconds or 0.0), 0.0) / 3600 * cores
         await s.execute(
             update(Project).where(Project.id == row.project_id).values(used_core_hours=Project.used_core_hours + hours)
         )

@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -121,6 +122,11 @@ class JobRow(Base):
     submitted_via: Mapped[str | None] = mapped_column(String(32), default=None)
     submitted_request: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True,
                                                                       default=None)
+    # when its flow run suspended itself (Prefect Paused: a lab booking waiting for the lab), until a worker takes it
+    # again; a suspended job holds no worker slot (kiln.store.policy.SuspendedRunHoldsNoSlot)
+    suspended_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the time it spent suspended, not charged as run time
+    suspended_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
     picked_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -216,3 +222,76 @@ class WorkerRow(Base):
     running: Mapped[list[Any]] = mapped_column(JSON)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow)
     lost: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class LabBookingRow(Base):
+    """A lab_booking job's booking at its lab, and the one outcome it ends with (the first final word wins)."""
+
+    __tablename__ = "lab_bookings"
+    __table_args__ = (UniqueConstraint("lab", "booking_id", name="uq_lab_bookings_lab_booking"),)
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    lab: Mapped[str] = mapped_column(String(63))
+    booking_id: Mapped[str] = mapped_column(String(200))
+    resource: Mapped[str] = mapped_column(String(200))
+    slot_start: Mapped[datetime] = mapped_column()
+    slot_end: Mapped[datetime] = mapped_column()
+    # past it, with no result from the lab, the job fails naming the booking and what the lab last said
+    deadline: Mapped[datetime] = mapped_column()
+    # the highest callback sequence taken: a lower one arriving later was reordered on the way and changes nothing
+    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    # the last thing the lab said of the booking (a callback, or its answer when asked), in words
+    last_said: Mapped[str | None] = mapped_column(Text, default=None)
+    last_said_at: Mapped[datetime | None] = mapped_column(default=None)
+    # completed | failed | cancelled | expired: set once, by one conditional UPDATE (kiln.store.labs.claim_outcome)
+    outcome_status: Mapped[str | None] = mapped_column(String(16), default=None)
+    # {"status", "results", "message", "source": callback | poll | deadline | user}
+    outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), nullable=True, default=None)
+    outcome_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the flow run the outcome was handed to (resumed with it); a later attempt's run gets it again
+    delivered_run: Mapped[str | None] = mapped_column(String(36), default=None)
+    # when kiln next asks the lab for the booking (GET /bookings/{id}), and how often it has asked
+    next_poll_at: Mapped[datetime | None] = mapped_column(index=True, default=None)
+    polls: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LabCallbackRow(Base):
+    """A verified callback from a lab, kept once: a second delivery of a webhook-id, or of a booking's sequence, is
+    refused by the unique constraints and changes nothing."""
+
+    __tablename__ = "lab_callbacks"
+    __table_args__ = (
+        UniqueConstraint("lab", "webhook_id", name="uq_lab_callbacks_webhook_id"),
+        UniqueConstraint("lab", "booking_id", "sequence", name="uq_lab_callbacks_booking_sequence"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lab: Mapped[str] = mapped_column(String(63))
+    webhook_id: Mapped[str] = mapped_column(String(200))
+    booking_id: Mapped[str] = mapped_column(String(200))
+    sequence: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # what it did: "progress 40%", "the job's outcome (completed)", "none: the booking had ended (completed)" …
+    effect: Mapped[str | None] = mapped_column(String(200), default=None)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LabRefusalRow(Base):
+    """A callback refused with 401 (unsigned, wrongly signed, altered, stale), kept for audit; it changed nothing."""
+
+    __tablename__ = "lab_refusals"
+    __table_args__ = (Index("ix_lab_refusals_lab_id", "lab", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    lab: Mapped[str] = mapped_column(String(63))
+    # as the request claimed it: a forged copy may carry a real one
+    webhook_id: Mapped[str | None] = mapped_column(String(200), default=None)
+    # missing_header, bad_timestamp, stale, bad_signature, unknown_lab
+    reason: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    client: Mapped[str | None] = mapped_column(String(200), default=None)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    body_bytes: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

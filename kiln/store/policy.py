@@ -33,6 +33,8 @@ class Action(str, Enum):
     IGNORE = "ignore"  # leave it as it is
     RETRY = "retry"  # back to pending for another attempt
     REOPEN = "reopen"  # a finished job runs again: its run was restarted in Prefect
+    SUSPEND = "suspend"  # the job stays running, its run suspended: it holds no worker slot while it waits
+    RESUME = "resume"  # a suspended job's run was taken by a worker again: it holds a slot again
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,10 @@ class Job:
     completed_at: datetime | None = None
     # it serves until cancelled (JobType.persistent)
     persistent: bool = False
+    # when its run was suspended (Prefect Paused: a lab booking waiting for the lab); None while a worker holds it
+    suspended_at: datetime | None = None
+    # attempts it has beyond max_retry_count when a run crashes (JobType.crash_reruns)
+    crash_reruns: int = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,10 @@ class Proposal:
     at: datetime | None = None
     # the run crashed (its worker or process died, kiln stopped it): it did not fail by itself
     crashed: bool = False
+    # the run is suspended (Prefect Paused, `suspend_flow_run`): it left its worker and waits to be resumed
+    suspended: bool = False
+    # the run is scheduled (Prefect Scheduled): no worker has taken it yet (a suspended run being resumed)
+    scheduled: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,39 @@ class FinalIsFinal(Rule):
         return job.status in FINAL_STATUSES
 
 
+class SuspendedRunHoldsNoSlot(Rule):
+    """A job whose own run suspended itself (Prefect Paused: a lab booking waiting for the lab's results) stays
+    running, and holds no worker slot and no process while it waits: the dispatcher does not count it, and no lost
+    worker crashes it."""
+
+    action = Action.SUSPEND
+
+    def applies(self, job, proposal):
+        return (
+            proposal.suspended
+            and job.suspended_at is None
+            and job.status not in FINAL_STATUSES
+            and _of_its_own_run(job, proposal)
+        )
+
+
+class ResumedRunTakesASlot(Rule):
+    """A suspended job whose own run a worker took again (resumed: Pending, Running or beyond) holds a slot again.
+    While the resumed run is only scheduled it still holds none, and waits for a worker like a queued job."""
+
+    action = Action.RESUME
+
+    def applies(self, job, proposal):
+        return (
+            job.suspended_at is not None
+            and not proposal.suspended
+            and not proposal.scheduled
+            and proposal.to in _RANK
+            and _of_its_own_run(job, proposal)
+            and (proposal.at is None or proposal.at > job.suspended_at)
+        )
+
+
 class ForwardOnly(Rule):
     """An unfinished job only moves forward (pending → queued → running → merging): a late report is stale."""
 
@@ -183,7 +226,8 @@ class PersistentJobsServeAgain(Rule):
 
 
 class RetryWhilePolicyAllows(Rule):
-    """A failed attempt of a top-level job runs again while its max_retry_count allows."""
+    """A failed attempt of a top-level job runs again while its max_retry_count allows, and a crashed one also while
+    its type's crash_reruns do (a lab booking, safe to run again)."""
 
     action = Action.RETRY
 
@@ -193,7 +237,7 @@ class RetryWhilePolicyAllows(Rule):
             and proposal.source is Source.PREFECT
             and not job.in_parent_run
             and not job.cancel_requested
-            and job.attempt <= job.max_retry_count
+            and job.attempt <= job.max_retry_count + (job.crash_reruns if proposal.crashed else 0)
         )
 
 
@@ -204,6 +248,8 @@ RULES: tuple[Rule, ...] = (
     RunRestartedInPrefect(),
     CompletedRunIsCompleted(),
     FinalIsFinal(),
+    SuspendedRunHoldsNoSlot(),
+    ResumedRunTakesASlot(),
     ForwardOnly(),
     CancelRequestedWins(),
     PersistentJobsServeAgain(),

@@ -125,10 +125,32 @@ def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at
         s.add(JobEventRow(job_id=row.id, event="status", data=data, created_at=at))
 
 
-def _retry(s, row: JobRow, reason: str | None, at: datetime) -> None:
-    """Back to pending for the next attempt, on a new flow run."""
-    allowed = int((row.resources or {}).get("max_retry_count") or 0)
-    row.status_reason = f"retry {row.attempt} of {allowed} after: {reason}"
+async def lock_unfinished(s, job_id: str) -> bool:
+    """Whether the job exists and has not ended, its row locked until the transaction ends.
+
+    Every writer of a job's events holds that lock, so a job's events commit in the order of their ids: PostgreSQL
+    numbers a row at its INSERT, and an event numbered before another but committed after it would never reach an
+    SSE stream that had already sent the other (it resumes after the last id it sent).
+    """
+    status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id).with_for_update())
+    return status is not None and JobStatus(status) not in FINAL_STATUSES
+
+
+def _suspend(s, row: JobRow, reason: str | None, at: datetime) -> None:
+    """The job's run suspended itself: it stays running, holding no worker, with the reason its flow last gave."""
+    if row.status != JobStatus.RUNNING.value:
+        _move(s, row, JobStatus.RUNNING, reason, None, at)
+    row.suspended_at = at
+    row.status_reason = reason or row.status_reason
+    s.add(JobEventRow(job_id=row.id, event="status", created_at=at,
+                      data={"status": JobStatus.RUNNING.value, "suspended": True,
+                            **({"reason": row.status_reason} if row.status_reason else {})}))  # fmt: skip
+
+
+def _retry(s, row: JobRow, reason: str | None, at: datetime, allowed: int | None) -> None:
+    """Back to pending for the next attempt, on a new flow run; `allowed` retries in all (None: however many)."""
+    row.status_reason = (f"retry {row.attempt} of {allowed} after: {reason}" if allowed is not None
+                         else f"running again (attempt {row.attempt + 1}) after: {reason}")  # fmt: skip
     row.attempt += 1
     row.status = JobStatus.PENDING.value
     row.flow_run_id = None
@@ -146,6 +168,8 @@ class Store:
         self._project_names: dict[str, str] = {}
         # awaited with (store, job row) after each change of a job's status
         self.transition_listeners: list = []
+        # JobType.crash_reruns by type name, for the types that have them (set by the kiln API from its job types)
+        self.crash_reruns: dict[str, int] = {}
 
     async def migrate(self) -> None:
         await upgrade_async(self.url)
@@ -234,8 +258,11 @@ class Store:
         in_parent_run: bool = False,
         held_usd: float = 0.0,
         key_prefix: str | None = None,
+        at: datetime | None = None,
     ) -> JobRow:
-        now = utcnow()
+        """A new job, its first status event logged; `at` is when it came in (for a job recorded after it started,
+        as a drop-in LLM call is: when the call started), now by default."""
+        now = at or utcnow()
         row = JobRow(
             id=job_id or str(uuid.uuid4()),
             project_id=project_id,
@@ -251,6 +278,7 @@ class Store:
             flow_run_id=flow_run_id,
             created_at=now,
             queued_at=now if status is not JobStatus.PENDING else None,
+            started_at=now if status is JobStatus.RUNNING else None,
             held_usd=held_usd,
             key_prefix=key_prefix,
         )
@@ -383,11 +411,14 @@ class Store:
         at: datetime | None = None,
         flow_run_id: str | None = None,
         crashed: bool = False,
+        suspended: bool = False,
+        scheduled: bool = False,
     ) -> bool:
         """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
         `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
-        run, and `crashed` says it crashed rather than failed. Returns whether the job changed.
+        run, `crashed` says it crashed rather than failed, `suspended` that it is suspended (Paused) and
+        `scheduled` that it waits for a worker (Scheduled). Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
@@ -398,13 +429,25 @@ class Store:
                 status=JobStatus(row.status), flow_run_id=row.flow_run_id, cancel_requested=row.cancel_requested,
                 in_parent_run=row.in_parent_run, attempt=row.attempt,
                 max_retry_count=int((row.resources or {}).get("max_retry_count") or 0), completed_at=row.completed_at,
-                persistent=row.persistent,
+                persistent=row.persistent, suspended_at=row.suspended_at,
+                crash_reruns=self.crash_reruns.get(row.type, 0),
             )  # fmt: skip
-            decision = policy.decide(facts, policy.Proposal(status, source, flow_run_id, at, crashed))
+            proposal = policy.Proposal(status, source, flow_run_id, at, crashed, suspended, scheduled)
+            decision = policy.decide(facts, proposal)
             if decision.action is policy.Action.IGNORE:
                 return False
-            if decision.action is policy.Action.RETRY:
-                _retry(s, row, reason, at)
+            if row.suspended_at is not None and decision.action is not policy.Action.SUSPEND:
+                # the time it waited suspended held no worker: it is not charged as run time
+                row.suspended_seconds += max((at - row.suspended_at).total_seconds(), 0.0)
+                row.suspended_at = None
+            if decision.action is policy.Action.SUSPEND:
+                _suspend(s, row, reason, at)
+            elif decision.action is policy.Action.RESUME:
+                # a worker holds it again from now: the lost-worker watch gives that worker its time to report it
+                row.picked_at = at
+            elif decision.action is policy.Action.RETRY:
+                allowed = None if facts.persistent else facts.max_retry_count + (facts.crash_reruns if crashed else 0)
+                _retry(s, row, reason, at, allowed)
             else:
                 was_final = facts.status in FINAL_STATUSES
                 if decision.action is policy.Action.REOPEN:
@@ -442,9 +485,13 @@ class Store:
                 await s.scalars(
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]),
-                        or_(JobRow.picked_at < before, JobRow.started_at < before),
+                        # when a worker took it: picked_at (a resumed run's is when a worker took it again, while its
+                        # started_at is its first start); started_at only for a run whose pick was never seen
+                        or_(JobRow.picked_at < before, and_(JobRow.picked_at.is_(None), JobRow.started_at < before)),
                         JobRow.in_parent_run.is_(False),
                         JobRow.flow_run_id.is_not(None),
+                        # a suspended run left its worker: no worker is meant to hold it
+                        JobRow.suspended_at.is_(None),
                     )
                 )
             )
@@ -452,8 +499,7 @@ class Store:
     async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
         """Logs a progress event; one that arrives after the job ended is dropped, so the end stays last."""
         async with self.session.begin() as s:
-            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
-            if status is None or JobStatus(status) in FINAL_STATUSES:
+            if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
         self.bus.notify([job_id])
@@ -472,8 +518,7 @@ class Store:
     async def add_delta(self, job_id: str, text: str) -> None:
         """Logs a piece of a running job's streamed text (an llm_proxy job's `delta` event)."""
         async with self.session.begin() as s:
-            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
-            if status is None or JobStatus(status) in FINAL_STATUSES:
+            if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="delta", data={"text": text}))
         self.bus.notify([job_id])
@@ -496,6 +541,16 @@ class Store:
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.flow_run_id.is_not(None)
                     )
+                )
+            )
+
+    async def failed_since(self, since: datetime) -> list[JobRow]:
+        """Top-level jobs that ended failed after `since` through a flow run: what a reconcile compares again."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(JobRow.status == JobStatus.FAILED.value, JobRow.completed_at > since,
+                                         JobRow.flow_run_id.is_not(None), JobRow.in_parent_run.is_(False))  # fmt: skip
                 )
             )
 
@@ -554,8 +609,15 @@ class Store:
                 select(func.count())
                 .select_from(JobRow)
                 .where(JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.in_parent_run.is_(False),
-                       JobRow.persistent.is_(persistent))  # fmt: skip
+                       JobRow.persistent.is_(persistent),
+                       # a suspended job (a lab booking waiting for its results) holds no slot (policy.SuspendedRunHoldsNoSlot)
+                       JobRow.suspended_at.is_(None))  # fmt: skip
             )
+
+    async def suspended_count(self) -> int:
+        """Jobs whose run is suspended (waiting, holding no worker: lab bookings waiting for their labs)."""
+        async with self.session() as s:
+            return await s.scalar(select(func.count()).select_from(JobRow).where(JobRow.suspended_at.is_not(None)))
 
     async def jobs_ahead(self, row: JobRow) -> int:
         """Pending jobs that will be released before this one."""

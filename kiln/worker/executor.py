@@ -9,6 +9,8 @@ import importlib
 import threading
 from uuid import UUID
 
+from prefect.exceptions import Pause
+
 from kiln.job_inputs import passed_through, resolve_parameters
 
 # (module, function) → flow; the import, and whatever the module loads at import, stays warm
@@ -132,6 +134,11 @@ def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_secon
             state = _run_sync(flow, flow_run_id)
     except (asyncio.CancelledError, concurrent.futures.CancelledError, RunCancelled):
         return {"state": "CANCELLED", "message": "stopped by the kiln worker"}
+    except Pause as pause:
+        # the flow suspended itself (suspend_flow_run): Prefect's engine re-raises its Pause signal, a BaseException
+        # that would otherwise fail the Dask task and take the kiln worker down with it. The run is Paused in Prefect
+        # and leaves this process; a resume schedules it again, for any worker.
+        return {"state": "PAUSED", "message": pause.state.message if pause.state is not None else None}
     return {"state": state.type.value, "message": state.message}
 
 

@@ -346,9 +346,12 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             return KilnWorkerResult(identifier="", status_code=0)
         spec = await self._deployment_spec(flow_run)
         timeout = configuration.max_timeout_run_ms / 1000 if configuration.max_timeout_run_ms else None
+        # a key of its own per submission: a resumed run (a lab booking) is submitted again under the same flow run
+        # id, and a Dask key used twice in one client shares the first future's state (done, or cancelled when the
+        # first future is released), so the second run would end "cancelled for reason: unknown"
         future = self._dask.submit(
             executor.execute_flow_run, run_id, spec.module, spec.function, timeout, self._fans_out(spec),
-            key=f"kiln-{run_id}", pure=False,
+            key=f"kiln-{run_id}-{uuid4().hex[:8]}", pure=False,
         )
         self._running[run_id] = future
         self._beat_now.set()
@@ -393,6 +396,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                     if current.state is None or current.state.type is not StateType.CANCELLED:
                         await force_state(self.client, flow_run_id, Cancelled(message=reason))
                     await self._cancel_subflows(flow_run_id, reason)
+                elif outcome.get("state") == StateType.PAUSED.value and current.state is not None:
+                    # suspended (a lab booking waiting for the lab): it waits in Prefect holding no worker, and a
+                    # resume schedules it again (Scheduled, then Running on whichever worker takes it); not a crash
+                    pass
                 elif current.state is None or not current.state.is_final():
                     message = outcome.get("message") or "the job's process ended without reporting a final state"
                     await force_state(self.client, flow_run_id, Crashed(message=message))

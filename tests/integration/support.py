@@ -40,6 +40,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pg_admin(statements: list[str]) -> None:
+    """Runs the statements (CREATE/DROP DATABASE) on the local PostgreSQL as its admin role, outside a transaction."""
+    import psycopg2
+
+    connection = psycopg2.connect(PG_ADMIN)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    connection.close()
+
+
 def _pg_databases() -> tuple[str, str]:
     suffix = uuid.uuid4().hex[:8]
     return f"kiln_index_{suffix}", f"kiln_prefect_{suffix}"
@@ -59,6 +71,9 @@ _env = {
     "KILN_RECONCILE_INTERVAL_SECONDS": "5",
     # small, so that tests/integration/test_files.py crosses it quickly
     "KILN_UPLOAD_MAX_BYTES": str(4 * 1024 * 1024),
+    # lab bookings whose callbacks are lost are asked for within seconds of their slot's end (test_lab_booking.py)
+    "KILN_LAB_POLL_FIRST_SECONDS": "1",
+    "KILN_LAB_POLL_MAX_SECONDS": "2",
     # the shipped weights beside the checkout; nothing is downloaded
     "KILN_MODEL_DIR": str(MODEL_DIR),
     "HF_HUB_OFFLINE": "1",

@@ -46,6 +46,29 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404",
 include-path = "/api/v1/plugins"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "409", "413", "422"]
+
+# A lab's registration valid by the schema may be refused for what it cannot say: a signing secret that is no
+# whsec_… secret, a URL or resource list the block refuses (422 naming the field), a name taken (409).
+[[operations]]
+include-path = "/api/v1/labs"
+include-method = "POST"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "409", "422"]
+
+# A generated lab name is no registered lab (404 naming it); its slots may be refused by the lab (400) or the lab
+# may not answer (502).
+[[operations]]
+include-path-regex = "^/api/v1/labs/"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "409", "502"]
+
+# A lab's callback: a generated one is unsigned (401) or for no registered lab (404).
+[[operations]]
+include-path-regex = "^/api/v1/hooks/labs/"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "413", "422"]
+
+# Approving a generated job id: 404; a job of the key's project that waits for no approval: 409.
+[[operations]]
+include-path-regex = "^/api/v1/jobs/[^/]+/(approve|reject)$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409"]
 """
 
 

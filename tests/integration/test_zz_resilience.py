@@ -161,6 +161,32 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
     assert str(again.id) == job.flow_run_id
 
 
+async def test_a_job_failed_in_the_index_whose_run_completed_is_mended_after_a_restart(client, stack, idle):
+    from sqlalchemy import update
+
+    from kiln.store.models import JobRow
+    from kiln.store.store import Store
+
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    assert job.status.value == "completed"
+    # what a relay that took the run's worker as lost believed, before the run completed: failed, no output
+    store = Store(SETTINGS.job_index_url)
+    try:
+        async with store.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job.id).values(
+                status="failed", output=None, completed_at=job.started_at,
+                status_reason="crashed: the kiln worker running this job stopped responding"))  # fmt: skip
+    finally:
+        await store.close()
+    assert client.jobs.get(job.id).status.value == "failed"
+    stack.stop("api")
+    stack.start_api()
+    # the reconcile after the restart compares recent failures with Prefect: the run completed, so the job is
+    mended = wait_until(lambda: (now := client.jobs.get(job.id)).status.value == "completed" and now, timeout=60,
+                        what="the reconcile to mend the job")  # fmt: skip
+    assert mended.output == job.output and mended.flow_run_id == job.flow_run_id
+
+
 def plugin_running(client, plugin: str):
     """A plugin_exec job whose container runs (it printed `ready`) until it is killed."""
     job = client.jobs.create(type="plugin_exec", input={"plugin": plugin, "args": ["echo ready; sleep 120"]})

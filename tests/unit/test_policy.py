@@ -98,6 +98,16 @@ def test_retry_while_policy_allows():
     assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
 
 
+def test_a_crashed_run_of_a_type_with_crash_reruns_runs_again_that_many_times_more():
+    crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
+    booking = Job(S.RUNNING, flow_run_id="run-1", attempt=1, crash_reruns=2)
+    assert (decide(booking, crashed).rule, decide(booking, crashed).action) == ("RetryWhilePolicyAllows", Action.RETRY)
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=2, crash_reruns=2), crashed).action is Action.RETRY
+    # past them it fails; and a failure of the flow itself (the lab's "failed") is not run again for them
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=3, crash_reruns=2), crashed).action is Action.APPLY
+    assert decide(booking, run_state(S.FAILED)).action is Action.APPLY
+
+
 def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
     crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
     service = Job(S.RUNNING, flow_run_id="run-1", attempt=7, persistent=True)
@@ -107,3 +117,28 @@ def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
     assert decide(Job(S.RUNNING, flow_run_id="run-1", persistent=True, cancel_requested=True), crashed).action \
         is Action.IGNORE  # fmt: skip
     assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=7), crashed).action is Action.APPLY
+
+
+def test_a_suspended_run_keeps_its_job_running_and_frees_its_slot():
+    job = Job(S.RUNNING, flow_run_id="run-1")
+    paused = Proposal(S.RUNNING, PREFECT, "run-1", NOW, suspended=True)
+    assert decide(job, paused).action is Action.SUSPEND
+    # a Paused state seen before its Running (a missed event) suspends a queued job too
+    assert decide(Job(S.QUEUED, flow_run_id="run-1"), paused).action is Action.SUSPEND
+    # a second sight of it, or another run's, changes nothing
+    assert decide(Job(S.RUNNING, flow_run_id="run-1", suspended_at=ENDED), paused).rule == "ForwardOnly"
+    assert decide(Job(S.RUNNING, flow_run_id="run-2"), paused).rule == "ReportOfAnotherRun"
+    late = Proposal(S.RUNNING, PREFECT, "run-1", ENDED - timedelta(seconds=1), suspended=True)
+    assert decide(Job(S.CANCELLED, flow_run_id="run-1", completed_at=ENDED), late).rule == "FinalIsFinal"
+
+
+def test_a_resumed_run_takes_a_slot_when_a_worker_takes_it():
+    job = Job(S.RUNNING, flow_run_id="run-1", suspended_at=ENDED)
+    # scheduled again (Resuming): no worker holds it yet
+    assert decide(job, Proposal(S.QUEUED, PREFECT, "run-1", NOW, scheduled=True)).rule == "ForwardOnly"
+    assert decide(job, Proposal(S.QUEUED, PREFECT, "run-1", NOW)).action is Action.RESUME  # Pending: taken
+    assert decide(job, run_state(S.RUNNING)).action is Action.RESUME
+    # a report older than the suspension is stale
+    assert decide(job, run_state(S.RUNNING, at=ENDED - timedelta(seconds=1))).rule == "ForwardOnly"
+    # its end while suspended (a cancel) is applied
+    assert decide(job, run_state(S.CANCELLED)).action is Action.APPLY

@@ -1,0 +1,1 @@
+"""lab_booking's executors: the lab protocol's client, and finding and booking a slot."""
