@@ -85,6 +85,21 @@ def describe_dask_failure(exc: BaseException) -> str:
     return f"the kiln executor failed: {name}: {exc}"
 
 
+def mend_local_cluster(cluster, processes: int) -> bool:
+    """Starts again the Dask processes a LocalCluster lost for good, and says whether it had to.
+
+    A process the scheduler dropped (a missed heartbeat, a retirement) closes itself, its nanny does not start it
+    again, and the cluster forgets it (distributed.deploy.lost-worker-timeout after): a kiln worker left so would
+    hold runs it can never start, offering slots no process serves.
+    """
+    if len(cluster.workers) >= processes:
+        return False
+    log.warning("%d of the %d Dask processes of this worker are gone; starting them again",
+                processes - len(cluster.workers), processes)  # fmt: skip
+    cluster.scale(processes)
+    return True
+
+
 class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorkerResult]):
     type = "kiln"
     job_configuration = KilnJobConfiguration
@@ -150,6 +165,9 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         if self._scheduler_address:
             self._dask = await Client(self._scheduler_address, asynchronous=True)
         else:
+            # kiln's own processes: their nanny sees one die at once and starts it again. A heartbeat deadline only
+            # drops live ones a loaded machine starved (408 s at a load of 67), and those close for good
+            dask.config.set({"distributed.scheduler.worker-ttl": None})
             self._cluster = await LocalCluster(
                 n_workers=self._dask_workers,
                 threads_per_worker=1,
@@ -237,6 +255,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
                     },
                 )
                 await self._check_cancelling()
+                if self._cluster is not None:
+                    mend_local_cluster(self._cluster, self._dask_workers)
             except Exception as exc:  # noqa: BLE001 - keep beating through API outages
                 log.warning("heartbeat failed: %s", exc)
             try:
