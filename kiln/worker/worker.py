@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+from functools import lru_cache
 from typing import Any, Optional
 from uuid import UUID, uuid4
 
@@ -61,6 +62,21 @@ class KilnJobConfiguration(BaseJobConfiguration):
     max_timeout_run_ms: Optional[int] = Field(None)
     max_retry_count: int = Field(0)
     max_node_count: int = Field(1)
+
+    @classmethod
+    def _base_environment(cls) -> dict[str, str]:
+        """Prefect's settings as the environment of a run's infrastructure (kiln's Dask processes have their own).
+
+        Prefect serializes every setting again for every run: a fifth of the kiln worker's CPU in
+        bench/batch_submit.py (py-spy), on each job's path from Pending to Running. The settings of a worker
+        process do not change, so once is enough; the caller copies the dict.
+        """
+        return _settings_environment()
+
+
+@lru_cache(maxsize=1)
+def _settings_environment() -> dict[str, str]:
+    return BaseJobConfiguration._base_environment()
 
 
 class KilnWorkerResult(BaseWorkerResult):
@@ -422,9 +438,11 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
     @staticmethod
     def _job_type(spec: DeploymentSpec):
         """The job type whose flow the deployment runs; None for an operator's own deployment (prefect.yaml)."""
-        from kiln.registry import available_job_types
+        # every registered type, not only the available ones: that check looks for each type's libraries on disk,
+        # 7 % of the worker's CPU when it ran for every run offered (bench/batch_submit.py, py-spy)
+        from kiln.registry import job_types
 
-        return next((jt for jt in available_job_types().values()
+        return next((jt for jt in job_types().values()
                      if jt.module == spec.module and jt.flow.fn.__name__ == spec.function), None)  # fmt: skip
 
     async def _clean_sandbox(self, run_id: str) -> None:
