@@ -9,6 +9,8 @@ index and Prefect on fresh PostgreSQL databases (ARCHITECTURE.md's 90 s for 1000
   (b) throughput: 1000 sleep(0) jobs through kiln in one batch, POST → the last one completed, in jobs/s;
       beside it the Prefect-only path: runs made one by one and run by a plain Prefect process worker
       limited to as many at once as kiln has slots, create of the first → the last one final.
+It exits non-zero unless every entry of (a) and (b) became a job to run, every job of (b) ran (common.did_not_run)
+and every Prefect-only run completed.
 
     python bench/batch_submit.py [--postgres URL | --sqlite] [--batches 5] [--jobs 1000] [--baseline-runs 200]
 """
@@ -22,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 
-from common import REPO, embedded_stack, percentile, summary
+from common import REPO, embedded_stack, must_have_run, percentile, summary
 
 SLOTS = 2
 
@@ -85,6 +88,16 @@ def sleep_jobs(count: int, offset: float) -> list[dict]:
     return [{"type": "sleep", "input": {"seconds": offset + i * 1e-7}} for i in range(count)]
 
 
+def submit_to_run(client, payload: list[dict]):
+    """Submits the batch; exits unless every entry became a job to run (a cache hit or a refused entry is not)."""
+    result = client.submit_batch(payload)
+    if result.submitted != len(payload):
+        refused = next((line.error for line in result.jobs if line.error), None)
+        raise SystemExit(f"{result.submitted} of {len(payload)} entries became jobs to run ({result.cache_hits} cache "
+                         f"hits, {result.failed} refused, first: {refused}): the figures do not count")  # fmt: skip
+    return result
+
+
 def kiln_accept(settings, key: str, batches: int, jobs: int) -> list[float]:
     from kiln.sdk import Client
 
@@ -95,9 +108,8 @@ def kiln_accept(settings, key: str, batches: int, jobs: int) -> list[float]:
         for b in range(batches):
             payload = sleep_jobs(jobs, 1.0 + b)
             started = time.perf_counter()
-            result = client.submit_batch(payload)
+            result = submit_to_run(client, payload)
             times.append(time.perf_counter() - started)
-            assert result.submitted == jobs, result.failed
             client.delete_batch(result.batch_id)
         for batch in client.batches():
             client.delete_batch(batch.id)
@@ -106,25 +118,37 @@ def kiln_accept(settings, key: str, batches: int, jobs: int) -> list[float]:
 
 def kiln_throughput(settings, key: str, jobs: int) -> tuple[float, float, str]:
     """(jobs/s, seconds, where a job's time went by the index's clock)."""
+    import httpx
+
     from kiln.sdk import Client
 
     with Client(settings.api_url, key, timeout=120) as client:
         started = time.perf_counter()
-        result = client.submit_batch(sleep_jobs(jobs, 0.0))
-        while client.batch(result.batch_id).counts["succeeded"] < jobs:
+        result = submit_to_run(client, sleep_jobs(jobs, 0.0))
+        ended = ("succeeded", "failed", "cancelled", "cache_hit")
+        while sum(client.batch(result.batch_id).counts[status] for status in ended) < jobs:
             time.sleep(0.2)
         elapsed = time.perf_counter() - started
-        # the other batches were deleted: every sleep job left is this batch's
-        done = [j for j in client.jobs.iter(type="sleep", page_size=1000) if j.started_at is not None]
-    assert len(done) == jobs, f"{jobs - len(done)} of the batch's jobs never started"
+    done = []
+    with httpx.Client(base_url=settings.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        params = {"limit": 1000}
+        while True:
+            page = http.get(f"/api/v1/batches/{result.batch_id}/jobs", params=params).raise_for_status().json()
+            for job in page["jobs"]:
+                must_have_run(job)
+                done.append({name: datetime.fromisoformat(job[name]) for name in ("queued_at", "started_at", "completed_at")})
+            if page["next_cursor"] is None:
+                break
+            params["cursor"] = page["next_cursor"]
+    assert len(done) == jobs, f"{jobs - len(done)} of the batch's jobs were not listed"
 
     def spread(name: str, values: list[float]) -> str:
         return f"{name} {percentile(values, 50):.3f} / {percentile(values, 95):.3f} s"
 
-    starts = sorted(j.started_at for j in done)
+    starts = sorted(j["started_at"] for j in done)
     steps = ", ".join([
-        spread("queued → started", [(j.started_at - j.queued_at).total_seconds() for j in done]),
-        spread("started → completed", [(j.completed_at - j.started_at).total_seconds() for j in done]),
+        spread("queued → started", [(j["started_at"] - j["queued_at"]).total_seconds() for j in done]),
+        spread("started → completed", [(j["completed_at"] - j["started_at"]).total_seconds() for j in done]),
         f"between two starts {statistics.mean((b - a).total_seconds() for a, b in zip(starts, starts[1:])):.3f} s mean",
     ])  # fmt: skip
     return jobs / elapsed, elapsed, steps
@@ -184,20 +208,23 @@ async def prefect_throughput(deployment_id, runs: int) -> tuple[float, float]:
     from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
+    async def count(client, states: list[StateType]) -> int:
+        return await client.count_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states))),
+        )
+
     async with get_client() as client:
         started = time.perf_counter()
         for _ in range(runs):
             await client.create_flow_run_from_deployment(deployment_id, parameters={"input": {"seconds": 0}})
         final = [StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED]
-        while True:
-            done = await client.count_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=final))),
-            )
-            if done >= runs:
-                break
+        while await count(client, final) < runs:
             await asyncio.sleep(0.5)
         elapsed = time.perf_counter() - started
+        completed = await count(client, [StateType.COMPLETED])
+    if completed != runs:
+        raise SystemExit(f"(b) {completed} of the {runs} Prefect-only runs completed: the figures do not count")
     return runs / elapsed, elapsed
 
 

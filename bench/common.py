@@ -1,4 +1,5 @@
-"""What every benchmark shares: an embedded kiln stack of its own, ports, percentiles, fresh databases."""
+"""What every benchmark shares: an embedded kiln stack of its own, ports, percentiles, fresh databases, and the check
+that a job it timed really ran."""
 
 from __future__ import annotations
 
@@ -110,3 +111,31 @@ def stop_jobs(client, jobs) -> None:
         client.jobs.cancel(job.id)
     for job in jobs:
         client.jobs.get(job.id).wait(timeout=60)
+
+
+def did_not_run(job, status: str = "completed") -> str | None:
+    """Why a job the benchmark timed does not count as a run of its own, in words; None when it does.
+
+    `job` is the job read back after its end (an SDK handle, or the API's JSON as a dict). It counts when it is in
+    `status` (completed; running for a persistent job still serving) with a flow run and a `started_at`. A cache hit
+    is read back `cache_hit`, with no flow run and no `started_at`: it reused an earlier job's result and ran nothing.
+    """
+    from kiln.schemas.jobs import Job
+
+    job = Job.model_validate(job) if isinstance(job, dict) else job
+    if job.status.value == "cache_hit":
+        return f"job {job.id} was a cache hit ({job.status_reason}): it ran nothing"
+    if job.status.value != status:
+        return f"job {job.id} is {job.status.value}, not {status} ({job.status_reason})"
+    if job.flow_run_id is None:
+        return f"job {job.id} is {job.status.value} with no flow run"
+    if job.started_at is None:
+        return f"job {job.id} is {job.status.value} with no started_at: it never ran"
+    return None
+
+
+def must_have_run(job, status: str = "completed") -> None:
+    """Exits the benchmark non-zero, saying why, unless the job it timed ran (did_not_run)."""
+    problem = did_not_run(job, status)
+    if problem is not None:
+        raise SystemExit(f"{problem}; every timed job must have run: the figures do not count")

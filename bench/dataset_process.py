@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import embedded_stack
+from common import embedded_stack, must_have_run
 
 
 def dataset(size: int, seed: int = 2026) -> Path:
@@ -78,8 +78,7 @@ def kiln_run(client, path: Path, partition_rows: int) -> tuple[float, dict]:
         "steps": [{"step": "featurize", "featurizers": [{"name": "ElementProperty", "preset": "magpie"},
                                                         {"name": "DensityFeatures"}]}]}).wait(timeout=7200)  # fmt: skip
     seconds = time.perf_counter() - started
-    if job.status.value != "completed" or job.flow_run_id is None:
-        raise SystemExit(f"kiln's job {job.id} did not run to completion: {job.status.value} {job.status_reason}")
+    must_have_run(job)
     return seconds, job.output
 
 

@@ -17,7 +17,7 @@ import asyncio
 import statistics
 import time
 
-from common import embedded_stack
+from common import embedded_stack, must_have_run
 
 CLUSTER = "bench-slurm"
 
@@ -64,8 +64,7 @@ def through_kiln(settings, key: str, tasks: int, seconds: float) -> tuple[float,
                 break
             time.sleep(0.2)
         elapsed = time.perf_counter() - started
-    if job["status"] != "completed":
-        raise SystemExit(f"the kiln job ended {job['status']}: {job['status_reason']}")
+    must_have_run(job)
     return elapsed, job["output"]["timings"]
 
 

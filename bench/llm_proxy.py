@@ -12,9 +12,10 @@ TTFT is from just before the SDK sends the request to the first chunk carrying t
 not stream, TTFT = total); total is to the end of the stream or of the parsed answer.
 
 The speed goal (kiln adds ≤ 5 ms p95 TTFT over direct) is reported, never asserted. The run exits
-non-zero unless every kiln call really ran, warm-up included: its job (x-kiln-job-id) read back as a
-completed llm_proxy job with the usage and text the client received; and unless every direct and kiln
-call got a real answer (text and a non-zero output token count).
+non-zero unless every kiln call really ran, warm-up included: its job (x-kiln-job-id) read back as an
+llm_proxy job that ran (common.did_not_run: completed, with its flow run and started_at) with the usage and
+text the client received; and unless every direct and kiln call got a real answer (text and a non-zero output
+token count).
 
     python bench/llm_proxy.py [--calls 200] [--warmup 20] [--protocols openai,anthropic]
                               [--litellm-venv /tmp/venv-litellm | --no-litellm]
@@ -35,7 +36,7 @@ import anthropic
 import httpx
 import openai
 
-from common import embedded_stack, free_port, percentile, stop
+from common import did_not_run, embedded_stack, free_port, percentile, stop
 
 MESSAGES = [{"role": "user", "content": "What is BaTiO3?"}]
 MAX_TOKENS = 30
@@ -311,7 +312,8 @@ def answered(call: Call) -> bool:
 def kiln_calls_not_recorded(http: httpx.Client, calls: list[Call]) -> list[str]:
     """The kiln calls whose job is not a completed llm_proxy job with the usage and text the client got."""
     problems = []
-    deadline = time.monotonic() + 60  # jobs are recorded off the response's path: the last ones may lag
+    # jobs are recorded off the response's path, and their flow runs made after that: the last ones may lag
+    deadline = time.monotonic() + 60
     for call in calls:
         if call.job_id is None:
             problems.append(f"{call.mode}: no x-kiln-job-id ({call.error or 'answered without one'})")
@@ -319,15 +321,17 @@ def kiln_calls_not_recorded(http: httpx.Client, calls: list[Call]) -> list[str]:
         while True:
             response = http.get(f"/api/v1/jobs/{call.job_id}")
             job = response.json() if response.status_code == 200 else None
-            if (job and job["status"] != "running") or time.monotonic() > deadline:
+            if (job and job["status"] != "running" and job["flow_run_id"]) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         if job is None:
             problems.append(f"job {call.job_id}: GET answered {response.status_code}")
             continue
         out = job.get("output") or {}
-        if job["type"] != "llm_proxy" or job["status"] != "completed":
-            problems.append(f"job {call.job_id}: {job['type']} {job['status']} ({job.get('status_reason')})")
+        if job["type"] != "llm_proxy":
+            problems.append(f"job {call.job_id}: a {job['type']} job")
+        elif problem := did_not_run(job):
+            problems.append(problem)
         elif not out.get("usage") or not out.get("tokens", {}).get("output"):
             problems.append(f"job {call.job_id}: completed with no usage ({out.get('usage')!r})")
         elif out.get("text") != call.text:

@@ -60,7 +60,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from common import REPO, embedded_stack, free_port, percentile, stop, stop_jobs
+from common import REPO, did_not_run, embedded_stack, free_port, percentile, stop, stop_jobs
 
 SERVER = REPO / "tests" / "mcp" / "server.py"
 GOAL_ADDED_P95_MS = 5.0
@@ -377,7 +377,9 @@ def check(results: Results, args, started: dict, ended: dict) -> list[str]:
         if kill.cold_start is None:
             problems.append(f"the server alone over {kill.transport} did not answer within {GIVE_UP_S:g} s")
     for transport, job in ended.items():
-        if job.status.value != "running" or job.status_reason != "1 of 1 replica healthy":
+        if problem := did_not_run(job, status="running"):
+            problems.append(f"{KILN[transport]}: the deployment did not serve throughout: {problem}")
+        elif job.status_reason != "1 of 1 replica healthy":
             problems.append(f"{KILN[transport]}: the deployment ended the run {job.status.value} ({job.status_reason})")
         elif (job.attempt, job.flow_run_id) != started[transport]:
             problems.append(f"{KILN[transport]}: the deployment was run again during the bench (attempt "

@@ -17,7 +17,7 @@ import os
 import random
 import time
 
-from common import REPO, embedded_stack, percentile
+from common import REPO, embedded_stack, must_have_run, percentile
 
 MODEL = "tensornet-matpes-pbe"
 MODEL_DIR = REPO.parent / "shared" / "models"
@@ -86,8 +86,7 @@ def kiln_job(client, payload: dict) -> tuple[float, dict]:
     # refresh: every timed job runs, none is answered from an earlier one's result
     job = client.jobs.create(type="ml_predict", input=payload, refresh=True).wait(timeout=1800)
     elapsed = time.perf_counter() - started
-    if job.status.value != "completed" or job.flow_run_id is None:
-        raise SystemExit(f"job {job.id} ended {job.status.value} ({job.status_reason}); it did not run")
+    must_have_run(job)
     return elapsed, job.output
 
 

@@ -15,7 +15,7 @@ machine's load drifts fall on all four alike:
     tmpfs holder, and runc removes the container itself).
 
 The sandbox's added cost is the plugin job's p50 (p95) minus the sleep job's; the goal is ≤ 50 ms. It exits
-non-zero unless every timed job completed through a flow run of its own (no cache hit) with the output it must
+non-zero unless every timed job ran (common.did_not_run) through a flow run of its own with the output it must
 have (plugin: ending "completed" in tier A; sleep: slept 0 s), every direct run completed in tier A, and the
 stack's worker offers tier A (else it says why not). As root.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from common import REPO, embedded_stack, percentile
+from common import REPO, did_not_run, embedded_stack, percentile
 
 sys.path.insert(0, str(REPO))
 
@@ -155,7 +155,7 @@ def timed_job(client, job_type: str, job_input: dict, flow_runs: set[str]):
                 elapsed = time.perf_counter() - started
             break
     job.refresh()
-    problem = did_not_run(job)
+    problem = did_not_do_its_work(job)
     if problem is None and elapsed is None:
         problem = "its event stream ended with no `completed` event"
     if problem is None and job.flow_run_id in flow_runs:
@@ -166,10 +166,10 @@ def timed_job(client, job_type: str, job_input: dict, flow_runs: set[str]):
     return elapsed, submitted, job
 
 
-def did_not_run(job) -> str | None:
+def did_not_do_its_work(job) -> str | None:
     """Why the job does not count as a run that did its work; None when it does."""
-    if job.status.value != "completed" or job.flow_run_id is None:
-        return f"ended {job.status.value} ({job.status_reason}) with flow run {job.flow_run_id}"
+    if problem := did_not_run(job):
+        return problem
     out = job.output or {}
     if job.type == "plugin_exec":
         if out.get("ending") != "completed" or out.get("tier") != "A":
@@ -181,9 +181,8 @@ def did_not_run(job) -> str | None:
 
 def job_detail(job) -> dict:
     """Where the job's time went by the job index's clock, and the sandbox's own seconds (Outcome.seconds)."""
-    started = job.started_at is not None
-    return {"created_to_started": (job.started_at - job.created_at).total_seconds() if started else None,
-            "started_to_completed": (job.completed_at - job.started_at).total_seconds() if started else None,
+    return {"created_to_started": (job.started_at - job.created_at).total_seconds(),
+            "started_to_completed": (job.completed_at - job.started_at).total_seconds(),
             "sandbox": (job.output or {}).get("seconds")}  # fmt: skip
 
 
@@ -197,8 +196,12 @@ class Direct:
         # a bundle as PluginRun lays it out and RuncTier writes its config.json, for `runc run` to start again
         # and again (without --keep runc deletes the container and its cgroups when /bin/true exits)
         self.bare = self._plugin_run("bare")
-        self.bare._write_inputs()
-        self.bare_argv = [arg for arg in self.bare.tier.prepare(self.bare.bundle).argv if arg != "--keep"]
+        bundle = self.bare.bundle
+        # the folders Sandbox.start makes (the plugin has no inputs; /out stays a plain folder here, no tmpfs)
+        bundle.in_dir.mkdir(parents=True)
+        bundle.out_dir.mkdir()
+        bundle.dir.chmod(0o755)
+        self.bare_argv = [arg for arg in self.bare.tier.prepare(bundle).argv if arg != "--keep"]
 
     def _plugin_run(self, run_id: str):
         from kiln.tasks.plugin.sandbox import PluginRun

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator
 
-from kiln.blocks import registered
+from kiln.blocks import http_base_url, registered, some_names
 from kiln.errors import InputInvalid
 from kiln.schemas.lab_booking import LabBookingInput
 
@@ -53,16 +53,12 @@ class Lab(Block):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"base_url {value!r} is not an http:// or https:// URL")
-        return value.rstrip("/")
+        return http_base_url(value)
 
     @field_validator("resources")
     @classmethod
     def _resources(cls, value: list[str]) -> list[str]:
-        if not value or any(not r.strip() for r in value):
-            raise ValueError("list at least one resource, none of them empty")
-        return value
+        return some_names(value, "resource")
 
     def signing_secrets(self) -> list[str]:
         """The secrets a callback may be signed with: the current one, and the previous one during a rotation."""

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, field_validator
 
-from kiln.blocks import registered
+from kiln.blocks import http_base_url, registered, some_names
 
 log = logging.getLogger("kiln.llm")
 
@@ -68,16 +68,12 @@ class LlmProvider(Block):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"base_url {value!r} is not an http:// or https:// URL")
-        return value.rstrip("/")
+        return http_base_url(value)
 
     @field_validator("models")
     @classmethod
     def _models(cls, value: list[str]) -> list[str]:
-        if not value or any(not m.strip() for m in value):
-            raise ValueError("list at least one model, none of them empty")
-        return value
+        return some_names(value, "model")
 
     def url(self, endpoint: Literal["chat", "models"]) -> str:
         """The URL of the provider's chat (completions or messages) or models endpoint."""

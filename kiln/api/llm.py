@@ -91,11 +91,11 @@ class Gateway:
         task.add_done_callback(self._recording.discard)
 
     async def _record(self, *, job_id: str, caller: Caller, job_input: dict, output: dict, failed: str | None,
-                      ended, held_usd: float) -> None:  # fmt: skip
+                      started, ended, held_usd: float) -> None:  # fmt: skip
         try:
             # the hold rides on the job until its end settles it to the call's cost (kiln.store.llm)
             await self.store.add_job(job_id=job_id, project_id=caller.project_id, type=JOB_TYPE, input=job_input,
-                                     resources={}, status=JobStatus.RUNNING, held_usd=held_usd,
+                                     resources={}, status=JobStatus.RUNNING, at=started, held_usd=held_usd,
                                      key_prefix=caller.key_prefix)  # fmt: skip
             if failed is None:
                 await self.store.transition(job_id, JobStatus.COMPLETED, output=output, at=ended)
@@ -269,6 +269,7 @@ class _Call:
     def __init__(self, gateway: Gateway, caller: Caller, kind: Kind, body: dict, headers) -> None:
         self.gateway, self.caller, self.kind = gateway, caller, kind
         self.job_id = str(uuid.uuid4())
+        self.started_at = utcnow()
         self.held_usd = 0.0
         # counts the call's tokens against its key's tokens per minute, once it has used them
         self.count_tokens = None
@@ -420,7 +421,8 @@ class _Call:
         if self.count_tokens is not None:
             self.count_tokens(sum(self.record.tokens.values()))
         self.gateway.record(job_id=self.job_id, caller=self.caller, job_input=self.job_input, output=output,
-                            failed=failed, ended=utcnow(), held_usd=self.held_usd)  # fmt: skip
+                            failed=failed, started=self.started_at, ended=utcnow(),
+                            held_usd=self.held_usd)  # fmt: skip
 
 
 def _usage_only(data: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.events.clients import get_events_subscriber
 from prefect.events.filters import EventFilter, EventNameFilter
@@ -48,6 +49,11 @@ FLOW_RUN_PREFIX = "prefect.flow-run."
 BATCH_RUN = "batch_run"
 # the watch's rounds between two re-reads of suspended jobs' runs
 SUSPENDED_EVERY = 12
+# after a restart, jobs that ended failed this recently are compared with their runs too: one whose run completed
+# after all (a worker taken as lost that was only slow) is mended to completed with its output
+RECENT_ENDS = timedelta(hours=1)
+# flow runs read from Prefect in one request
+READ_CHUNK = 200
 
 
 class Relay:
@@ -281,28 +287,40 @@ class Relay:
         return {"source": read["source"], **output}, None
 
     async def reconcile(self, only_stale: bool = False) -> None:
-        """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed."""
+        """Re-reads unfinished jobs' flow runs from Prefect, applying any state whose event was missed; and, after a
+        restart (not `only_stale`), those of jobs ended failed in the last RECENT_ENDS, mending any whose run
+        completed. Each repair is logged."""
         stale_before = utcnow() - timedelta(seconds=self.settings.reconcile_interval_seconds)
         self._rounds += 1
         # suspended jobs (lab bookings waiting for days, thousands of them) are re-read one round in SUSPENDED_EVERY:
         # their run changes only when kiln itself resumes or cancels it
         suspended_too = not only_stale or self._rounds % SUSPENDED_EVERY == 0
-        for job in await self.store.unfinished_jobs():
-            if only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before:
-                continue
-            if job.suspended_at is not None and not suspended_too:
-                continue
-            flow_run = await self.client.read_flow_run(UUID(job.flow_run_id))
-            if flow_run.state is None:
-                continue
-            await self.apply_state(
-                flow_run_id=job.flow_run_id,
-                state_type=flow_run.state.type.value,
-                state_name=flow_run.state.name,
-                message=flow_run.state.message,
-                tags=flow_run.tags,
-                at=flow_run.state.timestamp,
+        jobs = [job for job in await self.store.unfinished_jobs()
+                if not (only_stale and (job.started_at or job.queued_at or job.created_at) > stale_before)
+                and (job.suspended_at is None or suspended_too)]  # fmt: skip
+        if not only_stale:
+            jobs += await self.store.failed_since(utcnow() - RECENT_ENDS)
+        for start in range(0, len(jobs), READ_CHUNK):
+            chunk = {job.flow_run_id: job for job in jobs[start:start + READ_CHUNK]}
+            runs = await self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in chunk])), limit=len(chunk)
             )
+            for flow_run in runs:
+                if flow_run.state is None:
+                    continue
+                job = chunk[str(flow_run.id)]
+                mirrored = status_of_state(flow_run.state.type.value, flow_run.state.name)
+                if mirrored is not None and mirrored.is_final and mirrored.value != job.status:
+                    log.info("reconcile: job %s is %s in the index, its flow run %s is %s: applying it", job.id,
+                             job.status, flow_run.id, flow_run.state.type.value)  # fmt: skip
+                await self.apply_state(
+                    flow_run_id=str(flow_run.id),
+                    state_type=flow_run.state.type.value,
+                    state_name=flow_run.state.name,
+                    message=flow_run.state.message,
+                    tags=flow_run.tags,
+                    at=flow_run.state.timestamp,
+                )
 
     async def crash_runs_of_lost_workers(self) -> None:
         """Jobs no live worker holds crash with a reason, and retry per policy.

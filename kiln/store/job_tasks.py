@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import delete, select
 
-from kiln.schemas.statuses import FINAL_STATUSES, JobStatus
-from kiln.store.models import JobEventRow, JobRow, JobTaskRow, utcnow
+from kiln.store.models import JobEventRow, JobTaskRow, utcnow
+from kiln.store.store import lock_unfinished
 
 
 async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> None:
@@ -18,8 +18,7 @@ async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> N
     tasks = payload["tasks"]
     now = utcnow()
     async with store.session.begin() as s:
-        status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
-        if status is None or JobStatus(status) in FINAL_STATUSES:
+        if not await lock_unfinished(s, job_id):
             return
         await s.execute(delete(JobTaskRow).where(JobTaskRow.job_id == job_id))
         s.add_all(

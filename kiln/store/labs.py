@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from kiln.schemas.labs import FINAL_CALLBACK_STATUSES, Callback, CallbackStatus
 from kiln.schemas.statuses import JobStatus
 from kiln.store.models import JobEventRow, JobRow, LabBookingRow, LabCallbackRow, LabRefusalRow, utcnow
+from kiln.store.store import lock_unfinished
 
 # what a booking's outcome makes of its job
 OUTCOME_STATUSES = ("completed", "failed", "cancelled", "expired")
@@ -61,16 +62,19 @@ async def record_booking(store, job_id: str, *, lab: str, booking_id: str, resou
     """Enters the job's booking (a re-run of its flow announces the same one again: kept as it is) and makes the
     job's status_reason say what is booked and until when kiln waits."""
     async with store.session.begin() as s:
+        # the job's row locked first, as every writer of its events does (lock_unfinished)
+        unfinished = await lock_unfinished(s, job_id)
         row = await s.get(LabBookingRow, job_id)
         if row is None:
             row = LabBookingRow(job_id=job_id, lab=lab, booking_id=booking_id, resource=resource, slot_start=start,
                                 slot_end=end, deadline=deadline, next_poll_at=first_poll, created_at=utcnow())
             s.add(row)
-            s.add(JobEventRow(job_id=job_id, event="booked", data={
-                "lab": lab, "booking": booking_id, "resource": resource, "start": start.isoformat(),
-                "end": end.isoformat(), "deadline": deadline.isoformat()}))  # fmt: skip
-        job = await s.scalar(select(JobRow).where(JobRow.id == job_id).with_for_update())
-        if job is not None and job.status == JobStatus.RUNNING.value and row.outcome_status is None:
+            if unfinished:
+                s.add(JobEventRow(job_id=job_id, event="booked", data={
+                    "lab": lab, "booking": booking_id, "resource": resource, "start": start.isoformat(),
+                    "end": end.isoformat(), "deadline": deadline.isoformat()}))  # fmt: skip
+        job = await s.scalar(select(JobRow).where(JobRow.id == job_id))
+        if unfinished and job.status == JobStatus.RUNNING.value and row.outcome_status is None:
             job.status_reason = waiting_reason(row)
     store.bus.notify([job_id])
     return row

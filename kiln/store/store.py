@@ -136,6 +136,17 @@ def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at
         s.add(JobEventRow(job_id=row.id, event="status", data=data, created_at=at))
 
 
+async def lock_unfinished(s, job_id: str) -> bool:
+    """Whether the job exists and has not ended, its row locked until the transaction ends.
+
+    Every writer of a job's events holds that lock, so a job's events commit in the order of their ids: PostgreSQL
+    numbers a row at its INSERT, and an event numbered before another but committed after it would never reach an
+    SSE stream that had already sent the other (it resumes after the last id it sent).
+    """
+    status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id).with_for_update())
+    return status is not None and JobStatus(status) not in FINAL_STATUSES
+
+
 def _suspend(s, row: JobRow, reason: str | None, at: datetime) -> None:
     """The job's run suspended itself: it stays running, holding no worker, with the reason its flow last gave."""
     if row.status != JobStatus.RUNNING.value:
@@ -258,8 +269,11 @@ class Store:
         in_parent_run: bool = False,
         held_usd: float = 0.0,
         key_prefix: str | None = None,
+        at: datetime | None = None,
     ) -> JobRow:
-        now = utcnow()
+        """A new job, its first status event logged; `at` is when it came in (for a job recorded after it started,
+        as a drop-in LLM call is: when the call started), now by default."""
+        now = at or utcnow()
         row = JobRow(
             id=job_id or str(uuid.uuid4()),
             project_id=project_id,
@@ -275,6 +289,7 @@ class Store:
             flow_run_id=flow_run_id,
             created_at=now,
             queued_at=now if status is not JobStatus.PENDING else None,
+            started_at=now if status is JobStatus.RUNNING else None,
             held_usd=held_usd,
             key_prefix=key_prefix,
         )
@@ -495,8 +510,7 @@ class Store:
     async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
         """Logs a progress event; one that arrives after the job ended is dropped, so the end stays last."""
         async with self.session.begin() as s:
-            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
-            if status is None or JobStatus(status) in FINAL_STATUSES:
+            if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
         self.bus.notify([job_id])
@@ -515,8 +529,7 @@ class Store:
     async def add_delta(self, job_id: str, text: str) -> None:
         """Logs a piece of a running job's streamed text (an llm_proxy job's `delta` event)."""
         async with self.session.begin() as s:
-            status = await s.scalar(select(JobRow.status).where(JobRow.id == job_id))
-            if status is None or JobStatus(status) in FINAL_STATUSES:
+            if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="delta", data={"text": text}))
         self.bus.notify([job_id])
@@ -539,6 +552,16 @@ class Store:
                     select(JobRow).where(
                         JobRow.status.in_([s.value for s in IN_FLIGHT_STATUSES]), JobRow.flow_run_id.is_not(None)
                     )
+                )
+            )
+
+    async def failed_since(self, since: datetime) -> list[JobRow]:
+        """Top-level jobs that ended failed after `since` through a flow run: what a reconcile compares again."""
+        async with self.session() as s:
+            return list(
+                await s.scalars(
+                    select(JobRow).where(JobRow.status == JobStatus.FAILED.value, JobRow.completed_at > since,
+                                         JobRow.flow_run_id.is_not(None), JobRow.in_parent_run.is_(False))  # fmt: skip
                 )
             )
 

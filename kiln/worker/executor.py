@@ -91,10 +91,28 @@ def _without_deployment(flow_run):
     return flow_run.model_copy(update={"deployment_id": None})
 
 
-def _ended(flow_run) -> bool:
-    """The run ended before its process came to start it (cancelled, or crashed by kiln while it waited for a Dask
-    process): Prefect's engine would take it from its final state and run it after all."""
-    return flow_run.state is not None and flow_run.state.is_final()
+# a run's Dask process died under it (kiln.worker.worker says the same when Dask reports the death)
+PROCESS_DIED = "the Dask worker process running this job died (killed, or out of memory)"
+
+
+def _instead_of_starting(flow_run):
+    """The state to end with instead of starting the run here, or None to start it.
+
+    A run that ended before its process came to start it (cancelled, or crashed by kiln while it waited for a Dask
+    process) keeps its final state: Prefect's engine would take it from there and run it after all. A run already
+    Running was started by a Dask process that died: on an existing cluster the scheduler runs the task again on
+    another worker (Dask's allowed-failures is that cluster's setting, 3 by default; kiln sets 0 on its own
+    LocalCluster only). A job is not run twice behind kiln's back: it crashes, and its retry policy decides.
+    """
+    from prefect.states import Crashed
+
+    if flow_run.state is None:
+        return None
+    if flow_run.state.is_final():
+        return flow_run.state
+    if flow_run.state.is_running():
+        return Crashed(message=PROCESS_DIED)
+    return None
 
 
 def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None,
@@ -145,8 +163,8 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
     # this task's own context: the engine finds the shared client here
     AsyncClientContext.__var__.set(runner.client_context)
     flow_run = _without_deployment(await runner.client_context.client.read_flow_run(UUID(flow_run_id)))
-    if _ended(flow_run):
-        return flow_run.state
+    if (instead := _instead_of_starting(flow_run)) is not None:
+        return instead
     parameters = await asyncio.to_thread(resolve_parameters, flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)
@@ -163,8 +181,8 @@ def _run_sync(flow, flow_run_id: str):
 
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
-    if _ended(flow_run):
-        return flow_run.state
+    if (instead := _instead_of_starting(flow_run)) is not None:
+        return instead
     parameters = resolve_parameters(flow_run.parameters)
     if parameters is not flow_run.parameters:
         flow, parameters = passed_through(flow, parameters)

@@ -95,7 +95,7 @@ def describe_dask_failure(exc: BaseException) -> str:
     """A status_reason for a flow run whose Dask task did not return."""
     name = type(exc).__name__
     if name == "KilledWorker":
-        return "the Dask worker process running this job died (killed, or out of memory)"
+        return executor.PROCESS_DIED
     if isinstance(exc, (OSError, asyncio.TimeoutError)) or name in ("CommClosedError", "FutureCancelledError"):
         return f"lost contact with the Dask worker running this job ({name}: {exc})"
     return f"the kiln executor failed: {name}: {exc}"

@@ -10,18 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.support import HOME, PG_ADMIN, PG_DATABASES, SETTINGS, create_key, wait_until
-
-
-def _pg(statements: list[str]) -> None:
-    import psycopg2
-
-    connection = psycopg2.connect(PG_ADMIN)
-    connection.autocommit = True
-    with connection.cursor() as cursor:
-        for statement in statements:
-            cursor.execute(statement)
-    connection.close()
+from tests.integration.support import HOME, PG_DATABASES, SETTINGS, create_key, pg_admin, wait_until
 
 
 def install_echo_job_type() -> None:
@@ -39,13 +28,13 @@ def stack():
 
     install_echo_job_type()
     if PG_DATABASES:
-        _pg([f"CREATE DATABASE {name}" for name in PG_DATABASES])
+        pg_admin([f"CREATE DATABASE {name}" for name in PG_DATABASES])
     running = Stack(SETTINGS, log=lambda *_: None)
     running.start()
     yield running
     running.stop()
     if PG_DATABASES:
-        _pg([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in PG_DATABASES])
+        pg_admin([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" for name in PG_DATABASES])
 
 
 def _key_without_cache_hits(project: str) -> str:

@@ -9,18 +9,21 @@ otherwise both are SQLite files under a temporary KILN_HOME.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from kiln.prefect_env import prefect_env
+from kiln.processes import die_with_parent
 from kiln.settings import KilnSettings
 
 MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models"
@@ -35,6 +38,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pg_admin(statements: list[str]) -> None:
+    """Runs the statements (CREATE/DROP DATABASE) on the local PostgreSQL as its admin role, outside a transaction."""
+    import psycopg2
+
+    connection = psycopg2.connect(PG_ADMIN)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    connection.close()
 
 
 def _pg_databases() -> tuple[str, str]:
@@ -101,6 +116,38 @@ def wait_final(http, job_id: str, timeout: float = 60, interval: float = 0.1) ->
     return wait_until(ended, timeout=timeout, interval=interval, what=f"job {job_id} to end")
 
 
+@contextmanager
+def dask_cluster(workers: int, env: dict[str, str], log: Path):
+    """An existing Dask cluster on loopback, started with the `dask` CLI as on machines of its own: a scheduler and
+    `workers` workers of one thread each, in `env`; yields the scheduler's address once every worker has joined.
+    Stops the workers, then the scheduler (SIGTERM, SIGKILL after 30 s); they die with the test session too."""
+    from distributed import Client
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    started: list[subprocess.Popen] = []
+    with open(log, "ab") as out:
+
+        def start(*args: str) -> None:
+            started.append(subprocess.Popen([sys.executable, "-m", "dask", *args, "--no-dashboard"], env=env,
+                                            stdout=out, stderr=subprocess.STDOUT,
+                                            preexec_fn=lambda: die_with_parent(signal.SIGTERM)))  # fmt: skip
+
+        try:
+            start("scheduler", "--host", "127.0.0.1", "--port", str(port))
+            for n in range(1, workers + 1):
+                start("worker", address, "--nthreads", "1", "--name", f"machine-{n}")
+            with Client(address, timeout=60) as client:
+                client.wait_for_workers(workers, timeout=120)
+            yield address
+        finally:
+            for process in reversed(started):
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
 
 
 def create_key(project: str) -> str:

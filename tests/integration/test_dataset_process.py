@@ -248,3 +248,59 @@ def test_a_dask_process_killed_mid_job_resumes_from_its_last_partition(api, stac
     out = done["output"]
     assert out["resumed_partitions"] >= 2 and out["partitions"] == 30
     assert out["rows_in"] == 600 and out["rows_out"] + out["rows_failed"] == 600
+
+
+def test_a_worker_with_scheduler_address_runs_the_job_on_that_dask_cluster(api, stack, idle):
+    """`kiln worker start --scheduler-address`: a scheduler and two workers started with the `dask` CLI, as on a
+    cluster of machines; the flow and every partition run on those workers, and the dataset is matminer's own."""
+    import os
+
+    from distributed import Client
+    from matminer.featurizers.composition import ElementProperty
+    from matminer.featurizers.structure import DensityFeatures
+
+    from tests.integration.support import dask_cluster
+
+    # the environment the README asks of the cluster's Dask workers: the same installation (here: the session's
+    # PYTHONPATH, which holds a lab's job type), KILN_HOME (shared) and PREFECT_API_URL; no other KILN_/PREFECT_ one
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("KILN_", "PREFECT_"))}
+    env.update(KILN_HOME=HOME, PREFECT_API_URL=SETTINGS.prefect_api)
+    rows = dcdft_rows(["Si", "Cu", "Fe", "Al", "Na", "Mg", "Ti", "Zn", "Ge", "Mo", "Ag", "W"])
+
+    def ran_here(dask_worker) -> dict[str, list[str]]:
+        """What a worker of the cluster ran to its end: the Dask keys of partitions and of flow runs (sent by value:
+        the cluster's workers need not import the tests)."""
+        keys = {entry[0] for entry in dask_worker.state.log
+                if len(entry) >= 3 and isinstance(entry[0], str) and entry[2] == "memory"}  # fmt: skip
+        return {"partitions": sorted(k for k in keys if k.startswith("process_partition-")),
+                "flow_runs": sorted(k for k in keys if k.startswith("kiln-"))}  # fmt: skip
+
+    with dask_cluster(2, env, stack.logs_dir / "dask-cluster.log") as address:
+        try:
+            stack.stop("worker")
+            stack.start_worker(name="on-cluster", extra=["--scheduler-address", address])
+            upload(api, "cluster.extxyz", extxyz_bytes(rows))
+            job = submit(api, {"source": {"file": "cluster.extxyz"}, "steps": [FEATURIZE], "partition_rows": 2})
+            done = wait_final(api, job["id"], timeout=300)
+            assert done["status"] == "completed", done["status_reason"]
+            with Client(address, timeout=60) as external:
+                ran = external.run(ran_here)
+        finally:
+            stack.stop("worker")
+            stack.start_worker()
+    out = done["output"]
+    assert (out["rows_in"], out["rows_out"], out["rows_failed"], out["partitions"]) == (12, 12, 0, 6)
+    # the flow run ran on one of the cluster's workers, and its six partitions on both of them
+    # (a flow run's Dask key is `kiln-<flow run id>-<one per submission>`: it was submitted once)
+    flow_runs = [key for keys in ran.values() for key in keys["flow_runs"]]
+    assert len(flow_runs) == 1 and flow_runs[0].startswith(f"kiln-{done['flow_run_id']}-"), ran
+    assert sum(len(keys["partitions"]) for keys in ran.values()) == 6, ran
+    assert all(keys["partitions"] for keys in ran.values()), ran
+    # each row's features are those matminer computes for it here
+    magpie, density = ElementProperty.from_preset("magpie"), DensityFeatures()
+    table = read_parquet(api, job["id"], "dataset.parquet")
+    assert [row["row_id"] for row in table] == [row.row_id for row in rows]
+    for row, got in zip(rows, table):
+        expected = dict(zip(magpie.feature_labels(), magpie.featurize(row.structure.composition)))
+        expected |= dict(zip(density.feature_labels(), density.featurize(row.structure)))
+        np.testing.assert_allclose([got[name] for name in expected], list(expected.values()), rtol=1e-9)

@@ -1,11 +1,24 @@
-"""Live status over Server-Sent Events: order, resuming with Last-Event-ID, many subscribers."""
+"""Live status over Server-Sent Events: order, resuming with Last-Event-ID, many subscribers, dropped and resumed."""
 
 from __future__ import annotations
 
 import asyncio
+import random
+import uuid
 
+import httpx
+import pytest
+from sqlalchemy import event
+from sqlalchemy.util import await_only
+
+from kiln.schemas import JobStatus
 from kiln.sdk import AsyncClient
-from tests.integration.support import SETTINGS
+from kiln.sdk.sse import SSEParser
+from kiln.store.policy import Source
+from kiln.store.store import Store
+from tests.integration.support import DATABASE, PG_ADMIN, SETTINGS, pg_admin
+
+TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 
 
 def test_events_arrive_status_then_progress_then_completed(client):
@@ -44,3 +57,98 @@ async def test_a_hundred_concurrent_subscribers_each_receive_every_event(api_key
     assert all(stream == streams[0] for stream in streams)
     assert streams[0][-1][1] == "completed"
     assert [kind for _, kind in streams[0]].count("progress") in (3, 4)
+
+
+async def test_a_hundred_subscribers_dropped_at_random_points_resume_with_last_event_id(api_key):
+    # raw HTTP, so that a connection is dropped for real at any line of the stream, mid-event included,
+    # and the next one sends the Last-Event-ID of the last whole event received, as a browser's EventSource does
+    seeds = random.Random(16)
+    headers = {"Authorization": f"Bearer {api_key}", "Accept": "text/event-stream"}
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=SETTINGS.api_url, headers=headers, limits=limits, timeout=60) as http:
+        created = await http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 5}})
+        job_id = created.json()["id"]
+
+        async def follow(seed: int) -> tuple[list[tuple[str, str]], int]:
+            rng = random.Random(seed)
+            received: list[tuple[str, str]] = []
+            connections = 0
+            while not received or received[-1][1] not in TERMINAL_EVENTS:
+                # a drop after 1 to 12 lines: the opening `retry:`, inside an event, between events, or after its end
+                drop_after = rng.randint(1, 12)
+                resume = {"Last-Event-ID": received[-1][0]} if received else {}
+                connections += 1
+                async with http.stream("GET", f"/api/v1/jobs/{job_id}/events", headers=resume) as response:
+                    assert response.status_code == 200, (response.status_code, received)
+                    parser = SSEParser()
+                    lines = 0
+                    async for line in response.aiter_lines():
+                        event = parser.feed(line)
+                        if event is not None:
+                            received.append((event.id, event.event))
+                        lines += 1
+                        if lines == drop_after or received and received[-1][1] in TERMINAL_EVENTS:
+                            break
+                # away for a while, so that events are also missed while disconnected and replayed on resuming
+                await asyncio.sleep(rng.uniform(0, 0.5))
+            return received, connections
+
+        followed = await asyncio.gather(*(follow(seeds.randrange(2**32)) for _ in range(100)))
+        async with http.stream("GET", f"/api/v1/jobs/{job_id}/events") as response:
+            parser = SSEParser()
+            everything = [(e.id, e.event) async for line in response.aiter_lines() if (e := parser.feed(line))]
+    assert everything[-1][1] == "completed" and len(everything) >= 8
+    for received, _ in followed:
+        assert received == everything
+    # at most 12 lines a connection: every subscriber resumed several times (about 1600 connections in all)
+    assert min(connections for _, connections in followed) >= 3
+
+
+@pytest.fixture
+async def own_index(tmp_path):
+    """A job index of the test's own, on the session's kind of database, with no stack writing to it."""
+    if DATABASE == "postgresql":
+        name = f"kiln_index_{uuid.uuid4().hex[:8]}"
+        pg_admin([f"CREATE DATABASE {name}"])
+        url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://") + f"/{name}"
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'index.db'}"
+    store = Store(url)
+    await store.migrate()
+    yield store
+    await store.close()
+    if DATABASE == "postgresql":
+        pg_admin([f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"])
+
+
+async def test_an_event_written_while_the_job_ends_is_committed_before_the_end(own_index):
+    # The relay writes a progress event while its watch ends the job: were the progress numbered first and committed
+    # last, a stream that had sent the end would never send it (PostgreSQL numbers a row at its INSERT)
+    store = own_index
+    project_id = await store.project_for_key(await store.create_key("order"))
+    job = await store.add_job(project_id=project_id, type="sleep", input={"seconds": 0}, resources={})
+    flow_run_id = str(uuid.uuid4())
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, flow_run_id)
+    await store.transition(job.id, JobStatus.RUNNING, source=Source.PREFECT, flow_run_id=flow_run_id)
+    running = (await store.events_after(job.id))[-1].id
+    inserted, commit = asyncio.Event(), asyncio.Event()
+
+    def hold_the_progress_before_its_commit(_connection, _cursor, statement, parameters, _context, _many):
+        if statement.lstrip().upper().startswith("INSERT INTO JOB_EVENTS") and "progress" in str(parameters):
+            inserted.set()
+            await_only(commit.wait())
+
+    event.listen(store.engine.sync_engine, "after_cursor_execute", hold_the_progress_before_its_commit)
+    progress = asyncio.create_task(store.add_progress(job.id, 50, "half"))
+    await inserted.wait()
+    end = asyncio.create_task(
+        store.transition(job.id, JobStatus.COMPLETED, source=Source.PREFECT, flow_run_id=flow_run_id, output={})
+    )
+    # the end waits for the progress's transaction; a second is its chance to get ahead were it not made to wait
+    await asyncio.wait([end], timeout=1)
+    seen_meanwhile = [e.event for e in await store.events_after(job.id, running)]
+    commit.set()
+    await asyncio.gather(progress, end)
+    assert seen_meanwhile == []
+    assert [e.event for e in await store.events_after(job.id, running)] == ["progress", "completed"]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import anthropic
@@ -117,6 +118,10 @@ def claude(providers, api_key):
         yield c
 
 
+def parse(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+
+
 def recorded(http, job_id: str, status: str = "completed") -> dict:
     """The call's job, once the API has recorded it."""
 
@@ -126,6 +131,8 @@ def recorded(http, job_id: str, status: str = "completed") -> dict:
 
     job = wait_until(ended, timeout=10, what=f"LLM call {job_id} to be recorded")
     assert job["type"] == "llm_proxy" and job["status"] == status, job
+    # recorded after its end as a job that ran from the call's start
+    assert job["created_at"] == job["started_at"] and parse(job["started_at"]) <= parse(job["completed_at"]), job
     return job
 
 

@@ -73,33 +73,46 @@ def test_a_prefect_server_restart_mid_job_leaves_no_job_running(client, stack, i
 
 
 def test_a_worker_runs_jobs_on_an_existing_dask_scheduler(client, stack, idle):
-    import subprocess
-    import sys
+    from tests.integration.support import dask_cluster
 
-    from tests.integration.support import free_port
+    with dask_cluster(1, stack.env, stack.logs_dir / "dask.log") as address:
+        try:
+            stack.stop("worker")
+            stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
+            job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=60)
+            assert job.status.value == "completed", job.status_reason
+        finally:
+            stack.stop("worker")
+            stack.start_worker()
 
-    port = free_port()
-    logs = open(stack.logs_dir / "dask.log", "ab")
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--no-dashboard"], stdout=logs, stderr=subprocess.STDOUT,
-    )
-    dask_worker = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
-         "--no-dashboard"], stdout=logs, stderr=subprocess.STDOUT, env={**stack.env},
-    )
-    try:
-        stack.stop("worker")
-        stack.start_worker(name="on-scheduler", extra=["--scheduler-address", f"tcp://127.0.0.1:{port}"])
-        job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=60)
-        assert job.status.value == "completed", job.status_reason
-    finally:
-        stack.stop("worker")
-        dask_worker.terminate()
-        scheduler.terminate()
-        dask_worker.wait(timeout=30)
-        scheduler.wait(timeout=30)
-        stack.start_worker()
+
+def test_a_dask_process_of_an_existing_cluster_killed_mid_job_fails_the_job_and_is_not_run_again(client, stack, idle):
+    """That cluster's scheduler runs a task whose worker died again on another (Dask's allowed-failures is the
+    cluster's setting, not kiln's): the second start is refused, and the job crashes as on kiln's own cluster."""
+    import os
+
+    import psutil
+    from distributed import Client
+
+    from tests.integration.support import dask_cluster
+
+    with dask_cluster(2, stack.env, stack.logs_dir / "dask.log") as address:
+        try:
+            stack.stop("worker")
+            stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
+            job = client.jobs.create(type="sleep", input={"seconds": 20})
+            wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+            key = f"kiln-{client.jobs.get(job.id).flow_run_id}"
+            with Client(address, timeout=60) as external:
+                (running_it,) = [worker for worker, keys in external.processing().items() if key in keys]
+                psutil.Process(external.run(os.getpid, workers=[running_it])[running_it]).kill()
+            job.wait(timeout=60)
+            assert job.status.value == "failed"
+            assert "Dask worker process running this job died" in job.status_reason, job.status_reason
+            assert flow_run_state(job.flow_run_id) == "CRASHED"
+        finally:
+            stack.stop("worker")
+            stack.start_worker()
 
 
 def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack, idle):
@@ -153,6 +166,32 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
         deployment = await prefect.read_deployment_by_name("sleep/kiln")
         again = await create_job_run(prefect, row, deployment.id, "alpha")
     assert str(again.id) == job.flow_run_id
+
+
+async def test_a_job_failed_in_the_index_whose_run_completed_is_mended_after_a_restart(client, stack, idle):
+    from sqlalchemy import update
+
+    from kiln.store.models import JobRow
+    from kiln.store.store import Store
+
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    assert job.status.value == "completed"
+    # what a relay that took the run's worker as lost believed, before the run completed: failed, no output
+    store = Store(SETTINGS.job_index_url)
+    try:
+        async with store.session.begin() as s:
+            await s.execute(update(JobRow).where(JobRow.id == job.id).values(
+                status="failed", output=None, completed_at=job.started_at,
+                status_reason="crashed: the kiln worker running this job stopped responding"))  # fmt: skip
+    finally:
+        await store.close()
+    assert client.jobs.get(job.id).status.value == "failed"
+    stack.stop("api")
+    stack.start_api()
+    # the reconcile after the restart compares recent failures with Prefect: the run completed, so the job is
+    mended = wait_until(lambda: (now := client.jobs.get(job.id)).status.value == "completed" and now, timeout=60,
+                        what="the reconcile to mend the job")  # fmt: skip
+    assert mended.output == job.output and mended.flow_run_id == job.flow_run_id
 
 
 def plugin_running(client, plugin: str):

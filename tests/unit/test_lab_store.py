@@ -6,24 +6,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-import pytest
 
 from kiln.schemas import JobStatus
 from kiln.schemas.labs import Callback
 from kiln.store import labs
 from kiln.store.models import utcnow
 from kiln.store.policy import Source
-from kiln.store.store import Store
 
 NOW = utcnow()
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'index.db'}")
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 async def running_job(store) -> str:

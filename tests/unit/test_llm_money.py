@@ -10,7 +10,6 @@ from kiln.errors import QuotaExceeded
 from kiln.schemas import JobStatus
 from kiln.store import llm
 from kiln.store.models import Project
-from tests.unit.test_store import store  # noqa: F401 - the job index on a SQLite file, a fixture
 
 
 async def figures(store, project_id: str) -> tuple[float, float]:

@@ -13,15 +13,6 @@ from kiln.store.models import ApiKey, utcnow
 from kiln.store.policy import Source
 
 PREFECT = Source.PREFECT
-from kiln.store.store import Store
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'index.db'}")
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 async def add(store, project_id, **kw):
