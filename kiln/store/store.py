@@ -424,12 +424,14 @@ class Store:
         crashed: bool = False,
         suspended: bool = False,
         scheduled: bool = False,
+        started_at: datetime | None = None,
     ) -> bool:
         """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
         `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
         run, `crashed` says it crashed rather than failed, `suspended` that it is suspended (Paused) and
-        `scheduled` that it waits for a worker (Scheduled). Returns whether the job changed.
+        `scheduled` that it waits for a worker (Scheduled); `started_at`, for an end, when the run started if the
+        job was never seen running. Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
@@ -465,6 +467,7 @@ class Store:
                     row.completed_at, row.output, row.cancel_requested = None, None, False
                     reason = "its flow run was started again in Prefect (Retry in the Prefect UI)"
                 _move(s, row, status, reason, output, at)
+                row.started_at = row.started_at or (started_at if status in FINAL_STATUSES else None)
                 if status in FINAL_STATUSES:
                     # a job Prefect overrules (its run completed after kiln ended it) was charged already
                     await record_finish(s, row, status, at, output, charge=not was_final)
