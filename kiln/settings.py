@@ -64,6 +64,16 @@ class KilnSettings(BaseSettings):
     dispatch_interval_seconds: float = Field(
         0.5, gt=0, description="Longest the dispatcher sleeps between passes when nothing wakes it."
     )
+    release_ahead: int | None = Field(
+        None,
+        ge=0,
+        description="Batch jobs the dispatcher releases to Prefect beyond the free worker slots. They wait as "
+        "Scheduled flow runs, so a worker starts the next job the moment one ends, instead of after kiln has seen "
+        "the end (completion event → relay → dispatcher → new flow run → worker). The price is the bound on the "
+        "priority order: a job of higher priority submitted later starts after at most this many jobs already "
+        "released. Unset: as many as the live workers' batch slots; 0: release only into free slots, in strict "
+        "priority order. Persistent jobs are never released ahead of the service slots.",
+    )
     reconcile_interval_seconds: float = Field(
         10.0, gt=0, description="How often the relay re-reads unfinished jobs' flow runs from Prefect."
     )

@@ -152,7 +152,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
     )
     async def healthz(request: Request) -> dict:
         state = request.app.state
-        workers = await state.store.capacity(state.dispatcher.lost_after)
+        workers = await state.dispatcher.capacity()
         return {
             "status": "ok",
             "prefect_events": state.relay.connected.is_set(),
@@ -164,7 +164,10 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
             "sandbox_tiers": {w.name: w.offers.get("sandbox_tiers", []) for w in workers.workers},
             "slots": workers.slots,
             # batch slots held by released jobs; a suspended job (a lab booking waiting for its lab) holds none
-            "busy_slots": workers.busy,
+            "busy_slots": min(workers.busy, workers.slots),
+            # batch jobs released beyond the slots, waiting in Prefect for the next free one, and their bound
+            "released_ahead": workers.waiting,
+            "release_ahead": workers.ahead,
             "suspended_jobs": await state.store.suspended_count(),
             "job_types": sorted(state.dispatcher.deployments),
         }

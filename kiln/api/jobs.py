@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 from kiln.api.auth import project_of_caller
 from kiln.api.contract import error_responses
 from kiln.submission import read_job
-from kiln.dispatch.dispatcher import pending_reason
+from kiln.dispatch.dispatcher import waiting_reason
 from kiln.errors import (
     Conflict,
     InputInvalid,
@@ -51,7 +51,7 @@ async def job_view(request: Request, row: JobRow, *, with_reason: bool = True) -
     state = request.app.state
     reason = row.status_reason
     if with_reason and row.status == JobStatus.PENDING.value:
-        waiting = await pending_reason(state.store, row, await state.store.capacity(state.dispatcher.lost_after))
+        waiting = await waiting_reason(state.store, row, await state.dispatcher.capacity())
         reason = f"{reason}; {waiting}" if reason else waiting
     return Job(
         id=row.id,

@@ -1,10 +1,10 @@
-"""The dispatcher: releases pending jobs to Prefect in strict order as worker capacity frees."""
+"""The dispatcher: releases pending jobs to Prefect in strict order as worker capacity frees, a bounded number ahead."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
@@ -42,6 +42,10 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    async def capacity(self) -> Capacity:
+        """What the live workers offer, with the bound of batch jobs released ahead of their free slots."""
+        return await self.store.capacity(self.lost_after, self.settings.release_ahead)
+
     async def start(self) -> None:
         self.deployments = await apply_project(self.client)
 
@@ -62,13 +66,20 @@ class Dispatcher:
             self._wake.clear()
 
     async def release_pending_jobs(self) -> int:
-        """Releases as many pending jobs as there are free worker slots, highest priority first."""
+        """Releases pending jobs, highest priority first: batch jobs into the free worker slots and up to the bound
+        (KILN_RELEASE_AHEAD) beyond them, persistent jobs into the free service slots.
+
+        A job released ahead waits as a Scheduled flow run, and a worker takes it the moment one of its slots
+        frees, without waiting for kiln to see the end of the job before (Prefect's events lag under load). A job
+        of higher priority submitted later waits behind at most the bound's jobs.
+        """
         # finish releases a restart interrupted; the idempotency key returns the run made before
         unfinished = await self.store.claimed_without_run()
-        capacity = await self.store.capacity(self.lost_after)
+        capacity = await self.capacity()
         chosen: list[JobRow] = []
-        # batch jobs fill the batch slots and persistent ones the service slots, each pool in priority order
-        free = {False: capacity.free, True: capacity.services_free}
+        # batch jobs fill the batch slots and the bound ahead of them, persistent ones the service slots (a service
+        # holds its slot until cancelled: one released ahead would wait for hours), each pool in priority order
+        free = {False: capacity.releasable, True: capacity.services_free}
         if any(free.values()):
             candidates = await self.store.pending_in_order(limit=sum(free.values()) + 100)
             for job in candidates:
@@ -83,18 +94,21 @@ class Dispatcher:
         if not jobs:
             return 0
         limit = asyncio.Semaphore(RELEASE_CONCURRENCY)
+        # a worker takes the Scheduled runs of a band in the order of their scheduled times: the runs made together
+        # (concurrently, so in no set order) are scheduled in the order they were chosen, a microsecond apart
+        at = utcnow()
 
-        async def release(job: JobRow) -> None:
+        async def release(rank: int, job: JobRow) -> None:
             async with limit:
-                await self._create_run(job)
+                await self._create_run(job, at + timedelta(microseconds=rank))
 
-        await asyncio.gather(*(release(job) for job in jobs))
+        await asyncio.gather(*(release(rank, job) for rank, job in enumerate(jobs)))
         return len(jobs)
 
-    async def _create_run(self, job: JobRow) -> None:
+    async def _create_run(self, job: JobRow, scheduled_time: datetime) -> None:
         job = await self.store.get_job(job.id, documents=True)  # the choosing left the input unread
         project_name = await self.store.project_name(job.project_id)
-        flow_run = await create_job_run(self.client, job, self.deployments[job.type], project_name)
+        flow_run = await create_job_run(self.client, job, self.deployments[job.type], project_name, scheduled_time)
         await self.store.record_release(job.id, str(flow_run.id))
         try:
             cancelled = (await self.store.get_job(job.id)).cancel_requested
@@ -140,13 +154,16 @@ class Dispatcher:
             resources = Resources.model_validate(job.resources)
             reason = None
             if resources.max_timeout_assign_ms and job.picked_at is None:
+                # from submission, whether the job waited pending or released ahead of the slots (queued): a job
+                # released ahead is picked no later than it would have been released and picked otherwise
                 if now - job.created_at > timedelta(milliseconds=resources.max_timeout_assign_ms):
-                    waited = await pending_reason(self.store, job, await self.store.capacity(self.lost_after))
+                    waited = await waiting_reason(self.store, job, await self.capacity())
                     reason = (
                         f"not picked up by a worker within {resources.max_timeout_assign_ms / 1000:g} s "
                         f"(max_timeout_assign_ms={resources.max_timeout_assign_ms})"
                         + (f"; it was waiting because: {waited}" if waited else "")
                     )
+            # from the pick (Pending: a worker took the run into a free slot), never the wait ahead of the slots
             elif resources.max_timeout_start_ms and job.picked_at is not None and job.started_at is None:
                 if now - job.picked_at > timedelta(milliseconds=resources.max_timeout_start_ms):
                     reason = (
@@ -173,8 +190,8 @@ def unmet_requirement(job: JobRow, capacity: Capacity) -> str | None:
     return None if any(u is None for u in unmet) else unmet[0]
 
 
-async def pending_reason(store: Store, job: JobRow, capacity: Capacity) -> str:
-    """Why a pending job waits, in words a user can act on."""
+async def waiting_reason(store: Store, job: JobRow, capacity: Capacity) -> str:
+    """Why a job no worker has taken yet (pending, or queued) waits, in words a user can act on."""
     unmet = unmet_requirement(job, capacity)
     if unmet == "no kiln worker is online":
         return "no kiln worker is online; start one with `kiln worker start` (or `kiln up`)"
@@ -186,8 +203,11 @@ async def pending_reason(store: Store, job: JobRow, capacity: Capacity) -> str:
             f"{capacity.service_slots} service slots busy with persistent jobs (a worker hosts "
             "KILN_WORKER_SERVICE_SLOTS of them besides its batch slots)"
         )
+    slots = f"{min(capacity.busy, capacity.slots)} of {capacity.slots} worker slots busy"
+    if job.status == JobStatus.QUEUED.value:
+        return f"released to Prefect, its flow run waits for a worker to take it; {slots}"
     ahead = await store.jobs_ahead(job)
-    return (
-        f"{ahead} job{'s' if ahead != 1 else ''} ahead at priority ≥ {job.priority}; "
-        f"{min(capacity.busy, capacity.slots)} of {capacity.slots} worker slots busy"
-    )
+    if capacity.waiting:
+        slots += (f" and {capacity.waiting} job{'s' if capacity.waiting != 1 else ''} released to take the next "
+                  f"free {'ones' if capacity.waiting != 1 else 'one'}")  # fmt: skip
+    return f"{ahead} job{'s' if ahead != 1 else ''} ahead at priority ≥ {job.priority}; {slots}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -18,7 +19,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.schedules import construct_schedule
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import LocalFileSystem
-from prefect.states import Cancelled, Cancelling, Crashed
+from prefect.states import Cancelled, Cancelling, Crashed, Scheduled
 from prefect.utilities.callables import parameter_schema
 
 from kiln.deployments.project import DeploymentSpec, Project, load_project
@@ -178,8 +179,12 @@ def deployment_schedule(raw: dict[str, Any]) -> DeploymentScheduleCreate:
     )
 
 
-async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID, project_name: str):
-    """The job's flow run; the idempotency key makes a second release of the same attempt return the first run."""
+async def create_job_run(
+    client: PrefectClient, job: JobRow, deployment_id: UUID, project_name: str, scheduled_time: datetime | None = None
+):
+    """The job's flow run, Scheduled at `scheduled_time` (now when None): within a band, a worker takes the runs in
+    the order of their scheduled times. The idempotency key makes a second release of the same attempt return the
+    first run."""
     band = load_project().band_for(job.priority)
     resources = job.resources or {}
     job_type = job_types().get(job.type)
@@ -194,6 +199,7 @@ async def create_job_run(client: PrefectClient, job: JobRow, deployment_id: UUID
         name=run_name(job),
         tags=job_tags(job, project_name),
         idempotency_key=f"kiln:{job.id}:{job.attempt}",
+        state=Scheduled(scheduled_time=scheduled_time),
         work_queue_name=band.queue,
         job_variables={k: v for k, v in resources.items() if v not in (None, 0, False)},
     )

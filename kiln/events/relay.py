@@ -194,11 +194,17 @@ class Relay:
             output = await failed_run_output(self.client, flow_run_id)
         else:
             output = None
+        started_at = None
+        if status.is_final and job.started_at is None and state_type != StateType.CANCELLED.value:
+            # the event of its Running state may come after that of its end (Prefect's event stream is not in order
+            # under load), and is then ignored: the run's own start time (None for a run that never started)
+            started_at = (await self.client.read_flow_run(UUID(flow_run_id))).start_time
         await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),
                                     output=output, at=at, flow_run_id=flow_run_id,
                                     crashed=state_type == StateType.CRASHED.value,
                                     suspended=state_type == StateType.PAUSED.value,
-                                    scheduled=state_type == StateType.SCHEDULED.value)  # fmt: skip
+                                    scheduled=state_type == StateType.SCHEDULED.value,
+                                    started_at=started_at)  # fmt: skip
         if status.is_final and not job.in_parent_run:
             self.dispatcher.wake()
         if state_type == StateType.PAUSED.value and self.labs is not None:

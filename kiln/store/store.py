@@ -82,21 +82,32 @@ class Capacity:
     """What the live workers offer, as the dispatcher last saw it: batch slots, and service slots apart."""
 
     slots: int
+    # released batch jobs not ended: those in the slots, and those released ahead of them waiting for one
     busy: int
     workers: list[WorkerRow]
     service_slots: int = 0
     services_busy: int = 0
+    # the bound: batch jobs released beyond the free slots (KILN_RELEASE_AHEAD)
+    ahead: int = 0
 
     @property
     def free(self) -> int:
         return max(self.slots - self.busy, 0)
 
     @property
+    def releasable(self) -> int:
+        """Batch jobs the dispatcher may release now: the free slots and the bound ahead of them, less the jobs
+        already released and waiting for a slot."""
+        return max(self.slots + self.ahead - self.busy, 0) if self.slots else 0
+
+    @property
+    def waiting(self) -> int:
+        """Released batch jobs beyond the slots: their runs wait Scheduled in Prefect for the next free slot."""
+        return max(self.busy - self.slots, 0)
+
+    @property
     def services_free(self) -> int:
         return max(self.service_slots - self.services_busy, 0)
-
-    def free_for(self, job: JobRow) -> int:
-        return self.services_free if job.persistent else self.free
 
 
 def _move(s, row: JobRow, status: JobStatus, reason: str | None, output: Any, at: datetime) -> None:
@@ -413,12 +424,14 @@ class Store:
         crashed: bool = False,
         suspended: bool = False,
         scheduled: bool = False,
+        started_at: datetime | None = None,
     ) -> bool:
         """Proposes moving the job to `status`; kiln.store.policy decides, and this carries it out and logs the event.
 
         `source` says who proposes; for a state of a flow run (Source.PREFECT) `flow_run_id` names the
         run, `crashed` says it crashed rather than failed, `suspended` that it is suspended (Paused) and
-        `scheduled` that it waits for a worker (Scheduled). Returns whether the job changed.
+        `scheduled` that it waits for a worker (Scheduled); `started_at`, for an end, when the run started if the
+        job was never seen running. Returns whether the job changed.
         """
         at = at or utcnow()
         async with self.session.begin() as s:
@@ -454,6 +467,7 @@ class Store:
                     row.completed_at, row.output, row.cancel_requested = None, None, False
                     reason = "its flow run was started again in Prefect (Retry in the Prefect UI)"
                 _move(s, row, status, reason, output, at)
+                row.started_at = row.started_at or (started_at if status in FINAL_STATUSES else None)
                 if status in FINAL_STATUSES:
                     # a job Prefect overrules (its run completed after kiln ended it) was charged already
                     await record_finish(s, row, status, at, output, charge=not was_final)
@@ -688,8 +702,12 @@ class Store:
         async with self.session.begin() as s:
             await s.execute(update(WorkerRow).where(WorkerRow.name == name).values(lost=True))
 
-    async def capacity(self, lost_after: timedelta) -> Capacity:
+    async def capacity(self, lost_after: timedelta, release_ahead: int | None = 0) -> Capacity:
+        """What the workers seen within `lost_after` offer; `release_ahead` the bound of jobs released beyond their
+        free slots (None: as many as their batch slots)."""
         live = [w for w in await self.workers() if not w.lost and utcnow() - w.last_seen < lost_after]
-        return Capacity(slots=sum(w.slots for w in live), busy=await self.in_flight_count(), workers=live,
+        slots = sum(w.slots for w in live)
+        return Capacity(slots=slots, busy=await self.in_flight_count(), workers=live,
                         service_slots=sum(w.service_slots for w in live),
-                        services_busy=await self.in_flight_count(persistent=True))  # fmt: skip
+                        services_busy=await self.in_flight_count(persistent=True),
+                        ahead=slots if release_ahead is None else release_ahead)  # fmt: skip

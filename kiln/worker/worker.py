@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+from functools import lru_cache
 from typing import Any, Optional
 from uuid import UUID, uuid4
 
@@ -62,6 +63,21 @@ class KilnJobConfiguration(BaseJobConfiguration):
     max_retry_count: int = Field(0)
     max_node_count: int = Field(1)
 
+    @classmethod
+    def _base_environment(cls) -> dict[str, str]:
+        """Prefect's settings as the environment of a run's infrastructure (kiln's Dask processes have their own).
+
+        Prefect serializes every setting again for every run: a fifth of the kiln worker's CPU in
+        bench/batch_submit.py (py-spy), on each job's path from Pending to Running. The settings of a worker
+        process do not change, so once is enough; the caller copies the dict.
+        """
+        return _settings_environment()
+
+
+@lru_cache(maxsize=1)
+def _settings_environment() -> dict[str, str]:
+    return BaseJobConfiguration._base_environment()
+
 
 class KilnWorkerResult(BaseWorkerResult):
     """How a flow run ended on the Dask cluster."""
@@ -100,6 +116,19 @@ def mend_local_cluster(cluster, processes: int) -> bool:
     return True
 
 
+def take_within_slots(persistent: list[bool], *, free: int, services_free: int) -> list[int]:
+    """Which of the offered runs (each a persistent job's or not, in Prefect's order) a worker takes, by index:
+    batch runs while batch slots are free, persistent jobs' runs while service slots are; a run of a full kind is
+    passed over, not a stop."""
+    room = {False: free, True: services_free}
+    taken = []
+    for i, kind in enumerate(persistent):
+        if room[kind] > 0:
+            room[kind] -= 1
+            taken.append(i)
+    return taken
+
+
 class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorkerResult]):
     type = "kiln"
     job_configuration = KilnJobConfiguration
@@ -117,8 +146,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         heartbeat_seconds: float = 2.0,
         **kwargs: Any,
     ):
-        # persistent jobs run beside the batch slots, each in a Dask process of its own; the dispatcher keeps
-        # each kind within its count
+        # persistent jobs run beside the batch slots, each in a Dask process of its own; Prefect's one limit is
+        # their sum, and _submit_scheduled_flow_runs keeps each kind within its count
         super().__init__(work_pool_name, limit=slots + service_slots, create_pool_if_not_found=False, **kwargs)
         self.slots = slots
         self.service_slots = service_slots
@@ -135,6 +164,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._ended_in_submission: dict[str, Any] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._deployments: dict[UUID, DeploymentSpec] = {}
+        # run id → whether it is a persistent job's, for the runs this worker holds a slot for
+        self._persistent_runs: dict[UUID, bool] = {}
+        # one poll at a time chooses runs: the event-woken poll and Prefect's own may overlap
+        self._choosing = asyncio.Lock()
         self._background: list[asyncio.Task] = []
         self._poll_now = asyncio.Event()
         # a run that starts is reported at once, so a crash right after still finds its worker
@@ -317,6 +350,33 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # the dispatcher releases the next job as this one ends; take it now, not at the next poll
         self._poll_now.set()
 
+    async def _submit_scheduled_flow_runs(self, flow_run_response: list) -> list[FlowRun]:
+        """Takes batch runs only into free batch slots, and persistent jobs' runs only into free service slots.
+
+        The dispatcher releases batch jobs ahead of the free slots (KILN_RELEASE_AHEAD); under Prefect's one limit
+        they would also fill the service slots, and a persistent job released next would wait behind them. Runs come
+        in Prefect's order (band, then scheduled time), so each kind is taken in the order kiln released it.
+        """
+        async with self._choosing:
+            held = set(self.limiter.statistics().borrowers)
+            self._persistent_runs = {run: p for run, p in self._persistent_runs.items() if run in held}
+            busy_services = sum(self._persistent_runs.values())
+            offered = [entry for entry in flow_run_response if entry.flow_run.id not in self._submitting_flow_run_ids]
+            kinds = [await self._runs_persistent_job(entry.flow_run) for entry in offered]
+            taken = take_within_slots(kinds, free=self.slots - (len(held) - busy_services),
+                                      services_free=self.service_slots - busy_services)  # fmt: skip
+            for i in taken:
+                self._persistent_runs[offered[i].flow_run.id] = kinds[i]
+            return await super()._submit_scheduled_flow_runs([offered[i] for i in taken])
+
+    async def _runs_persistent_job(self, flow_run: FlowRun) -> bool:
+        """Whether the run is a persistent job's (it takes a service slot, not a batch slot)."""
+        try:
+            job_type = self._job_type(await self._deployment_spec(flow_run))
+        except ObjectNotFound:  # its deployment is gone: Prefect's worker cancels it when it takes it
+            return False
+        return job_type is not None and job_type.persistent
+
     async def _submit_run(self, flow_run: FlowRun) -> None:
         # the run is this worker's from before it proposes Pending until run() has it in _running
         run_id = str(flow_run.id)
@@ -392,10 +452,18 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
 
     def _fans_out(self, spec: DeploymentSpec) -> bool:
         """Whether the deployment's flow is that of a job type whose flow runs tasks of its own on the cluster."""
-        from kiln.registry import available_job_types
+        job_type = self._job_type(spec)
+        return job_type is not None and job_type.fans_out
 
-        return any(jt.fans_out and jt.module == spec.module and jt.flow.fn.__name__ == spec.function
-                   for jt in available_job_types().values())  # fmt: skip
+    @staticmethod
+    def _job_type(spec: DeploymentSpec):
+        """The job type whose flow the deployment runs; None for an operator's own deployment (prefect.yaml)."""
+        # every registered type, not only the available ones: that check looks for each type's libraries on disk,
+        # 7 % of the worker's CPU when it ran for every run offered (bench/batch_submit.py, py-spy)
+        from kiln.registry import job_types
+
+        return next((jt for jt in job_types().values()
+                     if jt.module == spec.module and jt.flow.fn.__name__ == spec.function), None)  # fmt: skip
 
     async def _clean_sandbox(self, run_id: str) -> None:
         """A plugin the run had started outlives a Dask process that dies (a container is its own process tree)."""

@@ -85,6 +85,8 @@ if PG_DATABASES:
 os.environ.update(_env)
 SETTINGS = KilnSettings()
 os.environ.update(prefect_env(SETTINGS))
+# batch jobs the dispatcher releases beyond the busy slots (KILN_RELEASE_AHEAD): the one worker's slots when unset
+RELEASE_AHEAD = SETTINGS.worker_slots if SETTINGS.release_ahead is None else SETTINGS.release_ahead
 
 
 def flow_run_state(flow_run_id: str) -> str:

@@ -123,9 +123,15 @@ def test_listing_filters_and_pages_newest_first(http):
 def test_a_pending_job_says_why_it_waits_and_can_change_priority(http, idle):
     blocker = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 3}}).json()
     wait_until(lambda: http.get(f"/api/v1/jobs/{blocker['id']}").json()["status"] == "running", what="blocker running")
+    # released ahead of the busy slot (KILN_RELEASE_AHEAD: one here), this one takes it next, and says so
+    ahead = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 0}}).json()
+    wait_until(lambda: http.get(f"/api/v1/jobs/{ahead['id']}").json()["flow_run_id"], what="a job released ahead")
+    assert http.get(f"/api/v1/jobs/{ahead['id']}").json()["status"] == "queued"
     waiting = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 0}, "priority": 5}).json()
     assert waiting["status"] == "pending"
-    assert waiting["status_reason"] == "0 jobs ahead at priority ≥ 5; 1 of 1 worker slots busy"
+    assert waiting["status_reason"] == (
+        "0 jobs ahead at priority ≥ 5; 1 of 1 worker slots busy and 1 job released to take the next free one"
+    )
     patched = http.patch(f"/api/v1/jobs/{waiting['id']}", json={"priority": 7})
     assert patched.status_code == 200 and patched.json()["priority"] == 7
     gpu = http.post(

@@ -3,6 +3,7 @@ their health as status_reason and SSE events, fail only by themselves, and end w
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from tests.integration.support import wait_until
@@ -48,3 +49,21 @@ def test_a_persistent_job_that_fails_by_itself_fails_and_is_not_run_again(client
     job.wait(timeout=60)
     assert job.status.value == "failed" and "quitter gave up after 3 beats" in job.status_reason
     assert job.attempt == 1
+
+
+def test_a_batch_job_released_ahead_of_the_busy_slot_never_takes_the_service_slot(client, idle):
+    blocker = client.jobs.create(type="sleep", input={"seconds": 15})
+    wait_until(lambda: client.jobs.get(blocker.id).status.value == "running", what="the blocker to run")
+    behind = client.jobs.create(type="sleep", input={"seconds": 0})
+    wait_until(lambda: client.jobs.get(behind.id).flow_run_id, what="a job released ahead of the slot")
+    # the worker is woken by its run's Scheduled event, and polls every 2 s besides: it leaves the run for the slot
+    time.sleep(3)
+    assert client.jobs.get(behind.id).status.value == "queued"
+    # and the service slot is there for a persistent job, at once
+    name = f"svc-{uuid.uuid4().hex[:6]}"
+    service = serving(client, name, beat_seconds=0.2)
+    assert client.jobs.get(blocker.id).status.value == "running" and client.jobs.get(behind.id).started_at is None
+    assert behind.wait(timeout=60).status.value == "completed"
+    assert client.jobs.get(behind.id).started_at > blocker.wait(timeout=60).completed_at
+    client.jobs.cancel(service.id)
+    assert service.wait(timeout=60).status.value == "cancelled"

@@ -26,12 +26,19 @@ SUBMISSION_CALL = b"/labels HTTP/1.1"
 def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack, idle):
     job = client.jobs.create(type="sleep", input={"seconds": 20})
     wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+    # released ahead of the busy slot (KILN_RELEASE_AHEAD): its run waits Scheduled, taken by no worker
+    behind = client.jobs.create(type="sleep", input={"seconds": 0})
+    wait_until(lambda: client.jobs.get(behind.id).flow_run_id, what="a job released ahead of the slot")
     stack.stop("worker", sig=signal.SIGKILL)
     job.wait(timeout=60)
     assert job.status.value == "failed"
     assert "stopped responding" in job.status_reason, job.status_reason
     assert flow_run_state(job.flow_run_id) == "CRASHED"
+    # the lost worker never held it: it is not crashed, and the next worker runs it, on its first run
+    behind = client.jobs.get(behind.id)
+    assert behind.status.value == "queued" and flow_run_state(behind.flow_run_id) == "SCHEDULED"
     stack.start_worker()
+    assert behind.wait(timeout=60).status.value == "completed" and behind.attempt == 1
     assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
 
 
