@@ -18,10 +18,11 @@ from collections.abc import Awaitable, Callable, Iterator
 log = logging.getLogger("kiln.coordination")
 
 CHANNEL = "kiln_job_events"
-# advisory lock keys (bigint) of the job index: held by the leading API process for its life; held by a dispatcher
-# while it chooses and claims jobs (Store.release_lock)
+# advisory lock keys (bigint) of the job index: held by the leading API process for its life; by a dispatcher while
+# it chooses and claims jobs (Store.release_lock); by an API process migrating the index at its start (Store.migrate)
 LEADER_LOCK = 0x6B696C6E_0001
 RELEASE_LOCK = 0x6B696C6E_0002
+MIGRATE_LOCK = 0x6B696C6E_0003
 # how often a follower tries to take the lead, and the leader checks its connection: the failover time after a leader
 # dies is at most this, plus the time PostgreSQL takes to notice its connection closed (at once on a kill)
 RETRY_SECONDS = 2.0

@@ -18,7 +18,7 @@ from sqlalchemy.orm import undefer
 
 from kiln.errors import Conflict, InvalidRequest, NotFound
 from kiln.store.bus import EventBus
-from kiln.store.coordination import CHANNEL, RELEASE_LOCK, is_shared, payloads
+from kiln.store.coordination import CHANNEL, MIGRATE_LOCK, RELEASE_LOCK, is_shared, payloads
 from kiln.schemas.statuses import (
     CANCELLABLE_STATUSES,
     FINAL_STATUSES,
@@ -39,7 +39,7 @@ KEY_PREFIX = "kiln_"
 DOCUMENTS = (undefer(JobRow.input), undefer(JobRow.output))
 _TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
 _NOTIFY = text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload")
-_RELEASE_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
+_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 def hash_key(key: str) -> str:
@@ -180,7 +180,9 @@ class Store:
         self.crash_reruns: dict[str, int] = {}
 
     async def migrate(self) -> None:
-        await upgrade_async(self.url)
+        # kiln API processes started together: one migrates, the others then find the schema current
+        async with self._holding(MIGRATE_LOCK):
+            await upgrade_async(self.url)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -205,12 +207,18 @@ class Store:
         """Held while a dispatcher counts free slots and claims jobs into them. Only the leading kiln API dispatches,
         but two could overlap for a moment (a leader cut off from PostgreSQL that has not noticed yet): they take
         turns, each counting the slots the other's claims took, so never more jobs are released than slots."""
+        async with self._holding(RELEASE_LOCK):
+            yield
+
+    @asynccontextmanager
+    async def _holding(self, key: int) -> AsyncIterator[None]:
+        """On PostgreSQL, the advisory lock `key` of the job index, held by an open transaction of its own while the
+        block runs: released at its end, also when the block is cancelled or its process dies."""
         if not self.shared:
             yield  # SQLite: one API process
             return
         async with self.engine.begin() as c:
-            # a transaction's lock: released at its end, also when the dispatcher is cancelled or its process dies
-            await c.execute(_RELEASE_LOCK, {"key": RELEASE_LOCK})
+            await c.execute(_XACT_LOCK, {"key": key})
             yield
 
     # projects and keys
