@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
+from collections import defaultdict
 
 from common import embedded_stack, free_port, percentile, summary
 
@@ -49,26 +51,31 @@ def main() -> None:
             second.stop()
 
     on_first, on_second, added = [], [], []
+    by_kind = defaultdict(list)  # on the second API
     for job_id, (first, second_) in arrivals.items():
-        if [event_id for event_id, _ in first] != [event_id for event_id, _ in second_]:
+        if [event_id for event_id, *_ in first] != [event_id for event_id, *_ in second_]:
             raise SystemExit(f"job {job_id}: the two APIs' streams differ: {first} / {second_}")
-        for (event_id, at_first), (_, at_second) in zip(first, second_):
+        for (event_id, at_first, kind), (_, at_second, _) in zip(first, second_):
             on_first.append(at_first - created[event_id])
             on_second.append(at_second - created[event_id])
             added.append(at_second - at_first)
+            by_kind[kind].append(at_second - created[event_id])
     print()
     print(f"SSE delivery, {args.jobs} sleep(0.5) jobs ({len(added)} events), two kiln APIs, the job index and "
           f"Prefect on PostgreSQL, {args.slots} worker slots, 2-core machine")  # fmt: skip
     print(summary("second API: created_at → arrival", on_second))
     print(summary("first API (leader): created_at → arrival", on_first))
     print(summary("second − first arrival", added))
+    print("second API, created_at → arrival by event:")
+    for kind, delays in sorted(by_kind.items()):
+        print(summary(f"  {kind}", delays))
     print(f"goal: every event on the second API within 0.1 s at the p95 of the leader's: "
           f"{'met' if percentile(added, 95) <= 0.1 else 'NOT met'}")
 
 
 async def follow_jobs(urls: list[str], key: str, jobs: int) -> dict[str, tuple[list, list]]:
     """Submits the jobs, through each API in turn, one every 0.2 s; follows each on both APIs. Returns, per job, the
-    (event id, arrival time) pairs of each API's stream."""
+    (event id, arrival time, kind) of each event of each API's stream."""
     import httpx
 
     from kiln.sdk.sse import SSEParser
@@ -82,7 +89,10 @@ async def follow_jobs(urls: list[str], key: str, jobs: int) -> dict[str, tuple[l
                 async for line in response.aiter_lines():
                     event = parser.feed(line)
                     if event is not None:
-                        got.append((int(event.id), time.time()))
+                        kind = event.event
+                        if kind == "status":
+                            kind = f"status {json.loads(event.data)['status']}"
+                        got.append((int(event.id), time.time(), kind))
                         if event.event in TERMINAL_EVENTS:
                             return got
             raise SystemExit(f"job {job_id}'s stream on {url} ended before the job")
