@@ -105,7 +105,7 @@ class SlotSampler:
                     self.busy.append(health(api)["busy_slots"])
                 except httpx.HTTPError:
                     continue  # that one was killed
-            time.sleep(0.05)
+            time.sleep(0.2)  # a released job stays in flight for longer than this
 
     def __enter__(self) -> "SlotSampler":
         self._thread.start()
