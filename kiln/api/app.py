@@ -1,4 +1,5 @@
-"""The kiln API process: the FastAPI app, with the dispatcher and the event relay running beside it."""
+"""The kiln API process: the FastAPI app, with the dispatcher and the event relay running beside it (in the leading
+process, when several share a PostgreSQL job index: kiln.store.coordination)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from kiln.events.job_events import emit_job_event
 from kiln.events.relay import Relay
 from kiln.registry import available_job_types
 from kiln.settings import KilnSettings, get_settings
+from kiln.store.coordination import Coordination
 from kiln.store.store import Store
 
 log = logging.getLogger("kiln.api")
@@ -103,13 +105,18 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
                 relay,
             )
             app.state.labs = lab_watch
-            tasks = [asyncio.create_task(t) for t in (dispatcher.run(), relay.run(), relay.watch(), lab_watch.run())]
+
+            async def lead() -> None:
+                await asyncio.gather(dispatcher.run(), relay.run(), relay.watch(), lab_watch.run())
+
+            # a job submitted or cancelled through another kiln API wakes this one's dispatcher, when it leads
+            app.state.coordination = Coordination(store, lead, heard=dispatcher.wake)
+            task = asyncio.create_task(app.state.coordination.run())
             try:
                 yield
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
                 await app.state.llm.close()
                 await store.close()
                 app.state.prefect = None  # about to close
@@ -147,15 +154,19 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     @app.get(
         "/healthz",
-        summary="Liveness, and whether Prefect's events reach the relay",
+        summary="Liveness, whether this process leads, and whether Prefect's events reach the relay",
         responses=error_responses(ServerError),
     )
     async def healthz(request: Request) -> dict:
         state = request.app.state
         workers = await state.dispatcher.capacity()
+        leading = state.coordination.leading
         return {
             "status": "ok",
-            "prefect_events": state.relay.connected.is_set(),
+            # whether this process runs the dispatcher and the relay (one kiln API of several on PostgreSQL does)
+            "leader": leading,
+            # whether Prefect's events reach this process's relay; null where another process leads
+            "prefect_events": state.relay.connected.is_set() if leading else None,
             "workers": len(workers.workers),
             "worker_names": [w.name for w in workers.workers],
             # each worker's process: a new instance under the same name is that worker restarted

@@ -248,7 +248,7 @@ async def job_events(
                     if event.event in ("completed", "failed", "cancelled"):
                         return
                 try:
-                    # the relay may run in another process: look again now and then even unnotified
+                    # an announcement from another kiln API can be lost (PostgreSQL restarting): look again now and then
                     await asyncio.wait_for(flag.wait(), SSE_KEEPALIVE_SECONDS)
                 except TimeoutError:
                     yield ": keepalive\n\n"

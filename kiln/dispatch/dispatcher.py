@@ -75,21 +75,22 @@ class Dispatcher:
         """
         # finish releases a restart interrupted; the idempotency key returns the run made before
         unfinished = await self.store.claimed_without_run()
-        capacity = await self.capacity()
         chosen: list[JobRow] = []
-        # batch jobs fill the batch slots and the bound ahead of them, persistent ones the service slots (a service
-        # holds its slot until cancelled: one released ahead would wait for hours), each pool in priority order
-        free = {False: capacity.releasable, True: capacity.services_free}
-        if any(free.values()):
-            candidates = await self.store.pending_in_order(limit=sum(free.values()) + 100)
-            for job in candidates:
-                if not any(free.values()):
-                    break
-                if free[job.persistent] == 0 or unmet_requirement(job, capacity) is not None:
-                    continue
-                if await self.store.claim_for_release(job.id):
-                    chosen.append(job)
-                    free[job.persistent] -= 1
+        async with self.store.release_lock():
+            capacity = await self.capacity()
+            # batch jobs fill the batch slots and the bound ahead of them, persistent ones the service slots (a
+            # service holds its slot until cancelled: one released ahead would wait for hours), each in priority order
+            free = {False: capacity.releasable, True: capacity.services_free}
+            if any(free.values()):
+                candidates = await self.store.pending_in_order(limit=sum(free.values()) + 100)
+                for job in candidates:
+                    if not any(free.values()):
+                        break
+                    if free[job.persistent] == 0 or unmet_requirement(job, capacity) is not None:
+                        continue
+                    if await self.store.claim_for_release(job.id):
+                        chosen.append(job)
+                        free[job.persistent] -= 1
         jobs = unfinished + chosen
         if not jobs:
             return 0

@@ -66,6 +66,8 @@ class Relay:
         self.labs = labs
         self._rounds = 0
         self.connected = asyncio.Event()
+        # since when this relay has followed Prefect's events live (caught up): only silence heard since counts
+        self.following_since: datetime | None = None
 
     async def run(self) -> None:
         """Follows Prefect's event stream for ever, resubscribing and catching up after every outage."""
@@ -78,6 +80,7 @@ class Relay:
                 async with get_events_subscriber(filter=event_filter, reconnection_attempts=2) as subscriber:
                     self.connected.set()
                     await self.reconcile()
+                    self.following_since = utcnow()
                     async for event in subscriber:
                         try:
                             await self.handle(event)
@@ -86,9 +89,12 @@ class Relay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Prefect restarted; resubscribe (Prefect issue 22450)
-                self.connected.clear()
                 log.warning("Prefect event stream lost (%s); resubscribing", exc)
                 await asyncio.sleep(1)
+            finally:
+                # also when this kiln API stops leading (cancelled)
+                self.connected.clear()
+                self.following_since = None
 
     async def watch(self) -> None:
         """Periodic safety net: lost workers, and runs whose events were missed."""
@@ -336,6 +342,10 @@ class Relay:
         """
         now = utcnow()
         lost_after = timedelta(seconds=self.settings.worker_lost_seconds)
+        if self.following_since is None or now - self.following_since < lost_after:
+            # heartbeats sent while this relay did not follow (this kiln API starting, or taking the lead from
+            # another, or Prefect restarting) were not recorded: a worker is silent only after a full period heard
+            return
         for worker in await self.store.workers():
             if not worker.lost and now - worker.last_seen >= lost_after:
                 await self.store.mark_worker_lost(worker.name)

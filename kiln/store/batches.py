@@ -128,7 +128,7 @@ async def add_jobs(
         if rows:
             await s.execute(insert(JobRow), rows)
             await s.execute(insert(JobEventRow), events)
-    store.bus.notify([item.job_id for item in stored])
+    await store.notify([item.job_id for item in stored])
     return batch_id, stored
 
 

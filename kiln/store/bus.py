@@ -1,4 +1,6 @@
-"""In-process fan-out of job events to live SSE subscribers, so they do not poll the index."""
+"""In-process fan-out of job events to live SSE subscribers, so they do not poll the index.
+
+Other kiln API processes' events reach it through PostgreSQL (kiln.store.coordination)."""
 
 from __future__ import annotations
 
@@ -31,3 +33,9 @@ class EventBus:
                 flag.set()
         for flag in self._waiters.get(ANY_JOB, ()):
             flag.set()
+
+    def notify_all(self) -> None:
+        """Wakes every subscriber: after a time when events may have been written unannounced."""
+        for flags in self._waiters.values():
+            for flag in flags:
+                flag.set()

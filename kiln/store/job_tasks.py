@@ -34,7 +34,7 @@ async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> N
         )
         data = {"percent": payload.get("percent", 0), "message": payload.get("message"), "tasks": tasks}
         s.add(JobEventRow(job_id=job_id, event="progress", data=data, created_at=now))
-    store.bus.notify([job_id])
+    await store.notify([job_id])
 
 
 async def job_tasks(store, job_id: str) -> list[dict[str, Any]]:

@@ -76,7 +76,7 @@ async def record_booking(store, job_id: str, *, lab: str, booking_id: str, resou
         job = await s.scalar(select(JobRow).where(JobRow.id == job_id))
         if unfinished and job.status == JobStatus.RUNNING.value and row.outcome_status is None:
             job.status_reason = waiting_reason(row)
-    store.bus.notify([job_id])
+    await store.notify([job_id])
     return row
 
 
@@ -109,7 +109,7 @@ async def take_callback(store, lab: str, webhook_id: str, callback: Callback) ->
             job_id = booking.job_id
     except IntegrityError:
         return Taken(True, None, "none: delivered before")
-    store.bus.notify([job_id])
+    await store.notify([job_id])
     return Taken(False, job_id, row.effect)
 
 
@@ -164,7 +164,7 @@ async def settle_from_callbacks(store, job_id: str) -> bool:
             row.effect = await _apply(s, booking, Callback.model_validate(row.body), utcnow())
         ended = booking.outcome_status is not None
     if early:
-        store.bus.notify([job_id])
+        await store.notify([job_id])
     return ended
 
 

@@ -6,17 +6,19 @@ import hashlib
 import logging
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import undefer
 
 from kiln.errors import Conflict, InvalidRequest, NotFound
 from kiln.store.bus import EventBus
+from kiln.store.coordination import CHANNEL, MIGRATE_LOCK, RELEASE_LOCK, is_shared, payloads
 from kiln.schemas.statuses import (
     CANCELLABLE_STATUSES,
     FINAL_STATUSES,
@@ -36,6 +38,8 @@ KEY_PREFIX = "kiln_"
 # the loader options for a job's input and output, which the hot paths (relay, dispatcher, heartbeats) never read
 DOCUMENTS = (undefer(JobRow.input), undefer(JobRow.output))
 _TERMINAL_EVENT = {JobStatus.COMPLETED: "completed", JobStatus.FAILED: "failed", JobStatus.CANCELLED: "cancelled"}
+_NOTIFY = text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload")
+_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:key)")
 
 
 def hash_key(key: str) -> str:
@@ -176,6 +180,10 @@ class Store:
         self.engine = make_engine(url)
         self.session = make_sessionmaker(self.engine)
         self.bus = bus or EventBus()
+        # on PostgreSQL, several kiln API processes may share the index: the others hear of this one's job events
+        # (kiln.store.coordination); this one knows its own announcements by this name
+        self.shared = is_shared(url)
+        self.origin = uuid.uuid4().hex[:12]
         self._project_names: dict[str, str] = {}
         # awaited with (store, job row) after each change of a job's status
         self.transition_listeners: list = []
@@ -183,10 +191,46 @@ class Store:
         self.crash_reruns: dict[str, int] = {}
 
     async def migrate(self) -> None:
-        await upgrade_async(self.url)
+        # kiln API processes started together: one migrates, the others then find the schema current
+        async with self._holding(MIGRATE_LOCK):
+            await upgrade_async(self.url)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+    async def notify(self, job_ids: Iterable[str]) -> None:
+        """Wakes the SSE streams of these jobs, whose events were just committed: in this process, and on
+        PostgreSQL in every kiln API process sharing the index (a NOTIFY each one LISTENs to)."""
+        job_ids = list(job_ids)
+        self.bus.notify(job_ids)
+        if not self.shared or not job_ids:
+            return
+        try:
+            async with self.engine.connect() as c:
+                await c.execute(_NOTIFY, {"channel": CHANNEL, "payloads": list(payloads(self.origin, job_ids))})
+                await c.commit()
+        except Exception as exc:  # noqa: BLE001 - the events are written; other processes' streams look again soon
+            log.warning("could not announce the events of %d job(s) to the other kiln API processes: %s",
+                        len(job_ids), exc)  # fmt: skip
+
+    @asynccontextmanager
+    async def release_lock(self) -> AsyncIterator[None]:
+        """Held while a dispatcher counts free slots and claims jobs into them. Only the leading kiln API dispatches,
+        but two could overlap for a moment (a leader cut off from PostgreSQL that has not noticed yet): they take
+        turns, each counting the slots the other's claims took, so never more jobs are released than slots."""
+        async with self._holding(RELEASE_LOCK):
+            yield
+
+    @asynccontextmanager
+    async def _holding(self, key: int) -> AsyncIterator[None]:
+        """On PostgreSQL, the advisory lock `key` of the job index, held by an open transaction of its own while the
+        block runs: released at its end, also when the block is cancelled or its process dies."""
+        if not self.shared:
+            yield  # SQLite: one API process
+            return
+        async with self.engine.begin() as c:
+            await c.execute(_XACT_LOCK, {"key": key})
+            yield
 
     # projects and keys
 
@@ -306,7 +350,7 @@ class Store:
                     raise
                 raise Conflict(f"job {job_id} exists already") from exc
             s.add(JobEventRow(job_id=row.id, event="status", data={"status": status.value}, created_at=now))
-        self.bus.notify([row.id])
+        await self.notify([row.id])
         return row
 
     async def get_job(self, job_id: str, project_id: str | None = None, *, documents: bool = False) -> JobRow:
@@ -403,7 +447,7 @@ class Store:
             if result.rowcount != 1:
                 return False
             s.add(JobEventRow(job_id=job_id, event="cancelled", data={"reason": reason}, created_at=now))
-        self.bus.notify([job_id])
+        await self.notify([job_id])
         await self._transitioned(await self.get_job(job_id))
         return True
 
@@ -472,7 +516,7 @@ class Store:
                     # a job Prefect overrules (its run completed after kiln ended it) was charged already
                     await record_finish(s, row, status, at, output, charge=not was_final)
                 row.flow_run_id = row.flow_run_id or flow_run_id
-        self.bus.notify([job_id])
+        await self.notify([job_id])
         await self._transitioned(row)
         return True
 
@@ -516,7 +560,7 @@ class Store:
             if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
-        self.bus.notify([job_id])
+        await self.notify([job_id])
 
     async def add_health(self, job_id: str, reason: str, event: str | None, data: dict[str, Any]) -> None:
         """A running job's status_reason, and its health event when one is named; dropped once the job ended."""
@@ -527,7 +571,7 @@ class Store:
             row.status_reason = reason
             if event is not None:
                 s.add(JobEventRow(job_id=job_id, event=event, data={**data, "status_reason": reason}))
-        self.bus.notify([job_id])
+        await self.notify([job_id])
 
     async def add_delta(self, job_id: str, text: str) -> None:
         """Logs a piece of a running job's streamed text (an llm_proxy job's `delta` event)."""
@@ -535,7 +579,7 @@ class Store:
             if not await lock_unfinished(s, job_id):
                 return
             s.add(JobEventRow(job_id=job_id, event="delta", data={"text": text}))
-        self.bus.notify([job_id])
+        await self.notify([job_id])
 
     async def events_after(self, job_id: str, after: int = 0) -> list[JobEventRow]:
         async with self.session() as s:
@@ -609,7 +653,7 @@ class Store:
         async with self.session.begin() as s:
             await s.execute(update(JobRow).where(JobRow.id == job_id).values(flow_run_id=flow_run_id))
             s.add(JobEventRow(job_id=job_id, event="status", data={"status": "queued", "flow_run_id": flow_run_id}))
-        self.bus.notify([job_id])
+        await self.notify([job_id])
 
     async def record_flow_run(self, job_id: str, flow_run_id: str) -> None:
         """Names the flow run that shows an ended job in Prefect (a drop-in LLM call's, made after it)."""
