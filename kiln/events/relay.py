@@ -66,6 +66,9 @@ class Relay:
         self.labs = labs
         self._rounds = 0
         self.connected = asyncio.Event()
+        # when the relay last (re)subscribed to Prefect's events: a worker's heartbeats sent while it was not listening
+        # (the kiln API restarting, Prefect down) reach it only from then on
+        self.listening_since: datetime | None = None
 
     async def run(self) -> None:
         """Follows Prefect's event stream for ever, resubscribing and catching up after every outage."""
@@ -76,6 +79,7 @@ class Relay:
         while True:
             try:
                 async with get_events_subscriber(filter=event_filter, reconnection_attempts=2) as subscriber:
+                    self.listening_since = utcnow()
                     self.connected.set()
                     await self.reconcile()
                     async for event in subscriber:
@@ -330,6 +334,10 @@ class Relay:
         """
         now = utcnow()
         lost_after = timedelta(seconds=self.settings.worker_lost_seconds)
+        if not self.connected.is_set() or self.listening_since is None or now - self.listening_since < lost_after:
+            # a worker is silent only if the relay listened all that time: after kill -9 of the kiln API a worker's
+            # last recorded heartbeat is from before the outage, and its runs would crash though it ran them all along
+            return
         for worker in await self.store.workers():
             if not worker.lost and now - worker.last_seen >= lost_after:
                 await self.store.mark_worker_lost(worker.name)
