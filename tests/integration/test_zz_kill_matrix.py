@@ -103,7 +103,18 @@ def ledger(log: Path) -> list[tuple[str, int, int]]:
     """The side effects: (job id, attempt, pid) per line."""
     if not log.exists():
         return []
-    return [(job, int(attempt), int(pid)) for job, attempt, pid in (line.split() for line in log.read_text().splitlines())]
+    # the last piece is empty, or a line still being written
+    lines = log.read_text().split("\n")[:-1]
+    return [(job, int(attempt), int(pid)) for job, attempt, pid in (line.split() for line in lines)]
+
+
+def job_running_now(log: Path) -> tuple[str, int]:
+    """The job whose line comes next, and its Dask process: read within milliseconds of its write, while the job
+    sleeps after it (at least SECONDS[0]), so that the kill comes in the middle of a job."""
+    seen = len(ledger(log))
+    job_id, _, pid = wait_until(lambda: (lines := ledger(log))[seen:] and lines[-1], timeout=120, interval=0.005,
+                                what="a job to write its line")  # fmt: skip
+    return job_id, pid
 
 
 def problems_of(jobs: dict[str, dict], runs: dict[str, list[dict]], lines: list[tuple[str, int, int]]) -> list[str]:
@@ -155,9 +166,9 @@ def test_a_kill_mid_batch_leaves_every_job_ended_once_and_the_stack_running(part
         batch_id, job_ids = submit_batch(http, log)
         wait_until(lambda: (now := counts(http, batch_id)) and now["succeeded"] >= KILL_AFTER, timeout=300,
                    interval=0.2, what=f"{KILL_AFTER} jobs of the batch to complete")  # fmt: skip
-        # a Dask process that runs a job now: the newest line's
+        running, pid = job_running_now(log)
         killed_at = time.monotonic()
-        did = kill(stack, part, dask_pid=ledger(log)[-1][2])
+        did = kill(stack, part, dask_pid=pid)
         back_at = time.monotonic()
         # the batch goes on to its end: a bound on waiting, not a speed goal
         wait_until(lambda: (now := counts(http, batch_id)) and not any(now[s] for s in ("pending", "queued",
@@ -165,9 +176,13 @@ def test_a_kill_mid_batch_leaves_every_job_ended_once_and_the_stack_running(part
         ended_at = time.monotonic()
         jobs = batch_jobs(http, batch_id)
     assert sorted(jobs) == sorted(job_ids)
-    problems = problems_of(jobs, flow_runs_of(project), ledger(log))
+    runs = flow_runs_of(project)
+    problems = problems_of(jobs, runs, ledger(log))
     assert not problems, f"after {did}:\n" + "\n".join(problems)
     outcome = Counter(job["status"] for job in jobs.values())
+    hit = runs[running][0]["state"]
+    print(f"\nthe job running at the kill ({running}): {jobs[running]['status']} at attempt {jobs[running]['attempt']}, "
+          f"its first run {hit['type']} ({hit['message']})")
     print(f"\n{did}: {dict(outcome)}, {sum(job['attempt'] > 1 for job in jobs.values())} retried; killed "
           f"{killed_at - started:.0f} s after the batch, back {back_at - killed_at:.0f} s later, batch ended "
           f"{ended_at - back_at:.0f} s after that")
