@@ -25,8 +25,9 @@ async def test_a_process_the_scheduler_dropped_is_started_again():
                 await asyncio.sleep(0.1)
             assert len(cluster.workers) == 1, "the cluster did not forget the dropped process"
             assert mend_local_cluster(cluster, 2)
-            for _ in range(300):
-                if len(cluster.scheduler.workers) == 2:
+            # the scheduler knows the new process before the cluster has it among its workers
+            for _ in range(600):
+                if len(cluster.scheduler.workers) == 2 and len(cluster.workers) == 2:
                     break
                 await asyncio.sleep(0.1)
             assert len(cluster.scheduler.workers) == 2 and dropped not in cluster.scheduler.workers
