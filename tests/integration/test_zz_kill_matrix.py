@@ -69,6 +69,11 @@ def counts(http: httpx.Client, batch_id: str) -> dict[str, int] | None:
     return response.json()["counts"] if response.status_code == 200 else None
 
 
+def batch_ended(http: httpx.Client, batch_id: str) -> bool:
+    now = counts(http, batch_id)
+    return now is not None and not any(now[status] for status in ("pending", "queued", "running", "merging"))
+
+
 def batch_jobs(http: httpx.Client, batch_id: str) -> dict[str, dict]:
     response = http.get(f"/api/v1/batches/{batch_id}/jobs", params={"limit": 1000})
     assert response.status_code == 200, response.text
@@ -171,8 +176,7 @@ def test_a_kill_mid_batch_leaves_every_job_ended_once_and_the_stack_running(part
         did = kill(stack, part, dask_pid=pid)
         back_at = time.monotonic()
         # the batch goes on to its end: a bound on waiting, not a speed goal
-        wait_until(lambda: (now := counts(http, batch_id)) and not any(now[s] for s in ("pending", "queued",
-                           "running", "merging")) and now, timeout=900, interval=1, what=f"the batch to end after {did}")  # fmt: skip
+        wait_until(lambda: batch_ended(http, batch_id), timeout=900, interval=1, what=f"the batch to end after {did}")
         ended_at = time.monotonic()
         jobs = batch_jobs(http, batch_id)
     assert sorted(jobs) == sorted(job_ids)
@@ -181,12 +185,9 @@ def test_a_kill_mid_batch_leaves_every_job_ended_once_and_the_stack_running(part
     assert not problems, f"after {did}:\n" + "\n".join(problems)
     outcome = Counter(job["status"] for job in jobs.values())
     hit = runs[running][0]["state"]
+    # what the kill did, for a reader of `pytest -s`
     print(f"\nthe job running at the kill ({running}): {jobs[running]['status']} at attempt {jobs[running]['attempt']}, "
           f"its first run {hit['type']} ({hit['message']})")
     print(f"\n{did}: {dict(outcome)}, {sum(job['attempt'] > 1 for job in jobs.values())} retried; killed "
           f"{killed_at - started:.0f} s after the batch, back {back_at - killed_at:.0f} s later, batch ended "
           f"{ended_at - back_at:.0f} s after that")
-    from datetime import datetime
-    first = min(datetime.fromisoformat(job["created_at"]) for job in jobs.values())
-    bins = Counter(int((datetime.fromisoformat(job["completed_at"]) - first).total_seconds() // 10) for job in jobs.values())
-    print("completions per 10 s:", [bins.get(i, 0) for i in range(max(bins) + 1)])
