@@ -246,9 +246,8 @@ async def _decide(request: Request, job_id: str, project_id: str, approved: bool
     from uuid import UUID
 
     from prefect.client.schemas.objects import StateType
-    from prefect.flow_runs import aresume_flow_run
 
-    from kiln.dispatch.labs import APPROVAL_KEY
+    from kiln.dispatch.labs import APPROVAL_KEY, resume_with_input
 
     store = request.app.state.store
     job = await store.get_job(job_id, project_id)
@@ -268,7 +267,7 @@ async def _decide(request: Request, job_id: str, project_id: str, approved: bool
     by = getattr(request.state, "caller", None)
     decision = {"approved": approved, "reason": reason, "by": by.key_prefix if by else None}
     try:
-        await aresume_flow_run(UUID(job.flow_run_id), run_input=decision)
+        await resume_with_input(job.flow_run_id, decision)
     except Exception as exc:  # noqa: BLE001 - decided a moment ago by another request
         raise Conflict(f"job {job_id} is not awaiting approval any more: {exc}") from None
     words = ("approved" if approved else "rejected") + (f" by {decision['by']}" if decision["by"] else "")

@@ -29,6 +29,25 @@ OUTCOME_KEY = "outcome"
 APPROVAL_KEY = "approval"
 # longest the watch sleeps when nothing wakes it
 ROUND_SECONDS = 1.0
+# Prefect's suspend_flow_run proposes Paused before it saves the schema of the input the run waits for: a resume in
+# between is refused with this reason
+SCHEMA_NOT_SAVED = "Run input schema not found"
+
+
+async def resume_with_input(flow_run_id: str, run_input: dict, within: float = 10.0) -> None:
+    """Resumes a suspended run with the input it waits for, waiting out the moment after it is Paused and before
+    its input's schema is saved; raises what Prefect raises otherwise (not paused, resumed already)."""
+    from prefect.flow_runs import aresume_flow_run
+
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await aresume_flow_run(UUID(flow_run_id), run_input=run_input)
+            return
+        except RuntimeError as exc:
+            if SCHEMA_NOT_SAVED not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
 
 
 class LabWatch:
@@ -69,7 +88,6 @@ class LabWatch:
 
     async def _resume(self, booking: LabBookingRow, job: JobRow) -> bool:
         from prefect.client.schemas.objects import StateType
-        from prefect.flow_runs import aresume_flow_run
 
         try:
             flow_run = await self.client.read_flow_run(UUID(job.flow_run_id))
@@ -85,7 +103,7 @@ class LabWatch:
         try:
             # exactly the fields of the flow's LabOutcome: Prefect checks the input against its schema
             outcome = {key: booking.outcome.get(key) for key in ("status", "results", "message", "source")}
-            await aresume_flow_run(UUID(job.flow_run_id), run_input=outcome)
+            await resume_with_input(job.flow_run_id, outcome)
         except Exception as exc:  # noqa: BLE001 - resumed meanwhile (another API process), or Prefect down
             log.warning("could not resume the run of job %s: %s", job.id, exc)
             return False
