@@ -3,6 +3,8 @@ kiln key), the audit of those callbacks, and a person's approval of a lab_bookin
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
 import logging
 from datetime import datetime, timedelta, timezone
@@ -257,9 +259,21 @@ async def _decide(request: Request, job_id: str, project_id: str, approved: bool
                        f"waits for approval")  # fmt: skip
     waiting = False
     if job.flow_run_id is not None and job.status == "running":
-        flow_run = await request.app.state.prefect.client.read_flow_run(UUID(job.flow_run_id))
-        state = flow_run.state
-        waiting = state is not None and state.type is StateType.PAUSED and state.state_details.pause_key == APPROVAL_KEY
+        # the flow says it awaits approval (its awaiting_approval event) just before it suspends: give it that moment
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            flow_run = await request.app.state.prefect.client.read_flow_run(UUID(job.flow_run_id))
+            state = flow_run.state
+            waiting = (state is not None and state.type is StateType.PAUSED
+                       and state.state_details.pause_key == APPROVAL_KEY)  # fmt: skip
+            decisions = [e.event for e in await store.events_after(job_id)
+                         if e.event in ("awaiting_approval", "approved", "rejected")]  # fmt: skip
+            announced = decisions[-1:] == ["awaiting_approval"]
+            if waiting or not announced or state is None or state.is_final():
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
     if not waiting:
         now = f"{job.status}" + (f": {job.status_reason}" if job.status_reason else "")
         raise Conflict(f"job {job_id} is not awaiting approval (it is {now}); only a lab_booking job submitted with "
