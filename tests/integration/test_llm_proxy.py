@@ -412,7 +412,7 @@ def test_zz_the_provider_key_appears_nowhere_kiln_writes(providers, http):
     for job in jobs:
         events = http.get(f"/api/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "0"}).text
         assert KEY not in json.dumps(job) and KEY not in events
-    runs = httpx.post(f"{SETTINGS.prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=30).json()
+    runs = httpx.post(f"{SETTINGS.prefect_api}/flow_runs/filter", json={"limit": 200}, timeout=120).json()
     assert KEY not in json.dumps([r["parameters"] for r in runs])
 
 
