@@ -4,7 +4,6 @@ kiln key), the audit of those callbacks, and a person's approval of a lab_bookin
 from __future__ import annotations
 
 import asyncio
-
 import hashlib
 import logging
 from datetime import datetime, timedelta, timezone
@@ -269,9 +268,8 @@ async def _decide(request: Request, job_id: str, project_id: str, approved: bool
             decisions = [e.event for e in await store.events_after(job_id)
                          if e.event in ("awaiting_approval", "approved", "rejected")]  # fmt: skip
             announced = decisions[-1:] == ["awaiting_approval"]
-            if waiting or not announced or state is None or state.is_final():
-                break
-            if asyncio.get_running_loop().time() > deadline:
+            late = asyncio.get_running_loop().time() > deadline
+            if waiting or not announced or state is None or state.is_final() or late:
                 break
             await asyncio.sleep(0.2)
     if not waiting:
