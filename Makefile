@@ -16,8 +16,8 @@ test: install-test postgres chromium slurm sandbox
 	$(PYTHON) -m pytest tests/sandbox -q -x
 	$(PYTHON) -m pytest tests/mcp -q -x
 	$(PYTHON) -m pytest tests/lab -q -x
-	$(PYTHON) -m pytest tests/integration -q -x
-	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x
+	$(PYTHON) -m pytest tests/integration -q -x --durations=30
+	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x --durations=30
 	$(PYTHON) -m pytest tests/slurm -q -x
 	$(PYTHON) -m pytest tests/e2e -q -x
 

@@ -102,9 +102,12 @@ def test_a_dask_process_of_an_existing_cluster_killed_mid_job_fails_the_job_and_
             stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
             job = client.jobs.create(type="sleep", input={"seconds": 20})
             wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
-            key = f"kiln-{client.jobs.get(job.id).flow_run_id}"
+            prefix = f"kiln-{client.jobs.get(job.id).flow_run_id}-"  # each submission's key: kiln-<run id>-<8 hex>
             with Client(address, timeout=60) as external:
-                (running_it,) = [worker for worker, keys in external.processing().items() if key in keys]
+                def workers_running_it():
+                    return [worker for worker, keys in external.processing().items()
+                            if any(str(key).startswith(prefix) for key in keys)]
+                (running_it,) = wait_until(workers_running_it, what="the job's task on the cluster")
                 psutil.Process(external.run(os.getpid, workers=[running_it])[running_it]).kill()
             job.wait(timeout=60)
             assert job.status.value == "failed"
