@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export KILN_HOME ?= $(HOME)/.kiln
 
-.PHONY: run test install install-test postgres chromium slurm sandbox test-unit test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp bench-mcp-conformance bench-dataset
+.PHONY: run test install install-test postgres chromium slurm sandbox test-sqlite test-postgres bench bench-llm bench-plugin bench-mcp bench-mcp-conformance bench-dataset
 
 ## make run: install kiln and bring the embedded stack up; it runs a sleep job, then serves until Ctrl-C
 # the kiln of $(PYTHON), the one just installed, not whichever `kiln` is first on PATH
@@ -16,9 +16,19 @@ test: install-test postgres chromium slurm sandbox
 	$(PYTHON) -m pytest tests/sandbox -q -x
 	$(PYTHON) -m pytest tests/mcp -q -x
 	$(PYTHON) -m pytest tests/lab -q -x
+	$(MAKE) -j2 --output-sync=target test-sqlite test-postgres
+	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration/test_zz_kill_matrix.py -q -x --durations=5
+
+# two lanes side by side, each test session with a stack, ports and KILN_HOME of its own (each prints when it ends):
+# the integration tests on SQLite then SLURM's, and on PostgreSQL then the end-to-end ones. The kill matrix, which
+# restarts PostgreSQL itself, runs after both.
+test-sqlite:
 	$(PYTHON) -m pytest tests/integration -q -x --durations=30
-	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x --durations=30
 	$(PYTHON) -m pytest tests/slurm -q -x
+
+test-postgres:
+	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x --durations=30 \
+		--ignore=tests/integration/test_zz_kill_matrix.py
 	$(PYTHON) -m pytest tests/e2e -q -x
 
 install:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pydantic import SecretStr
+
 from kiln.settings import KilnSettings
 
 # the LocalFileSystem block job outputs are written to; `kiln deploy` creates it under KILN_HOME
@@ -41,8 +43,9 @@ def prefect_env(settings: KilnSettings) -> dict[str, str]:
 
 
 def kiln_env(settings: KilnSettings) -> dict[str, str]:
-    """The settings as KILN_* variables, so the processes a launcher starts share them."""
-    return {f"KILN_{k.upper()}": str(v) for k, v in settings.model_dump(exclude_none=True).items()}
+    """The settings as KILN_* variables, so the processes a launcher starts share them (secrets as they are)."""
+    return {f"KILN_{k.upper()}": str(v.get_secret_value() if isinstance(v, SecretStr) else v)
+            for k, v in settings.model_dump(exclude_none=True).items()}  # fmt: skip
 
 
 def configure_prefect(settings: KilnSettings) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from prefect import tags
@@ -25,6 +27,12 @@ HEALTH_EVENT = "kiln.job.health"
 # pieces of a job's text are sent at most this often: one Prefect event per token or per line would be thousands
 TEXT_INTERVAL_SECONDS = 0.1
 
+# longest a flow waits for the kiln API to take one progress report before sending it as a Prefect event
+REPORT_TIMEOUT_SECONDS = 10.0
+
+# where the running flow reports progress on kiln's own path: (the kiln API's URL, the run's token), or None
+_report_to: ContextVar[tuple[str, str] | None] = ContextVar("kiln_report_to", default=None)
+
 # flow run id → its progress artifact, so each job shows one bar in the Prefect UI
 _progress_artifacts: dict[str, uuid.UUID] = {}
 
@@ -42,6 +50,58 @@ def set_dask_scheduler(address: str | None) -> None:
 def dask_scheduler_address() -> str | None:
     """The address of the kiln worker's Dask scheduler when this flow runs on it, else None (a flow called directly)."""
     return _dask_scheduler
+
+
+@contextmanager
+def reporting_to(api_url: str | None, token: str | None):
+    """While a flow run (and its subflows, child jobs) runs in this context, its progress goes to the kiln API at
+    `api_url` with the run token `token` (kiln.run_reports); the kiln worker's executor sets it per run."""
+    reset = _report_to.set((api_url, token)) if api_url and token else None
+    try:
+        yield
+    finally:
+        if reset is not None:
+            _report_to.reset(reset)
+
+
+def _report(job_ids: list[str], flow_run_id: str, payload: dict[str, Any]) -> None:
+    """Sends a progress report for each job: straight to the kiln API when the run has a token (kiln's own path,
+    ahead of the run's end), else as a Prefect event the relay records. A report the API cannot take goes as a
+    Prefect event too (the API down, a child job it does not know yet, a worker with another run key); one it
+    refuses as wrong (an earlier attempt's, a malformed one) is dropped with a warning."""
+    target = _report_to.get()
+    for job_id in job_ids:
+        if target is not None and _post_report(*target, job_id, payload):
+            continue
+        emit_event(
+            PROGRESS_EVENT,
+            resource={"prefect.resource.id": f"kiln.job.{job_id}"},
+            related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
+            payload=payload,
+        )
+
+
+def _post_report(api_url: str, token: str, job_id: str, payload: dict[str, Any]) -> bool:
+    """POST /api/v1/jobs/{job_id}/progress; False when the report should go the Prefect way instead."""
+    import httpx
+
+    from kiln.run_reports import RUN_TOKEN_HEADER
+
+    try:
+        response = httpx.post(f"{api_url}/api/v1/jobs/{job_id}/progress", json=payload,
+                              headers={RUN_TOKEN_HEADER: token}, timeout=REPORT_TIMEOUT_SECONDS)  # fmt: skip
+    except httpx.HTTPError as exc:
+        log.warning("the kiln API did not answer job %s's progress report (%s); sending it as a Prefect event",
+                    job_id, type(exc).__name__)  # fmt: skip
+        return False
+    if response.status_code in (409, 422):
+        log.warning("the kiln API refused job %s's progress report: %s", job_id, response.text[:500])
+        return True
+    if response.status_code != 200:
+        log.warning("the kiln API could not take job %s's progress report (%s); sending it as a Prefect event",
+                    job_id, response.status_code)  # fmt: skip
+        return False
+    return True
 
 
 def _tag_value(prefix: str, tag_list) -> str | None:
@@ -69,12 +129,7 @@ async def areport_progress(percent: float, message: str | None = None) -> None:
     if job_id is None:
         return
     percent = max(0.0, min(100.0, float(percent)))
-    emit_event(
-        PROGRESS_EVENT,
-        resource={"prefect.resource.id": f"kiln.job.{job_id}"},
-        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
-        payload={"percent": percent, "message": message},
-    )
+    await asyncio.to_thread(_report, [job_id], flow_run_id, {"percent": percent, "message": message})
     try:
         artifact_id = _progress_artifacts.get(flow_run_id)
         if artifact_id is None:
@@ -119,7 +174,7 @@ async def areport_tasks(
     tasks: list[dict], percent: float, message: str | None = None, *, mirror_to_parent: bool = False
 ) -> None:
     """report_tasks, from async code."""
-    report_tasks(tasks, percent, message, mirror_to_parent=mirror_to_parent)
+    await asyncio.to_thread(report_tasks, tasks, percent, message, mirror_to_parent=mirror_to_parent)
 
 
 def report_tasks(
@@ -139,13 +194,8 @@ def report_tasks(
         context = FlowRunContext.get()
         parent_id = _tag_value("parent:", context.flow_run.tags) if context and context.flow_run else None
         job_ids += [parent_id] if parent_id else []
-    for target in job_ids:
-        emit_event(
-            PROGRESS_EVENT,
-            resource={"prefect.resource.id": f"kiln.job.{target}"},
-            related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}],
-            payload={"percent": max(0.0, min(100.0, float(percent))), "message": message, "tasks": tasks},
-        )
+    _report(job_ids, flow_run_id, {"percent": max(0.0, min(100.0, float(percent))), "message": message,
+                                   "tasks": tasks})  # fmt: skip
 
 
 async def areport_merging(message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # the model folders that travel in the package (TensorNet-MatPES-PBE with matgl's licence), so ml_predict
@@ -52,6 +52,12 @@ class KilnSettings(BaseSettings):
     )
     api_key: str | None = Field(
         None, description="API key the CLI sends; read from KILN_HOME/api-key (written by `kiln up`) when unset."
+    )
+    run_key: SecretStr | None = Field(
+        None,
+        description="Key the kiln API and workers sign and check run tokens with (a running job's progress goes "
+        "straight to the API with one, kiln.run_reports); KILN_HOME/run-key, written on first use, when unset. Set "
+        "the same value on the API and on workers that do not share its KILN_HOME.",
     )
     worker_heartbeat_seconds: float = Field(
         2.0, gt=0, description="How often a kiln worker tells the platform it is alive and what it runs."
@@ -107,8 +113,9 @@ class KilnSettings(BaseSettings):
     )
     public_url: str | None = Field(
         None,
-        description="The kiln API's URL as labs reach it: lab_booking callbacks go to "
-        "PUBLIC_URL/api/v1/hooks/labs/{lab}. The API's own address (http://API_HOST:API_PORT) when unset.",
+        description="The kiln API's URL as labs and workers reach it: lab_booking callbacks go to "
+        "PUBLIC_URL/api/v1/hooks/labs/{lab}, and running jobs' progress to PUBLIC_URL/api/v1/jobs/{id}/progress. The "
+        "API's own address (http://API_HOST:API_PORT) when unset.",
     )
     lab_poll_first_seconds: float = Field(
         60.0, gt=0, description="How long after a booked slot ends kiln first asks the lab (GET /bookings/{id}) "
@@ -148,7 +155,8 @@ class KilnSettings(BaseSettings):
 
     @property
     def callback_base_url(self) -> str:
-        """Where labs send their callbacks: the public URL, else the API's own."""
+        """Where labs send their callbacks, and runs their progress (kiln.run_reports): the public URL, else the
+        API's own."""
         return (self.public_url or self.api_url).rstrip("/")
 
     @property

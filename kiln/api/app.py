@@ -80,6 +80,8 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from kiln.run_reports import run_key
+
         store = Store(settings.job_index_url)
         await store.migrate()
         await reconcile_holds(store)
@@ -105,6 +107,7 @@ def create_app(settings: KilnSettings | None = None) -> FastAPI:
                 relay,
             )
             app.state.labs = lab_watch
+            app.state.run_key = run_key(settings)
 
             async def lead() -> None:
                 await asyncio.gather(dispatcher.run(), relay.run(), relay.watch(), lab_watch.run())

@@ -26,6 +26,7 @@ from kiln.errors import (
     UnknownJobType,
 )
 from kiln.registry import job_types
+from kiln.run_reports import RUN_TOKEN_HEADER, RunTokenRefused, read_run_token
 from kiln.schemas import (
     Job,
     JobCreate,
@@ -35,7 +36,8 @@ from kiln.schemas import (
     JobTypeInfo,
     Resources,
 )
-from kiln.schemas.jobs import INT32
+from kiln.schemas.jobs import INT32, ProgressRecorded, ProgressReport
+from kiln.store.job_tasks import record_task_progress
 from kiln.store.batches import add_jobs
 from kiln.store.models import JobRow
 
@@ -45,6 +47,8 @@ router = APIRouter(prefix="/api/v1", responses=error_responses(Unauthorized, Ser
 Project = Annotated[str, Depends(project_of_caller)]
 
 SSE_KEEPALIVE_SECONDS = 15
+# how far below a run's own job a progress report may go looking for it: child jobs of child jobs, …
+MAX_CHILD_DEPTH = 20
 
 
 async def job_view(request: Request, row: JobRow, *, with_reason: bool = True) -> Job:
@@ -192,6 +196,52 @@ async def cancel(request: Request, row: JobRow) -> JobRow:
         raise Conflict(f"job {row.id} is already {row.status}; only an unfinished job can be cancelled")
     await request.app.state.dispatcher.cancel(row, "cancelled by request")
     return await request.app.state.store.get_job(row.id, row.project_id, documents=True)
+
+
+@router.post(
+    "/jobs/{job_id}/progress",
+    response_model=ProgressRecorded,
+    summary="A running job's progress, from its own flow: kiln's own path, authenticated by the run token its worker "
+    "gave the flow run, not by an API key",
+    responses=error_responses(RunTokenRefused, NotFound, Conflict, InputInvalid),
+    openapi_extra={"security": []},
+)
+async def report_progress(
+    request: Request,
+    job_id: str,
+    body: ProgressReport,
+    run_token: Annotated[str | None, Header(alias=RUN_TOKEN_HEADER, description="The flow run's run token.")] = None,
+) -> ProgressRecorded:
+    """Recorded in the job index at once (Prefect's event pipeline may lag minutes behind its states), so a report
+    made before the flow ended comes before the job's end on its event stream. A token is good for its own job and
+    that job's parent and children, while its flow run is its job's current attempt (409 for an earlier attempt's)."""
+    store = request.app.state.store
+    token_job, token_run = read_run_token(request.app.state.run_key, run_token)
+    own = await store.get_job(token_job)
+    if own.flow_run_id != token_run:
+        raise Conflict(f"{RUN_TOKEN_HEADER}: flow run {token_run} is no longer job {token_job}'s current attempt "
+                       f"({own.flow_run_id})")  # fmt: skip
+    if not await _of_family(store, await store.get_job(job_id), own):
+        raise RunTokenRefused(f"{RUN_TOKEN_HEADER}: the token of job {token_job}'s run; job {job_id} is not that "
+                              "job, its parent or one of its children")  # fmt: skip
+    if body.tasks is not None:
+        recorded = await record_task_progress(store, job_id, body.model_dump())
+    else:
+        recorded = await store.add_progress(job_id, body.percent, body.message)
+    return ProgressRecorded(recorded=recorded)
+
+
+async def _of_family(store, job: JobRow, own: JobRow) -> bool:
+    """Whether `job` is `own`, its parent, or a child of it at any depth (a run's subflows are child jobs)."""
+    if job.id == own.parent_id:
+        return True
+    for _ in range(MAX_CHILD_DEPTH):
+        if job.id == own.id:
+            return True
+        if job.parent_id is None:
+            return False
+        job = await store.get_job(job.parent_id)
+    return False
 
 
 @router.get(

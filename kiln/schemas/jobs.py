@@ -148,6 +148,29 @@ class JobEvent(BaseModel):
         return iso(value)
 
 
+class TaskReport(StrictRequest):
+    """One task of a job split into `ntasks`, as its flow sees it."""
+
+    task_id: int = Field(ge=0, le=INT32["le"], description="The task's number within the job.")
+    status: str = Field(min_length=1, max_length=200, description="pending, running, completed, failed, …")
+    done_units: int = Field(0, ge=0, le=INT32["le"], description="Units of work the task has done.")
+    requested_units: int = Field(0, ge=0, le=INT32["le"], description="Units of work the task was given.")
+
+
+class ProgressReport(StrictRequest):
+    """How far a running job is, as its own flow reports it (kiln.runtime.report_progress, report_tasks)."""
+
+    percent: float = Field(ge=0, le=100, description="How far the job is, 0 to 100.")
+    message: str | None = Field(None, max_length=2000, description="What it is doing, in words.")
+    tasks: list[TaskReport] | None = Field(
+        None, max_length=100_000, description="A split job's tasks: they replace its task table (GET …/tasks)."
+    )
+
+
+class ProgressRecorded(BaseModel):
+    recorded: bool = Field(description="False when the job had already ended: its end stays its last event.")
+
+
 class JobTypeInfo(BaseModel):
     type: str = Field(description="The job type's name.")
     description: str = Field(description="What the job type does.")

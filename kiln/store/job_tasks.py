@@ -10,16 +10,16 @@ from kiln.store.models import JobEventRow, JobTaskRow, utcnow
 from kiln.store.store import lock_unfinished
 
 
-async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> None:
+async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> bool:
     """Replaces the job's task table with the flow's latest view and logs it as one progress event.
 
-    Dropped once the job ended, so the terminal event stays last (as Store.add_progress does).
+    Dropped once the job ended (False), so the terminal event stays last (as Store.add_progress does).
     """
     tasks = payload["tasks"]
     now = utcnow()
     async with store.session.begin() as s:
         if not await lock_unfinished(s, job_id):
-            return
+            return False
         await s.execute(delete(JobTaskRow).where(JobTaskRow.job_id == job_id))
         s.add_all(
             JobTaskRow(
@@ -35,6 +35,7 @@ async def record_task_progress(store, job_id: str, payload: dict[str, Any]) -> N
         data = {"percent": payload.get("percent", 0), "message": payload.get("message"), "tasks": tasks}
         s.add(JobEventRow(job_id=job_id, event="progress", data=data, created_at=now))
     await store.notify([job_id])
+    return True
 
 
 async def job_tasks(store, job_id: str) -> list[dict[str, Any]]:

@@ -554,13 +554,14 @@ class Store:
                 )
             )
 
-    async def add_progress(self, job_id: str, percent: float, message: str | None) -> None:
-        """Logs a progress event; one that arrives after the job ended is dropped, so the end stays last."""
+    async def add_progress(self, job_id: str, percent: float, message: str | None) -> bool:
+        """Logs a progress event; one that arrives after the job ended is dropped (False), so the end stays last."""
         async with self.session.begin() as s:
             if not await lock_unfinished(s, job_id):
-                return
+                return False
             s.add(JobEventRow(job_id=job_id, event="progress", data={"percent": percent, "message": message}))
         await self.notify([job_id])
+        return True
 
     async def add_health(self, job_id: str, reason: str, event: str | None, data: dict[str, Any]) -> None:
         """A running job's status_reason, and its health event when one is named; dropped once the job ended."""

@@ -116,8 +116,11 @@ def _instead_of_starting(flow_run):
 
 
 def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_seconds: float | None,
-                     fans_out: bool = False) -> dict:  # fmt: skip
+                     fans_out: bool = False, report_to: tuple[str, str] | None = None) -> dict:  # fmt: skip
     """Runs the pre-created flow run to its end in this process; returns its final state's type and message.
+
+    `report_to`, the kiln API's URL and the run's token, sends the run's progress on kiln's own path
+    (kiln.run_reports).
 
     A flow that fans out (JobType.fans_out) runs tasks of its own on this Dask cluster; this thread is handed back
     to Dask while it waits for them, so they can run in this process too instead of waiting for a free one.
@@ -129,9 +132,9 @@ def execute_flow_run(flow_run_id: str, module: str, function: str, timeout_secon
     try:
         if flow.isasync:
             runner = _shared_runner()
-            state = runner.run(_run_async(runner, flow, flow_run_id))
+            state = runner.run(_run_async(runner, flow, flow_run_id, report_to))
         else:
-            state = _run_sync(flow, flow_run_id)
+            state = _run_sync(flow, flow_run_id, report_to)
     except (asyncio.CancelledError, concurrent.futures.CancelledError, RunCancelled):
         return {"state": "CANCELLED", "message": "stopped by the kiln worker"}
     except Pause as pause:
@@ -156,9 +159,11 @@ def _note_dask_worker(fans_out: bool) -> None:
         secede()
 
 
-async def _run_async(runner: _Runner, flow, flow_run_id: str):
+async def _run_async(runner: _Runner, flow, flow_run_id: str, report_to: tuple[str, str] | None):
     from prefect.context import AsyncClientContext
     from prefect.flow_engine import run_flow_async
+
+    from kiln.runtime import reporting_to
 
     # this task's own context: the engine finds the shared client here
     AsyncClientContext.__var__.set(runner.client_context)
@@ -170,14 +175,17 @@ async def _run_async(runner: _Runner, flow, flow_run_id: str):
         flow, parameters = passed_through(flow, parameters)
     _RUNNING[flow_run_id] = ("async", runner.loop, asyncio.current_task())
     try:
-        return await run_flow_async(flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        with reporting_to(*(report_to or (None, None))):
+            return await run_flow_async(flow, flow_run=flow_run, parameters=parameters, return_type="state")
     finally:
         _RUNNING.pop(flow_run_id, None)
 
 
-def _run_sync(flow, flow_run_id: str):
+def _run_sync(flow, flow_run_id: str, report_to: tuple[str, str] | None):
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow_sync
+
+    from kiln.runtime import reporting_to
 
     with get_client(sync_client=True) as client:
         flow_run = _without_deployment(client.read_flow_run(UUID(flow_run_id)))
@@ -188,7 +196,8 @@ def _run_sync(flow, flow_run_id: str):
         flow, parameters = passed_through(flow, parameters)
     _RUNNING[flow_run_id] = ("sync", threading.get_ident())
     try:
-        return run_flow_sync(flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        with reporting_to(*(report_to or (None, None))):
+            return run_flow_sync(flow, flow_run=flow_run, parameters=parameters, return_type="state")
     finally:
         _RUNNING.pop(flow_run_id, None)
 

@@ -174,6 +174,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._beat_now = asyncio.Event()
         self.instance = str(uuid4())
         self._sandbox_dir = self._sandbox_lock = None
+        self._run_key: bytes | None = None
 
     # lifecycle
 
@@ -195,6 +196,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
         await self._claim_sandbox()
+        from kiln.run_reports import run_key
+        from kiln.settings import get_settings
+
+        self._run_key = run_key(get_settings())
         if self._scheduler_address:
             self._dask = await Client(self._scheduler_address, asynchronous=True)
         else:
@@ -431,7 +436,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         # first future is released), so the second run would end "cancelled for reason: unknown"
         future = self._dask.submit(
             executor.execute_flow_run, run_id, spec.module, spec.function, timeout, self._fans_out(spec),
-            key=f"kiln-{run_id}-{uuid4().hex[:8]}", pure=False,
+            self._report_to(flow_run), key=f"kiln-{run_id}-{uuid4().hex[:8]}", pure=False,
         )
         self._running[run_id] = future
         self._beat_now.set()
@@ -449,6 +454,17 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
             self._running.pop(run_id, None)
         await self._settle(flow_run.id, outcome)
         return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
+
+    def _report_to(self, flow_run: FlowRun) -> tuple[str, str] | None:
+        """Where the run sends its progress on kiln's own path: the kiln API and the run's token (kiln.run_reports);
+        None for a run of no kiln job."""
+        from kiln.run_reports import run_token
+        from kiln.settings import get_settings
+
+        job_id = next((tag[4:] for tag in flow_run.tags or () if tag.startswith("job:")), None)
+        if job_id is None or self._run_key is None:
+            return None
+        return get_settings().callback_base_url, run_token(self._run_key, job_id, str(flow_run.id))
 
     def _fans_out(self, spec: DeploymentSpec) -> bool:
         """Whether the deployment's flow is that of a job type whose flow runs tasks of its own on the cluster."""

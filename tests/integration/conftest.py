@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,12 @@ from tests.integration.support import HOME, PG_DATABASES, SETTINGS, create_key, 
 def install_echo_job_type() -> None:
     """A lab's own job type (tests/fixtures/echo_job_type), installed beside the stack as a lab would install it."""
     target = Path(HOME) / "plugins"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-                    str(target), str(Path(__file__).resolve().parents[1] / "fixtures" / "echo_job_type")],
+    # built from a copy: pip builds a local folder in place, and the SQLite and PostgreSQL sessions of `make test`
+    # install it at the same moment
+    source = Path(HOME) / "echo_job_type"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "echo_job_type", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))  # fmt: skip
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
                    check=True, capture_output=True)  # fmt: skip
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
 

@@ -65,6 +65,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404",
 include-path-regex = "^/api/v1/hooks/labs/"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "413", "422"]
 
+# A running job's progress report: a generated run token is none of this kiln's (401), a generated job id no job
+# (404), a token of a job's earlier attempt 409.
+[[operations]]
+include-path-regex = "^/api/v1/jobs/[^/]+/progress$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409"]
+
 # Approving a generated job id: 404; a job of the key's project that waits for no approval: 409.
 [[operations]]
 include-path-regex = "^/api/v1/jobs/[^/]+/(approve|reject)$"

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from tests.integration.support import DATABASE, wait_until
+from kiln.sdk import Client
+from tests.integration.support import DATABASE, SETTINGS, wait_until
 from tests.integration.test_batches import counts, new_project, sleep_entry
 
 
@@ -52,6 +53,8 @@ def test_a_thousand_entries_with_bad_ones_and_repeats_all_run(idle):
 
     response = http.post("/api/v1/jobs/submit-batch", json={"jobs": entries})
     assert response.status_code == 202, response.text
+    # a job submitted after the burst: every progress report of its flow comes before its end (kiln.run_reports)
+    later = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 2}, "priority": 10}).json()
     result = response.json()
     assert (result["total"], result["submitted"], result["cache_hits"], result["failed"]) == (1000, 940, 50, 10)
     lines = result["jobs"]
@@ -83,6 +86,10 @@ def test_a_thousand_entries_with_bad_ones_and_repeats_all_run(idle):
     assert len({tuple(sorted(c.items())) for c in seen}) > 2
     assert seen[-1] == {"pending": 0, "queued": 0, "running": 0, "merging": 0, "succeeded": 940, "failed": 10,
                         "cancelled": 0, "cache_hit": 50}  # fmt: skip
+    with Client(SETTINGS.api_url, http.headers["Authorization"].removeprefix("Bearer ")) as own:
+        events = list(own.jobs.events(later["id"]))
+    assert events[-1].event == "completed", [e.event for e in events]
+    assert [e.data["percent"] for e in events if e.event == "progress"] == [25.0, 50.0, 75.0, 100.0], events
     page = http.get(f"/api/v1/batches/{batch_id}/jobs", params={"limit": 400}).json()
     assert len(page["jobs"]) == 400 and page["next_cursor"]
     rest = http.get(f"/api/v1/batches/{batch_id}/jobs", params={"limit": 1000, "cursor": page["next_cursor"]}).json()

@@ -13,7 +13,7 @@ SOURCES = {"kiln": "kiln", "kiln.flows": "flows", "kiln.tasks": "tasks", "kiln.b
 # bottom to top; a part imports only from parts of lower layers
 LAYERS = [
     {"kiln.errors", "kiln.settings", "kiln.processes"},
-    {"kiln.prefect_env", "kiln.schemas"},
+    {"kiln.prefect_env", "kiln.schemas", "kiln.run_reports"},
     {"kiln.blocks", "kiln.store", "kiln.runtime", "kiln.job_inputs", "kiln.registry", "kiln.deployments", "kiln.sdk",
      "kiln.launcher", "kiln.files", "kiln.services", "kiln.webhooks"},
     {"kiln.tasks"},
