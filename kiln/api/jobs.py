@@ -203,7 +203,7 @@ async def cancel(request: Request, row: JobRow) -> JobRow:
     response_model=ProgressRecorded,
     summary="A running job's progress, from its own flow: kiln's own path, authenticated by the run token its worker "
     "gave the flow run, not by an API key",
-    responses=error_responses(RunTokenRefused, NotFound, Conflict, InputInvalid),
+    responses=error_responses(RunTokenRefused, InvalidRequest, NotFound, Conflict, InputInvalid),
     openapi_extra={"security": []},
 )
 async def report_progress(
