@@ -228,6 +228,17 @@ def test_input_defaults_and_raw_values_kept(nacl):
     assert MLPredictInput.model_validate_json(stored).model_dump_json() == stored
 
 
+def test_the_canonical_input_is_one_whatever_the_encoding_site_order_and_periodic_image(nacl):
+    shuffled = Structure(nacl.lattice, list(reversed(nacl.species)), [[x + 1 for x in site.frac_coords] for site in
+                         reversed(nacl)])  # fmt: skip
+    forms = [str(CifWriter(nacl)), Poscar(nacl).get_str(), nacl.as_dict(), ase_dict(nacl), shuffled.as_dict()]
+    canonical = [MLPredictInput.read({"structure": form}).canonical() for form in forms]
+    assert all(c == canonical[0] for c in canonical[1:])
+    assert canonical[0]["structure"]["lattice"] == [[5.64, 0.0, 0.0], [0.0, 5.64, 0.0], [0.0, 0.0, 5.64]]
+    assert canonical[0]["structure"]["sites"][:2] == [("Cl", [0.0, 0.0, 0.5]), ("Cl", [0.0, 0.5, 0.0])]
+    assert canonical[0]["structure"]["prototype"] is None
+
+
 def test_input_names_the_bad_structure():
     assert input_error(structure="BaTiO").startswith("input.structure: Value error, 'BaTiO' is not a formula")
     message = input_error(structures=["NaCl", "Si", "Cu", "Xx2O3"])
