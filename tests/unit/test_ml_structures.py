@@ -164,6 +164,15 @@ def test_overlapping_atoms_are_refused_with_the_pair_and_distance():
         parse_structure(crowded.as_dict())
 
 
+def test_an_input_kiln_took_is_read_back_in_the_worker_without_its_checks():
+    crowded = Structure(Lattice.cubic(5), ["Na", "Cl"], [[0, 0, 0], [0.02, 0, 0]]).as_dict()
+    with pytest.raises(ValidationError, match="0.100 Å apart"):
+        MLPredictInput.read({"structures": [crowded]})
+    # kiln.job_inputs.passed_through reads what the API checked when it took it: read, not checked again
+    read_back = MLPredictInput.read({"structures": [crowded]}, checked=True)
+    assert [len(item.structure) for item in read_back.parsed()] == [2]
+
+
 def test_an_atom_overlapping_its_own_image_is_refused():
     with pytest.raises(StructureError, match="its periodic image"):
         check_structure(Structure(Lattice.cubic(0.3), ["Na"], [[0, 0, 0]]))
