@@ -50,8 +50,8 @@ def passed_through(flow, parameters: dict[str, Any]):
     The engine walks every parameter value twice before a run starts (resolving futures, then block
     references and validation): 0.6 s for 1000 structures (bench/ml_predict.py). Such an input was
     validated against its job type's model when the API took it and holds plain JSON: it is read into
-    that model here, once (with `read` where the model has one, keeping the structures it parsed), and
-    goes quoted (not walked) to a flow that does not validate it again.
+    that model here, once (with `read(value, checked=True)` where the model has one: it keeps the structures it
+    parsed and does not check them again), and goes quoted (not walked) to a flow that does not validate it again.
     """
     from typing import get_type_hints
 
@@ -63,6 +63,6 @@ def passed_through(flow, parameters: dict[str, Any]):
     for name, value in parameters.items():
         model = hints.get(name)
         if isinstance(model, type) and issubclass(model, BaseModel) and isinstance(value, dict):
-            value = getattr(model, "read", model.model_validate)(value)
+            value = model.read(value, checked=True) if hasattr(model, "read") else model.model_validate(value)
         values[name] = quote(value)
     return flow.with_options(validate_parameters=False), values

@@ -164,6 +164,15 @@ def test_overlapping_atoms_are_refused_with_the_pair_and_distance():
         parse_structure(crowded.as_dict())
 
 
+def test_an_input_kiln_took_is_read_back_in_the_worker_without_its_checks():
+    crowded = Structure(Lattice.cubic(5), ["Na", "Cl"], [[0, 0, 0], [0.02, 0, 0]]).as_dict()
+    with pytest.raises(ValidationError, match="0.100 Å apart"):
+        MLPredictInput.read({"structures": [crowded]})
+    # kiln.job_inputs.passed_through reads what the API checked when it took it: read, not checked again
+    read_back = MLPredictInput.read({"structures": [crowded]}, checked=True)
+    assert [len(item.structure) for item in read_back.parsed()] == [2]
+
+
 def test_an_atom_overlapping_its_own_image_is_refused():
     with pytest.raises(StructureError, match="its periodic image"):
         check_structure(Structure(Lattice.cubic(0.3), ["Na"], [[0, 0, 0]]))
@@ -226,6 +235,17 @@ def test_input_defaults_and_raw_values_kept(nacl):
     assert len(MLPredictInput(structure="Si").parsed()) == 1
     stored = model.model_dump_json()
     assert MLPredictInput.model_validate_json(stored).model_dump_json() == stored
+
+
+def test_the_canonical_input_is_one_whatever_the_encoding_site_order_and_periodic_image(nacl):
+    shuffled = Structure(nacl.lattice, list(reversed(nacl.species)), [[x + 1 for x in site.frac_coords] for site in
+                         reversed(nacl)])  # fmt: skip
+    forms = [str(CifWriter(nacl)), Poscar(nacl).get_str(), nacl.as_dict(), ase_dict(nacl), shuffled.as_dict()]
+    canonical = [MLPredictInput.read({"structure": form}).canonical() for form in forms]
+    assert all(c == canonical[0] for c in canonical[1:])
+    assert canonical[0]["structure"]["lattice"] == [[5.64, 0.0, 0.0], [0.0, 5.64, 0.0], [0.0, 0.0, 5.64]]
+    assert canonical[0]["structure"]["sites"][:2] == [("Cl", [0.0, 0.0, 0.5]), ("Cl", [0.0, 0.5, 0.0])]
+    assert canonical[0]["structure"]["prototype"] is None
 
 
 def test_input_names_the_bad_structure():
