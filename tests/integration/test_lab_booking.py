@@ -295,7 +295,7 @@ def test_cancel_while_the_lab_is_down_ends_the_job_cancelled_saying_so(http, sta
 def test_approval_gates_the_booking(http, lab, fresh):
     job = book(http, lab, approval=True)
     wait_until(lambda: "awaiting approval" in (http.get(f"/api/v1/jobs/{job['id']}").json()["status_reason"] or ""),
-               what="awaiting approval")  # fmt: skip
+               timeout=120, what="awaiting approval")  # fmt: skip
     time.sleep(1)
     assert lab_bookings(fresh, job["id"]) == []  # nothing sent to the lab
     approved = http.post(f"/api/v1/jobs/{job['id']}/approve", json={"reason": "checked"})
@@ -308,7 +308,7 @@ def test_approval_gates_the_booking(http, lab, fresh):
 def test_reject_ends_the_job_cancelled_with_the_reason(http, lab, fresh):
     job = book(http, lab, approval=True)
     wait_until(lambda: "awaiting approval" in (http.get(f"/api/v1/jobs/{job['id']}").json()["status_reason"] or ""),
-               what="awaiting approval")  # fmt: skip
+               timeout=120, what="awaiting approval")  # fmt: skip
     assert http.post(f"/api/v1/jobs/{job['id']}/reject", json={}).status_code == 422  # a reason is required
     rejected = http.post(f"/api/v1/jobs/{job['id']}/reject", json={"reason": "wrong sample"})
     assert rejected.status_code == 200, rejected.text

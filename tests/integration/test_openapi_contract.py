@@ -105,7 +105,11 @@ def contract(contract_key):
                 http.post(f"/api/v1/jobs/{job['id']}/cancel")
             return not left
 
-        wait_until(all_cancelled, timeout=300, interval=2, what="the contract run's jobs to be cancelled")
+        try:
+            wait_until(all_cancelled, timeout=300, interval=2, what="the contract run's jobs to be cancelled")
+        except AssertionError as timed_out:
+            left = [(job["id"], job["type"], job["status"], job["status_reason"]) for job in unfinished()]
+            raise AssertionError(f"{timed_out}; still unfinished: {left[:20]} ({len(left)} in all)") from None
 
 
 schema = schemathesis.pytest.from_fixture("contract")
