@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from kiln.runtime import report_progress, reporting_behind
+from kiln.runtime import report_progress
 from kiln.schemas.job_types import JobType
 from kiln.schemas.ml_predict import MLPredictInput
 from kiln.settings import get_settings
@@ -34,9 +34,8 @@ def predict_job(request: MLPredictInput) -> dict:
     from kiln.tasks.ml.models import MODELS
 
     logger = get_run_logger()
-    # one client for every step of this thread; without it each task run opens its own. Progress goes from a thread
-    # of its own: the model does not wait for the API calls of each report
-    with SyncClientContext.get_or_create(), reporting_behind():
+    # one client for every step of this thread; without it each task run opens its own
+    with SyncClientContext.get_or_create():
         steps.read_structures(request)
         info = MODELS[request.model]
         potential, load_seconds = steps.load_model(request.model, get_settings().models_path)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 import uuid
 from contextlib import contextmanager
-from contextvars import ContextVar, copy_context
+from contextvars import ContextVar
 from typing import Any, Callable
 
 from prefect import tags
@@ -33,10 +32,6 @@ REPORT_TIMEOUT_SECONDS = 10.0
 
 # where the running flow reports progress on kiln's own path: (the kiln API's URL, the run's token), or None
 _report_to: ContextVar[tuple[str, str] | None] = ContextVar("kiln_report_to", default=None)
-
-# the thread a flow's progress reports go from, within reporting_behind
-_reports_behind: ContextVar[concurrent.futures.ThreadPoolExecutor | None] = ContextVar("kiln_reports_behind",
-                                                                                       default=None)  # fmt: skip
 
 # flow run id → its progress artifact, so each job shows one bar in the Prefect UI
 _progress_artifacts: dict[str, uuid.UUID] = {}
@@ -148,36 +143,8 @@ async def areport_progress(percent: float, message: str | None = None) -> None:
 
 
 def report_progress(percent: float, message: str | None = None) -> None:
-    """Reports how far the job is, from a synchronous flow; see areport_progress. Within `reporting_behind`, it
-    returns at once and the report goes from that context's thread."""
-    behind = _reports_behind.get()
-    if behind is None:
-        run_coro_as_sync(areport_progress(percent, message))
-        return
-    behind.submit(copy_context().run, _report_now, percent, message).add_done_callback(_log_failure)
-
-
-def _report_now(percent: float, message: str | None) -> None:
-    _reports_behind.set(None)  # this thread's copy of the caller's context: send, do not queue again
+    """Reports how far the job is, from a synchronous flow; see areport_progress."""
     run_coro_as_sync(areport_progress(percent, message))
-
-
-def _log_failure(report: concurrent.futures.Future) -> None:
-    if report.exception() is not None:
-        log.warning("could not report progress: %s", report.exception())
-
-
-@contextmanager
-def reporting_behind():
-    """Within it, `report_progress` does not hold up the computation that calls it: each report (two API calls, a
-    few tens of ms) goes, in order, from a thread of its own, and leaving waits for them, so every report is in
-    before the job's end. ml_predict reports from its model loop this way."""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kiln-progress") as behind:
-        reset = _reports_behind.set(behind)
-        try:
-            yield
-        finally:
-            _reports_behind.reset(reset)
 
 
 def report_health(reason: str, event: str | None = None, data: dict[str, Any] | None = None) -> None:
