@@ -30,7 +30,8 @@ def test_thirty_jobs_of_mixed_priorities_run_in_strict_order_behind_the_jobs_rel
     assert [job_id for job_id in actual if job_id not in ahead] == expected
     # a job released ahead goes before every later one of its band or a lower one; a job of a higher band released
     # after it may pass it (a worker takes Prefect's Scheduled runs band first), as the README says
-    band = {job.id: load_project().band_for(p).prefect_priority for p, job in zip(priorities, submitted)}
+    project = load_project()
+    band = {job.id: project.band_for(p).prefect_priority for p, job in zip(priorities, submitted)}
     for early in ahead:
         passed_by = [j for j in actual if started[j] < started[early] and j not in ahead]
         assert all(band[j] < band[early] for j in passed_by), (early, passed_by)
