@@ -94,7 +94,7 @@ def idle(client):
                 return False
         return True
 
-    wait_until(nothing_running, timeout=60, what="the previous tests' jobs to finish")
+    wait_until(nothing_running, timeout=180, what="the previous tests' jobs to finish")
 
 
 @pytest.fixture(scope="session")

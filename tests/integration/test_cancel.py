@@ -19,7 +19,7 @@ def test_a_pending_job_is_cancelled_at_once_and_never_runs(client, idle):
     cancelled = client.jobs.cancel(pending.id)
     assert cancelled.status.value == "cancelled"
     assert cancelled.status_reason == "cancelled by request"
-    blocker.wait(timeout=60)
+    blocker.wait(timeout=180)
     time.sleep(1)
     after = client.jobs.get(pending.id)
     assert after.status.value == "cancelled" and after.flow_run_id is None and after.started_at is None
@@ -37,8 +37,8 @@ def test_a_job_released_ahead_of_the_busy_slot_is_cancelled_and_its_run_never_st
     assert flow_run_state(ahead.flow_run_id) == "CANCELLED"
     # the slot frees, and the next job takes it; the cancelled one never started
     after = client.jobs.create(type="sleep", input={"seconds": 0})
-    assert blocker.wait(timeout=60).status.value == "completed"
-    assert after.wait(timeout=60).status.value == "completed"
+    assert blocker.wait(timeout=180).status.value == "completed"
+    assert after.wait(timeout=180).status.value == "completed"
     ahead = client.jobs.get(ahead.id)
     assert ahead.status.value == "cancelled" and ahead.started_at is None, ahead.status_reason
     assert ahead.status_reason == "cancelled by request"
@@ -63,6 +63,6 @@ def test_a_running_job_and_its_children_are_cancelled_within_five_seconds(client
 
 
 def test_cancelling_a_finished_job_is_a_conflict(client):
-    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180)
     with pytest.raises(Conflict, match="already completed"):
         client.jobs.cancel(job.id)

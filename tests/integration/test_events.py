@@ -148,7 +148,7 @@ def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(cli
     from kiln.run_reports import RUN_TOKEN_HEADER, run_key, run_token
 
     key = run_key(SETTINGS)
-    other = client.jobs.create(type="sleep", input={"seconds": 0.01 + random.random() * 1e-3}).wait(timeout=60)
+    other = client.jobs.create(type="sleep", input={"seconds": 0.01 + random.random() * 1e-3}).wait(timeout=180)
     job = client.jobs.create(type="sleep", input={"seconds": 4 + random.random() * 1e-3})
     wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
     flow_run_id = client.jobs.get(job.id).flow_run_id
@@ -174,7 +174,7 @@ def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(cli
     assert "percent" in refusals["a percent above 100"][0].json()["detail"]
     taken = post(job.id, {"percent": 12.5, "message": "from the test"}, token)
     assert taken.status_code == 200 and taken.json() == {"recorded": True}, taken.text
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     late = post(job.id, {"percent": 99, "message": "after the end"}, token)
     assert late.status_code == 200 and late.json() == {"recorded": False}, late.text
     events = list(client.jobs.events(job.id))

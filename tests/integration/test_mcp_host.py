@@ -102,7 +102,7 @@ def test_a_deployment_serves_at_its_kiln_url_scales_live_and_ends_when_cancelled
     assert {"starting", "healthy", "scaled"} <= kinds, kinds
 
     client.jobs.cancel(job.id)
-    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
+    assert client.jobs.get(job.id).wait(timeout=180).status.value == "cancelled"
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=20, what="the replica to be gone")
     gone = http.post(f"/api/v1/mcp/{name}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert gone.status_code == 404
@@ -134,7 +134,7 @@ def test_a_server_that_crashes_at_start_fails_the_job_with_each_attempts_reason(
 
 
 def test_scaling_a_job_that_is_no_running_deployment_is_a_409(client, http):
-    done = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    done = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180)
     refused = http.patch(f"/api/v1/jobs/{done.id}", json={"replicas": 2})
     assert refused.status_code == 409 and "no running mcp_host job" in refused.json()["detail"]
     assert http.patch(f"/api/v1/jobs/{done.id}", json={}).status_code == 422
@@ -220,7 +220,7 @@ def test_a_plugin_image_serves_sandboxed_at_its_kiln_url_restarts_when_killed_an
         serves_sandboxed(client, api_key, job.id, name)
     finally:  # a persistent job holds the worker's one service slot until it is cancelled
         client.jobs.cancel(job.id)
-    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
+    assert client.jobs.get(job.id).wait(timeout=180).status.value == "cancelled"
     flow_run_id = client.jobs.get(job.id).flow_run_id
     wait_until(lambda: left_behind(flow_run_id) == [], timeout=20, what="the sandbox to be gone")
 

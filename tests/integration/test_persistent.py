@@ -25,7 +25,7 @@ def test_a_persistent_job_serves_beside_batch_work_and_says_how_it_is(client, id
     service = serving(client, name, beat_seconds=0.2)
     assert service.status.value == "running"
     # the worker's one batch slot is free: the service holds a service slot
-    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
+    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180).status.value == "completed"
     second = client.jobs.create(type="echo_service", input={"name": f"{name}-2"})
     wait_until(lambda: "waits for service capacity: 1 of 1 service slots busy" in
                (client.jobs.get(second.id).status_reason or ""), timeout=30, what="the second to wait")  # fmt: skip
@@ -37,16 +37,16 @@ def test_a_persistent_job_serves_beside_batch_work_and_says_how_it_is(client, id
             break
     assert kinds[-2:] == ["starting", "healthy"] or ("starting" in kinds and kinds[-1] == "healthy"), kinds
     client.jobs.cancel(service.id)
-    assert service.wait(timeout=60).status.value == "cancelled"
+    assert service.wait(timeout=180).status.value == "cancelled"
     # its slot freed, the second serves
     until_serving(client, second, f"{name}-2")
     client.jobs.cancel(second.id)
-    assert second.wait(timeout=60).status.value == "cancelled"
+    assert second.wait(timeout=180).status.value == "cancelled"
 
 
 def test_a_persistent_job_that_fails_by_itself_fails_and_is_not_run_again(client, idle):
     job = client.jobs.create(type="echo_service", input={"name": "quitter", "beat_seconds": 0.2, "fail_after": 3})
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed" and "quitter gave up after 3 beats" in job.status_reason
     assert job.attempt == 1
 
@@ -63,7 +63,7 @@ def test_a_batch_job_released_ahead_of_the_busy_slot_never_takes_the_service_slo
     name = f"svc-{uuid.uuid4().hex[:6]}"
     service = serving(client, name, beat_seconds=0.2)
     assert client.jobs.get(blocker.id).status.value == "running" and client.jobs.get(behind.id).started_at is None
-    assert behind.wait(timeout=60).status.value == "completed"
-    assert client.jobs.get(behind.id).started_at > blocker.wait(timeout=60).completed_at
+    assert behind.wait(timeout=180).status.value == "completed"
+    assert client.jobs.get(behind.id).started_at > blocker.wait(timeout=180).completed_at
     client.jobs.cancel(service.id)
-    assert service.wait(timeout=60).status.value == "cancelled"
+    assert service.wait(timeout=180).status.value == "cancelled"

@@ -9,7 +9,7 @@ def test_a_job_no_worker_can_take_fails_at_its_assign_timeout_saying_why(client)
     job = client.jobs.create(
         type="sleep", input={"seconds": 0}, resources={"gpu_count": 1, "max_timeout_assign_ms": 1500}
     )
-    job.wait(timeout=30)
+    job.wait(timeout=180)
     assert job.status.value == "failed"
     assert job.status_reason.startswith("not picked up by a worker within 1.5 s (max_timeout_assign_ms=1500)")
     assert "no worker offers gpu_count=1" in job.status_reason
@@ -17,7 +17,7 @@ def test_a_job_no_worker_can_take_fails_at_its_assign_timeout_saying_why(client)
 
 def test_a_job_past_its_run_timeout_fails_with_a_reason(client, idle):
     job = client.jobs.create(type="sleep", input={"seconds": 30}, resources={"max_timeout_run_ms": 2000})
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed"
     assert "timeout" in job.status_reason.lower() and "2" in job.status_reason
     assert flow_run_state(job.flow_run_id) in ("FAILED", "CRASHED")
@@ -25,7 +25,7 @@ def test_a_job_past_its_run_timeout_fails_with_a_reason(client, idle):
 
 def test_a_failing_job_is_retried_as_its_policy_says(client, idle):
     job = client.jobs.create(type="sleep", input={"seconds": 0, "fail": True}, resources={"max_retry_count": 2})
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed"
     assert job.attempt == 3
     assert "asked to fail" in job.status_reason
@@ -35,6 +35,6 @@ def test_a_failing_job_is_retried_as_its_policy_says(client, idle):
 
 def test_a_failed_job_without_retries_says_what_failed(client):
     job = client.jobs.create(type="sleep", input={"seconds": 0, "fail": True})
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed" and job.attempt == 1
     assert "the sleep job was asked to fail" in job.status_reason

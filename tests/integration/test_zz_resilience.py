@@ -30,7 +30,7 @@ def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack,
     behind = client.jobs.create(type="sleep", input={"seconds": 0})
     wait_until(lambda: client.jobs.get(behind.id).flow_run_id, what="a job released ahead of the slot")
     stack.stop("worker", sig=signal.SIGKILL)
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed"
     assert "stopped responding" in job.status_reason, job.status_reason
     assert flow_run_state(job.flow_run_id) == "CRASHED"
@@ -38,8 +38,8 @@ def test_kill_9_of_the_worker_mid_job_fails_the_job_with_a_reason(client, stack,
     behind = client.jobs.get(behind.id)
     assert behind.status.value == "queued" and flow_run_state(behind.flow_run_id) == "SCHEDULED"
     stack.start_worker()
-    assert behind.wait(timeout=60).status.value == "completed" and behind.attempt == 1
-    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
+    assert behind.wait(timeout=180).status.value == "completed" and behind.attempt == 1
+    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180).status.value == "completed"
 
 
 def test_a_killed_job_with_retries_runs_again_on_a_new_worker(client, stack, idle):
@@ -50,7 +50,7 @@ def test_a_killed_job_with_retries_runs_again_on_a_new_worker(client, stack, idl
     stack.start_worker()
     wait_until(lambda: client.jobs.get(job.id).attempt == 2, timeout=60, what="the retry")
     client.jobs.cancel(job.id)
-    job.wait(timeout=30)
+    job.wait(timeout=180)
     assert job.status.value == "cancelled"
     assert flow_run_state(first_run) == "CRASHED"
 
@@ -79,7 +79,7 @@ def test_a_worker_runs_jobs_on_an_existing_dask_scheduler(client, stack, idle):
         try:
             stack.stop("worker")
             stack.start_worker(name="on-scheduler", extra=["--scheduler-address", address])
-            job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=60)
+            job = client.jobs.create(type="sleep", input={"seconds": 0.2}).wait(timeout=180)
             assert job.status.value == "completed", job.status_reason
         finally:
             stack.stop("worker")
@@ -109,7 +109,7 @@ def test_a_dask_process_of_an_existing_cluster_killed_mid_job_fails_the_job_and_
                             if any(str(key).startswith(prefix) for key in keys)]
                 (running_it,) = wait_until(workers_running_it, what="the job's task on the cluster")
                 psutil.Process(external.run(os.getpid, workers=[running_it])[running_it]).kill()
-            job.wait(timeout=60)
+            job.wait(timeout=180)
             assert job.status.value == "failed"
             assert "Dask worker process running this job died" in job.status_reason, job.status_reason
             assert flow_run_state(job.flow_run_id) == "CRASHED"
@@ -129,12 +129,12 @@ def test_a_dask_process_killed_mid_job_fails_the_job_with_a_reason(client, stack
     assert dask_processes
     for process in dask_processes:
         process.kill()
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed"
     assert "Dask worker process running this job died" in job.status_reason, job.status_reason
     assert flow_run_state(job.flow_run_id) == "CRASHED"
     # the nanny brings a fresh process up, and the next job runs
-    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60).status.value == "completed"
+    assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180).status.value == "completed"
 
 
 def test_no_job_is_released_twice_across_a_dispatcher_restart(client, stack, idle):
@@ -159,7 +159,7 @@ async def test_releasing_the_same_attempt_again_returns_its_first_flow_run(clien
     from kiln.dispatch.runs import create_job_run
     from kiln.store.store import Store
 
-    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180)
     store = Store(SETTINGS.job_index_url)
     try:
         row = await store.get_job(job.id, documents=True)
@@ -177,7 +177,7 @@ async def test_a_job_failed_in_the_index_whose_run_completed_is_mended_after_a_r
     from kiln.store.models import JobRow
     from kiln.store.store import Store
 
-    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+    job = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180)
     assert job.status.value == "completed"
     # what a relay that took the run's worker as lost believed, before the run completed: failed, no output
     store = Store(SETTINGS.job_index_url)
@@ -211,7 +211,7 @@ def test_kill_9_of_the_worker_mid_plugin_run_leaves_nothing_once_a_worker_starts
     job = plugin_running(client, shell_plugin)
     assert left_behind(job.flow_run_id) != []  # the container, its cgroups and bundle, while it runs
     stack.stop("worker", sig=signal.SIGKILL)
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed", job.status_reason
     stack.start_worker()
     wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=60, what="the new worker to clean up")
@@ -226,7 +226,7 @@ def test_a_dask_process_killed_mid_plugin_run_leaves_nothing(client, stack, idle
     for process in worker.children():
         if "spawn_main" in " ".join(process.cmdline()):
             process.kill()
-    job.wait(timeout=60)
+    job.wait(timeout=180)
     assert job.status.value == "failed" and "Dask worker process running this job died" in job.status_reason
     wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=30, what="the worker to clean the run up")
 
@@ -242,7 +242,7 @@ def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack,
                .startswith("survivor: serving"), timeout=90, what="the service to serve again")  # fmt: skip
     assert flow_run_state(first_run) == "CRASHED"
     client.jobs.cancel(job.id)
-    assert client.jobs.get(job.id).wait(timeout=60).status.value == "cancelled"
+    assert client.jobs.get(job.id).wait(timeout=180).status.value == "cancelled"
 
 
 @contextmanager
@@ -278,7 +278,7 @@ def test_a_run_held_in_submission_past_the_lost_worker_window_runs_once(client, 
         job = client.jobs.create(type="sleep", input={"seconds": 0}, resources={"max_retry_count": 1})
         assert slow.holding.wait(60), "the worker never took the run"
         assert slow.released.wait(60)
-        job.wait(timeout=60)
+        job.wait(timeout=180)
     assert job.status.value == "completed", job.status_reason
     assert job.attempt == 1, job.status_reason
     assert len(runs_of(job.id)) == 1
@@ -290,10 +290,10 @@ def test_a_job_cancelled_while_its_run_is_held_in_submission_never_runs(client, 
         job = client.jobs.create(type="sleep", input={"seconds": 0})
         assert slow.holding.wait(60), "the worker never took the run"
         client.jobs.cancel(job.id)
-        assert job.wait(timeout=30).status.value == "cancelled"
+        assert job.wait(timeout=180).status.value == "cancelled"
         assert slow.released.wait(30)
         # the worker goes on with the held run, then takes the next job
-        after = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=60)
+        after = client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180)
         assert after.status.value == "completed", after.status_reason
     assert client.jobs.get(job.id).status.value == "cancelled"
     assert "RUNNING" not in flow_run_state_types(job.flow_run_id)
