@@ -96,7 +96,7 @@ def flow_run_state(flow_run_id: str) -> str:
     return response.json()["state"]["type"]
 
 
-def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str = "condition"):
+def wait_until(predicate, timeout: float = 180, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -106,7 +106,7 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.1, what: str 
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def wait_final(http, job_id: str, timeout: float = 60, interval: float = 0.1) -> dict:
+def wait_final(http, job_id: str, timeout: float = 180, interval: float = 0.1) -> dict:
     """The job, read over HTTP, once it has ended completed, failed or cancelled."""
 
     def ended():

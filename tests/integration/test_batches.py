@@ -32,7 +32,7 @@ def counts(http: httpx.Client, batch_id: str) -> dict[str, int]:
 def test_a_repeated_single_job_is_a_cache_hit_until_refreshed_or_invalidated(idle):
     http, _ = new_project()
     first = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 0.01}}).json()
-    wait_until(lambda: http.get(f"/api/v1/jobs/{first['id']}").json()["status"] == "completed", timeout=60)
+    wait_until(lambda: http.get(f"/api/v1/jobs/{first['id']}").json()["status"] == "completed", timeout=180)
     output = http.get(f"/api/v1/jobs/{first['id']}").json()["output"]
 
     # the same input written differently (a float as an int, a default spelled out) is the same calculation
@@ -48,7 +48,7 @@ def test_a_repeated_single_job_is_a_cache_hit_until_refreshed_or_invalidated(idl
     assert batch["submitted"] == 1 and batch["cache_hits"] == 0
 
     http.delete("/api/v1/cache", params={"input_hash": entries[0]["input_hash"]}).raise_for_status()
-    wait_until(lambda: counts(http, batch["batch_id"])["succeeded"] == 1, timeout=60)
+    wait_until(lambda: counts(http, batch["batch_id"])["succeeded"] == 1, timeout=180)
     # the refreshed run completed and answers from now on; invalidate that too, and the next one runs
     (newer,) = http.get("/api/v1/cache", params={"input_hash": entries[0]["input_hash"]}).json()
     assert newer["job_id"] == batch["jobs"][0]["job_id"]
@@ -69,7 +69,7 @@ def test_a_batch_over_the_budget_is_a_402_and_leaves_nothing(idle):
 
     fits = http.post("/api/v1/jobs/submit-batch", json={"jobs": [sleep_entry(0.2)]})
     assert fits.status_code == 202
-    wait_until(lambda: counts(http, fits.json()["batch_id"])["succeeded"] == 1, timeout=60)
+    wait_until(lambda: counts(http, fits.json()["batch_id"])["succeeded"] == 1, timeout=180)
     # charged from the real run time, one core
     wait_until(lambda: http.get("/api/v1/quota").json()["used_core_hours"] > 0.2 / 3600, timeout=10)
     assert http.get("/api/v1/quota").json()["used_core_hours"] < 30 / 3600
@@ -110,7 +110,7 @@ def test_the_batches_api_lists_streams_and_deletes(idle):
             events = [line for line in stream.iter_lines() if line.startswith("data:")]
         assert '"succeeded": 3' in events[-1]
 
-        wait_until(lambda: client.batch(slow.batch_id).counts["running"] == 1, timeout=60)
+        wait_until(lambda: client.batch(slow.batch_id).counts["running"] == 1, timeout=180)
         client.delete_batch(slow.batch_id)
         running = slow.jobs[0].job_id
         assert slow.batch_id not in {b.id for b in client.batches()}

@@ -48,7 +48,7 @@ def test_a_job_released_ahead_of_the_busy_slot_is_cancelled_and_its_run_never_st
 def test_a_running_job_and_its_children_are_cancelled_within_five_seconds(client, idle):
     parent = client.jobs.create(type="sleep", input={"seconds": 2, "children": 3})
     # the first child runs once the parent has slept its own 2 s
-    children = wait_until(lambda: client.jobs.children(parent.id), timeout=60, what="a child job")
+    children = wait_until(lambda: client.jobs.children(parent.id), timeout=180, what="a child job")
     wait_until(lambda: client.jobs.get(children[0].id).status.value == "running", what="the child to run")
     started = time.monotonic()
     client.jobs.cancel(parent.id)

@@ -119,7 +119,7 @@ def test_a_failing_container_fails_the_job_with_its_exit_code(http, container, i
 def test_delete_cancels_a_running_container_job_and_kills_its_container(http, container, idle):
     body = job_body(container, docker={"env": {"RUN": "trap '' TERM; echo ready; while :; do sleep 1; done"}})
     job_id = http.post("/api/v1/compute/jobs", json=body).json()["uuid"]
-    wait_until(lambda: http.get(f"/api/v1/compute/jobs/{job_id}").json()["status"] == "RUNNING", timeout=60,
+    wait_until(lambda: http.get(f"/api/v1/compute/jobs/{job_id}").json()["status"] == "RUNNING", timeout=180,
                what="the container job to run")  # fmt: skip
     flow_run_id = http.get(f"/api/v1/jobs/{job_id}").json()["flow_run_id"]
     answer = http.delete(f"/api/v1/compute/jobs/{job_id}")

@@ -325,7 +325,7 @@ def test_past_the_deadline_with_no_answer_the_job_fails_naming_the_booking(http,
     fresh.configure(lost_rate=1, time_scale=0.1)
     # a resource the other tests leave free: changing the lab's time scale moves their bookings onto its clock's now
     job = book(http, lab, resource="synth-1", duration_minutes=0.1, deadline_hours=0.004)
-    ended = wait_final(http, job["id"], timeout=60)
+    ended = wait_final(http, job["id"], timeout=180)
     assert ended["status"] == "failed" and lab_bookings(fresh, job["id"]), ended["status_reason"]
     booking = lab_bookings(fresh, job["id"])[0]["id"]
     assert "by the deadline" in ended["status_reason"] and booking in ended["status_reason"]

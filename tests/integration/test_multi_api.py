@@ -92,7 +92,7 @@ class SlotSampler:
 
     def __init__(self, apis: dict[str, Stack]):
         self.apis = apis
-        self.slots = wait_until(lambda: (s := health(apis["b"])["slots"]) == 1 + EXTRA_SLOTS and s, timeout=60,
+        self.slots = wait_until(lambda: (s := health(apis["b"])["slots"]) == 1 + EXTRA_SLOTS and s, timeout=180,
                                 what="both workers' slots")  # fmt: skip
         self.busy: list[int] = []
         self._stop = threading.Event()

@@ -15,7 +15,7 @@ def serving(client, name: str, **input):
 
 
 def until_serving(client, job, name: str):
-    wait_until(lambda: (client.jobs.get(job.id).status_reason or "").startswith(f"{name}: serving"), timeout=60,
+    wait_until(lambda: (client.jobs.get(job.id).status_reason or "").startswith(f"{name}: serving"), timeout=180,
                what=f"{name} to serve")  # fmt: skip
     return client.jobs.get(job.id)
 

@@ -48,7 +48,7 @@ def test_a_killed_job_with_retries_runs_again_on_a_new_worker(client, stack, idl
     first_run = client.jobs.get(job.id).flow_run_id
     stack.stop("worker", sig=signal.SIGKILL)
     stack.start_worker()
-    wait_until(lambda: client.jobs.get(job.id).attempt == 2, timeout=60, what="the retry")
+    wait_until(lambda: client.jobs.get(job.id).attempt == 2, timeout=180, what="the retry")
     client.jobs.cancel(job.id)
     job.wait(timeout=180)
     assert job.status.value == "cancelled"
@@ -192,7 +192,7 @@ async def test_a_job_failed_in_the_index_whose_run_completed_is_mended_after_a_r
     stack.stop("api")
     stack.start_api()
     # the reconcile after the restart compares recent failures with Prefect: the run completed, so the job is
-    mended = wait_until(lambda: (now := client.jobs.get(job.id)).status.value == "completed" and now, timeout=60,
+    mended = wait_until(lambda: (now := client.jobs.get(job.id)).status.value == "completed" and now, timeout=180,
                         what="the reconcile to mend the job")  # fmt: skip
     assert mended.output == job.output and mended.flow_run_id == job.flow_run_id
 
@@ -214,7 +214,7 @@ def test_kill_9_of_the_worker_mid_plugin_run_leaves_nothing_once_a_worker_starts
     job.wait(timeout=180)
     assert job.status.value == "failed", job.status_reason
     stack.start_worker()
-    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=60, what="the new worker to clean up")
+    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=180, what="the new worker to clean up")
 
 
 @pytest.mark.skipif(DATABASE == "postgresql", reason="the sandbox's cleanup does not touch the database")
@@ -233,7 +233,7 @@ def test_a_dask_process_killed_mid_plugin_run_leaves_nothing(client, stack, idle
 
 def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack, idle):
     job = client.jobs.create(type="echo_service", input={"name": "survivor", "beat_seconds": 0.2})
-    wait_until(lambda: (client.jobs.get(job.id).status_reason or "").startswith("survivor: serving"), timeout=60,
+    wait_until(lambda: (client.jobs.get(job.id).status_reason or "").startswith("survivor: serving"), timeout=180,
                what="the service to serve")  # fmt: skip
     first_run = client.jobs.get(job.id).flow_run_id
     stack.stop("worker", sig=signal.SIGKILL)
