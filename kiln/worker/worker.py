@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
+import time
 from functools import lru_cache
 from typing import Any, Optional
 from uuid import UUID, uuid4
@@ -77,6 +78,30 @@ class KilnJobConfiguration(BaseJobConfiguration):
 @lru_cache(maxsize=1)
 def _settings_environment() -> dict[str, str]:
     return BaseJobConfiguration._base_environment()
+
+
+class RecentReads:
+    """What the worker read from the Prefect API in the last few seconds, by the read and its argument.
+
+    Prefect's submission of a run reads its deployment twice (is it still there; its job variables) and its flow
+    once: three of the dozen API calls on each job's path, for records that do not change from one run to the next.
+    A deployment deleted within `seconds` of its last read is taken as still there; its run starts as it would
+    have a moment before. Each caller gets a copy of its own (Prefect merges a run's env into the deployment's).
+    """
+
+    def __init__(self, seconds: float = 5.0):
+        self.seconds = seconds
+        self._read: dict[tuple[str, Any], tuple[float, Any]] = {}
+
+    def wrap(self, read):
+        async def read_recent(key):
+            at, value = self._read.get((read.__name__, key), (None, None))
+            if at is None or time.monotonic() - at > self.seconds:
+                value = await read(key)
+                self._read[(read.__name__, key)] = (time.monotonic(), value)
+            return value.model_copy(deep=True)
+
+        return read_recent
 
 
 class KilnWorkerResult(BaseWorkerResult):
@@ -180,6 +205,9 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
 
     async def setup(self) -> None:
         await super().setup()
+        recent = RecentReads()
+        self.client.read_deployment = recent.wrap(self.client.read_deployment)
+        self.client.read_flow = recent.wrap(self.client.read_flow)
         import dask
         from distributed import Client, LocalCluster
 
@@ -493,6 +521,8 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
     async def _settle(self, flow_run_id: UUID, outcome: dict) -> None:
         """Makes sure the run ends in Prefect with the right final state, retrying through API outages."""
         reason = self._cancel_reasons.pop(str(flow_run_id), None)
+        if reason is None and outcome.get("state") in (StateType.COMPLETED.value, StateType.FAILED.value):
+            return  # the engine set this final state itself, or found it set
         for attempt in range(60):
             try:
                 current = await self.client.read_flow_run(flow_run_id)
