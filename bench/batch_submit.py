@@ -26,7 +26,7 @@ import sys
 import time
 from datetime import datetime
 
-from common import REPO, embedded_stack, must_have_run, percentile, summary
+from common import REPO, cpu_per_job, cpu_seconds, embedded_stack, must_have_run, percentile, summary
 
 SLOTS = 2
 
@@ -46,12 +46,14 @@ def main() -> None:
     postgres = None if args.sqlite else args.postgres
     worker = None
     loads = {}
-    with embedded_stack(slots=SLOTS, postgres=postgres, env=env) as (settings, _, key):
+    with embedded_stack(slots=SLOTS, postgres=postgres, env=env) as (settings, stack, key):
         try:
             loads["(a) kiln accept"] = os.getloadavg()
             accept = kiln_accept(settings, key, args.batches, args.jobs)
             loads["(b) kiln throughput"] = os.getloadavg()
+            cpu_before = cpu_seconds(stack)
             kiln_rate, kiln_seconds, kiln_steps = kiln_throughput(settings, key, args.jobs)
+            kiln_cpu = cpu_per_job(cpu_before, cpu_seconds(stack), args.jobs)
             loads["(a) Prefect create"] = os.getloadavg()
             deployment_id = asyncio.run(deploy_process_pool())
             create_seconds = asyncio.run(create_runs(deployment_id, args.create_runs, {"input": {"seconds": 0}}))
@@ -76,6 +78,7 @@ def main() -> None:
           f"goal ≤ 0.5 s: {'met' if percentile(accept, 50) <= 0.5 else 'NOT met'}")
     print(f"(b) kiln, {args.jobs} sleep(0) jobs end to end: {kiln_seconds:.1f} s, {kiln_rate:.2f} jobs/s")
     print(f"    per job (index's clock, p50 / p95): {kiln_steps}; a slot per job: {kiln_seconds * SLOTS / args.jobs:.3f} s")
+    print(f"    {kiln_cpu}")
     print(f"(b) Prefect process worker (concurrency {SLOTS}), {args.baseline_runs} runs end to end: "
           f"{prefect_seconds:.1f} s, {prefect_rate:.2f} jobs/s")
     print(f"    kiln's throughput is {kiln_rate / prefect_rate:.1f}× the Prefect-only path's")

@@ -104,6 +104,42 @@ def embedded_stack(slots: int = 1, postgres: str | None = None, env: dict[str, s
             databases.drop()
 
 
+def cpu_seconds(stack) -> dict[str, float]:
+    """CPU seconds (user + system) each of the stack's processes has used so far, its children apart (the kiln
+    worker's are its Dask processes), and PostgreSQL's: where the jobs' time went, taken before and after."""
+    import psutil
+
+    totals: dict[str, float] = {}
+
+    def add(name: str, process: psutil.Process) -> None:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            return
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+
+    for name, popen in stack.procs.items():
+        try:
+            process = psutil.Process(popen.pid)
+            children = process.children(recursive=True)
+        except psutil.NoSuchProcess:
+            continue
+        add(name, process)
+        for child in children:
+            add(f"{name}'s children", child)
+    for process in psutil.process_iter(["name"]):
+        if (process.info["name"] or "").startswith("postgres"):
+            add("postgres", process)
+    return totals
+
+
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> str:
+    """Each process's CPU between two cpu_seconds(), in ms per job, largest first, with their sum."""
+    used = {name: (after[name] - before.get(name, 0.0)) / jobs * 1000 for name in after}
+    parts = ", ".join(f"{name} {ms:.0f}" for name, ms in sorted(used.items(), key=lambda kv: -kv[1]) if ms >= 0.5)
+    return f"{sum(used.values()):.0f} ms CPU per job: {parts}"
+
+
 def stop_jobs(client, jobs) -> None:
     """Cancels persistent jobs and waits until they have ended, before their stack stops: stopping the stack under
     a serving mcp_host job leaves its streamable-http replicas running (its flow does not get to stop them)."""

@@ -36,7 +36,7 @@ from kiln.schemas import (
     JobTypeInfo,
     Resources,
 )
-from kiln.schemas.jobs import INT32, ProgressRecorded, ProgressReport
+from kiln.schemas.jobs import INT32, ProgressRecorded, ProgressReport, RunEndedMirrored
 from kiln.store.job_tasks import record_task_progress
 from kiln.store.batches import add_jobs
 from kiln.store.models import JobRow
@@ -229,6 +229,30 @@ async def report_progress(
     else:
         recorded = await store.add_progress(job_id, body.percent, body.message)
     return ProgressRecorded(recorded=recorded)
+
+
+@router.post(
+    "/jobs/{job_id}/ended",
+    response_model=RunEndedMirrored,
+    summary="The job's flow run ended, as its kiln worker says on kiln's own path, authenticated by the run's token: "
+    "kiln reads the run's state from Prefect and mirrors it now",
+    responses=error_responses(RunTokenRefused, NotFound),
+    openapi_extra={"security": []},
+)
+async def run_ended(
+    request: Request,
+    job_id: str,
+    run_token: Annotated[str | None, Header(alias=RUN_TOKEN_HEADER, description="The flow run's run token.")] = None,
+) -> RunEndedMirrored:
+    """Prefect's event of the run's end may lag far behind under load; the job's end, and the release of the next
+    job into its slot, need not wait for it. The worker's word is not taken for the state: Prefect's is. A token is
+    good for its own job only; for a run that is no longer the job's current attempt nothing is done."""
+    token_job, token_run = read_run_token(request.app.state.run_key, run_token)
+    if token_job != job_id:
+        raise RunTokenRefused(f"{RUN_TOKEN_HEADER}: the token of job {token_job}'s run, not of job {job_id}'s")
+    if (await request.app.state.store.get_job(job_id)).flow_run_id != token_run:
+        return RunEndedMirrored(mirrored=False)
+    return RunEndedMirrored(mirrored=await request.app.state.relay.mirror_ended(token_run))
 
 
 async def _of_family(store, job: JobRow, own: JobRow) -> bool:

@@ -68,6 +68,9 @@ class Relay:
         self.connected = asyncio.Event()
         # since when this relay has followed Prefect's events live (caught up): only silence heard since counts
         self.following_since: datetime | None = None
+        # flow run id → the lock its states are applied under: its event, the relay's reconcile and its worker's word
+        # (POST …/ended) may come together, and on SQLite two transitions would both see the job unfinished
+        self._applying: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def run(self) -> None:
         """Follows Prefect's event stream for ever, resubscribing and catching up after every outage."""
@@ -162,10 +165,41 @@ class Relay:
         if await labs.settle_from_callbacks(self.store, job_id) and self.labs is not None:
             self.labs.wake()
 
+    async def mirror_ended(self, flow_run_id: str) -> bool:
+        """Mirrors the flow run's state if it has ended in Prefect (or is suspended, left its worker); whether it had."""
+        flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+        if flow_run.state is None or not (flow_run.state.is_final() or flow_run.state.is_paused()):
+            return False
+        await self.apply_run(flow_run)
+        return True
+
+    async def apply_run(self, flow_run) -> None:
+        """Mirrors the flow run's current state, as read from Prefect, onto its job."""
+        if flow_run.state is not None:
+            await self.apply_state(flow_run_id=str(flow_run.id), state_type=flow_run.state.type.value,
+                                   state_name=flow_run.state.name, message=flow_run.state.message,
+                                   tags=flow_run.tags, at=flow_run.state.timestamp)  # fmt: skip
+
     async def apply_state(
         self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
     ) -> None:
-        """Mirrors one Prefect state of a flow run onto its job."""
+        """Mirrors one Prefect state of a flow run onto its job, one state of a run at a time."""
+        lock, users = self._applying.get(flow_run_id, (asyncio.Lock(), 0))
+        self._applying[flow_run_id] = (lock, users + 1)
+        try:
+            async with lock:
+                await self._apply_state(flow_run_id=flow_run_id, state_type=state_type, message=message, tags=tags,
+                                        at=at, state_name=state_name)  # fmt: skip
+        finally:
+            lock, users = self._applying[flow_run_id]
+            if users == 1:
+                del self._applying[flow_run_id]
+            else:
+                self._applying[flow_run_id] = (lock, users - 1)
+
+    async def _apply_state(
+        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
+    ) -> None:
         if state_type == StateType.CANCELLING.value:
             # cancelled from Prefect (its UI or API) rather than through kiln: a cancel the user asked for, so
             # the failure the run may report on its way down does not end the job failed (policy.CancelRequestedWins)
@@ -325,14 +359,7 @@ class Relay:
                 if mirrored is not None and mirrored.is_final and mirrored.value != job.status:
                     log.info("reconcile: job %s is %s in the index, its flow run %s is %s: applying it", job.id,
                              job.status, flow_run.id, flow_run.state.type.value)  # fmt: skip
-                await self.apply_state(
-                    flow_run_id=str(flow_run.id),
-                    state_type=flow_run.state.type.value,
-                    state_name=flow_run.state.name,
-                    message=flow_run.state.message,
-                    tags=flow_run.tags,
-                    at=flow_run.state.timestamp,
-                )
+                await self.apply_run(flow_run)
 
     async def crash_runs_of_lost_workers(self) -> None:
         """Jobs no live worker holds crash with a reason, and retry per policy.

@@ -171,6 +171,11 @@ class ProgressRecorded(BaseModel):
     recorded: bool = Field(description="False when the job had already ended: its end stays its last event.")
 
 
+class RunEndedMirrored(BaseModel):
+    mirrored: bool = Field(description="Whether the job took its flow run's state from Prefect now: false when the run "
+                           "has not ended there, or is not the job's current attempt.")
+
+
 class JobTypeInfo(BaseModel):
     type: str = Field(description="The job type's name.")
     description: str = Field(description="What the job type does.")

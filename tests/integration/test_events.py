@@ -184,6 +184,48 @@ def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(cli
     assert not [e for e in client.jobs.events(other.id) if e.data.get("message") == "from the test"]
 
 
+def test_a_workers_word_that_a_run_ended_is_checked_with_prefect_and_the_job_ends_at_once(client, idle):
+    # the kiln worker says so after each run (POST …/ended, its run's token): the job ends without waiting for
+    # Prefect's event of the end, which lags under load; what the job takes is the run's state in Prefect
+    from kiln.run_reports import RUN_TOKEN_HEADER, run_key, run_token
+    from tests.integration.support import flow_run_state
+
+    key = run_key(SETTINGS)
+    other = client.jobs.create(type="sleep", input={"seconds": 0.01 + random.random() * 1e-3}).wait(timeout=180)
+    job = client.jobs.create(type="sleep", input={"seconds": 3 + random.random() * 1e-3})
+    wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
+    flow_run_id = client.jobs.get(job.id).flow_run_id
+    token = run_token(key, job.id, flow_run_id)
+
+    def ended(job_id: str, token: str | None) -> httpx.Response:
+        headers = {RUN_TOKEN_HEADER: token} if token is not None else {}
+        return httpx.post(f"{SETTINGS.api_url}/api/v1/jobs/{job_id}/ended", headers=headers)
+
+    stranger = str(uuid.uuid4())
+    refusals = {
+        "no token": (ended(job.id, None), 401),
+        "a token signed with another key": (ended(job.id, run_token(b"x" * 32, job.id, flow_run_id)), 401),
+        "the token of another job": (ended(other.id, token), 401),
+        "no such job": (ended(stranger, run_token(key, stranger, flow_run_id)), 404),
+    }
+    for what, (response, status) in refusals.items():
+        assert response.status_code == status, (what, response.text)
+        assert key.decode() not in response.text and token not in response.text
+    # the worker's word alone changes nothing: in Prefect the run still runs
+    running = ended(job.id, token)
+    assert running.status_code == 200 and running.json() == {"mirrored": False}, running.text
+    assert client.jobs.get(job.id).status.value == "running"
+    earlier = ended(job.id, run_token(key, job.id, str(uuid.uuid4())))
+    assert earlier.status_code == 200 and earlier.json() == {"mirrored": False}, earlier.text
+    wait_until(lambda: flow_run_state(flow_run_id) == "COMPLETED", what="the run to complete in Prefect")
+    done = ended(job.id, token)
+    assert done.status_code == 200 and done.json() == {"mirrored": True}, done.text
+    job = client.jobs.get(job.id)
+    assert job.status.value == "completed" and job.output is not None and job.started_at is not None
+    events = [e.event for e in client.jobs.events(job.id)]
+    assert events.count("completed") == 1 and events[-1] == "completed"
+
+
 async def test_an_event_written_while_the_job_ends_is_committed_before_the_end(own_index):
     # The relay writes a progress event while its watch ends the job: were the progress numbered first and committed
     # last, a stream that had sent the end would never send it (PostgreSQL numbers a row at its INSERT)

@@ -71,6 +71,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "413",
 include-path-regex = "^/api/v1/jobs/[^/]+/progress$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409"]
 
+# A worker's word that a job's run ended: a generated run token is none of this kiln's (401), a generated job id no
+# job (404).
+[[operations]]
+include-path-regex = "^/api/v1/jobs/[^/]+/ended$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404"]
+
 # Approving a generated job id: 404; a job of the key's project that waits for no approval: 409.
 [[operations]]
 include-path-regex = "^/api/v1/jobs/[^/]+/(approve|reject)$"

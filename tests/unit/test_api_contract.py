@@ -62,9 +62,10 @@ def test_every_error_answer_is_documented_with_the_one_error_body(document):
                 if int(status) >= 400:
                     schema = response["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
-            if path in ("/api/v1/hooks/labs/{lab}", "/api/v1/jobs/{job_id}/progress"):
+            if path in ("/api/v1/hooks/labs/{lab}", "/api/v1/jobs/{job_id}/progress", "/api/v1/jobs/{job_id}/ended"):
                 # a lab calls it with no kiln key: its Standard Webhooks signature is the authentication (401 without);
-                # a running job's flow reports its progress with its run token, not a key (401 without)
+                # a running job's flow reports its progress, and its worker the run's end, with the run's token, not a
+                # key (401 without)
                 assert "401" in operation["responses"] and operation["security"] == [], (method, path)
             elif path != "/healthz":
                 assert "401" in operation["responses"] and operation["security"], (method, path)
