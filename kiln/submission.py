@@ -79,7 +79,8 @@ def input_hash(job_type: str, job_input: BaseModel, versions: dict[str, Any] | N
     input model has one: ml_predict writes every structure encoding as one pymatgen dict), keys sorted
     and floats normalised; `versions` are the job type's (a model's version).
     """
-    canonical = job_input.canonical() if hasattr(job_input, "canonical") else job_input.model_dump(mode="json")
+    # looked up on the class: pydantic's __getattr__ for a field a model lacks was a third of accepting a batch
+    canonical = job_input.canonical() if hasattr(type(job_input), "canonical") else job_input.model_dump(mode="json")
     text = json.dumps({"type": job_type, "input": _normal(canonical), "versions": versions or {},
                        "code": code_version()}, sort_keys=True, separators=(",", ":"))  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
@@ -106,8 +107,6 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
     if body.model is not None:
         raw_input.setdefault("model", body.model)
 
-    files = FileStore.of(state.settings)
-
     def validate_and_pin() -> BaseModel:
         job_input = read_input(job_type, raw_input)
         if job_type.input_files:
@@ -115,7 +114,8 @@ async def _read_job(state, project_id: str, body: JobCreate, in_thread: bool) ->
             field = job_type.input_files
             refs = input_field(job_input, field)
             if refs is not None and not (job_type.input_job and input_field(job_input, job_type.input_job)):
-                job_input = with_input_field(job_input, field, files.pin_uploads(project_id, refs, f"input.{field}"))
+                pinned = FileStore.of(state.settings).pin_uploads(project_id, refs, f"input.{field}")
+                job_input = with_input_field(job_input, field, pinned)
         return job_input
 
     def hash_input(job_input: BaseModel) -> str:

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import importlib.util
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pydantic import BaseModel
@@ -136,9 +137,11 @@ class JobType:
     def deployment_tags(self) -> tuple[str, ...]:
         return ("kiln", f"type:{self.name}", *self.tags)
 
-    @property
+    @cached_property
     def available(self) -> bool:
-        """Whether the libraries the flow needs are installed here."""
+        """Whether the libraries the flow needs are installed here: looked for once a process. The search on disk,
+        made for every entry of a batch, was 78 % of the API's time accepting 1000 jobs (bench/batch_submit.py,
+        py-spy); a library installed later needs the process started again, as the type's deployment does."""
         return all(importlib.util.find_spec(name) is not None for name in self.requires)
 
     async def check_input(self, job_input: BaseModel, settings) -> None:
