@@ -203,6 +203,7 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         self._run_key: bytes | None = None
         # the kiln API, told of each run's end (one client: making one loads the CA bundle, about 30 ms)
         self._kiln_api = httpx.AsyncClient(timeout=10)
+        self._telling: set[asyncio.Task] = set()
 
     # lifecycle
 
@@ -485,7 +486,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         finally:
             self._running.pop(run_id, None)
         await self._settle(flow_run.id, outcome)
-        await self._say_ended(flow_run)
+        # not waited for: the slot frees now, whatever the API's answer takes
+        told = asyncio.create_task(self._say_ended(flow_run))
+        self._telling.add(told)
+        told.add_done_callback(self._telling.discard)
         return KilnWorkerResult(identifier=f"dask:{future.key}", status_code=status_code)
 
     async def _say_ended(self, flow_run: FlowRun) -> None:
