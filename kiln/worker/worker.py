@@ -499,10 +499,10 @@ class KilnWorker(BaseWorker[KilnJobConfiguration, KilnWorkerVariables, KilnWorke
         target = self._report_to(flow_run)
         if target is None:
             return
-        from kiln.run_reports import RUN_TOKEN_HEADER
+        from kiln.run_reports import RUN_TOKEN_HEADER, read_run_token
 
         api_url, token = target
-        job_id = token.partition(".")[0]
+        job_id, _ = read_run_token(self._run_key, token)
         try:
             response = await self._kiln_api.post(f"{api_url}/api/v1/jobs/{job_id}/ended",
                                                  headers={RUN_TOKEN_HEADER: token})  # fmt: skip

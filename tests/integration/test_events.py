@@ -144,15 +144,22 @@ def test_a_job_submitted_after_a_burst_gets_every_progress_event_before_its_end(
     assert [e.data["percent"] for e in events if e.event == "progress"] == [25.0, 50.0, 75.0, 100.0], kinds
 
 
-def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(client, idle):
-    from kiln.run_reports import RUN_TOKEN_HEADER, run_key, run_token
+def _a_running_job_and_its_token(client, seconds: float):
+    """(the run key, a job that has ended, a sleep job now running, its flow run id, that run's token)."""
+    from kiln.run_reports import run_key, run_token
 
     key = run_key(SETTINGS)
     other = client.jobs.create(type="sleep", input={"seconds": 0.01 + random.random() * 1e-3}).wait(timeout=180)
-    job = client.jobs.create(type="sleep", input={"seconds": 4 + random.random() * 1e-3})
+    job = client.jobs.create(type="sleep", input={"seconds": seconds + random.random() * 1e-3})
     wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
     flow_run_id = client.jobs.get(job.id).flow_run_id
-    token = run_token(key, job.id, flow_run_id)
+    return key, other, job, flow_run_id, run_token(key, job.id, flow_run_id)
+
+
+def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(client, idle):
+    from kiln.run_reports import RUN_TOKEN_HEADER, run_token
+
+    key, other, job, flow_run_id, token = _a_running_job_and_its_token(client, 4)
 
     def post(job_id: str, body: dict, token: str | None) -> httpx.Response:
         headers = {RUN_TOKEN_HEADER: token} if token is not None else {}
@@ -187,15 +194,10 @@ def test_a_progress_report_needs_its_runs_token_and_reaches_its_own_job_only(cli
 def test_a_workers_word_that_a_run_ended_is_checked_with_prefect_and_the_job_ends_at_once(client, idle):
     # the kiln worker says so after each run (POST …/ended, its run's token): the job ends without waiting for
     # Prefect's event of the end, which lags under load; what the job takes is the run's state in Prefect
-    from kiln.run_reports import RUN_TOKEN_HEADER, run_key, run_token
+    from kiln.run_reports import RUN_TOKEN_HEADER, run_token
     from tests.integration.support import flow_run_state
 
-    key = run_key(SETTINGS)
-    other = client.jobs.create(type="sleep", input={"seconds": 0.01 + random.random() * 1e-3}).wait(timeout=180)
-    job = client.jobs.create(type="sleep", input={"seconds": 3 + random.random() * 1e-3})
-    wait_until(lambda: client.jobs.get(job.id).status.value == "running", what="the job to run")
-    flow_run_id = client.jobs.get(job.id).flow_run_id
-    token = run_token(key, job.id, flow_run_id)
+    key, other, job, flow_run_id, token = _a_running_job_and_its_token(client, 3)
 
     def ended(job_id: str, token: str | None) -> httpx.Response:
         headers = {RUN_TOKEN_HEADER: token} if token is not None else {}
