@@ -12,25 +12,25 @@ run: install
 
 ## make test: install kiln with its test tools, start PostgreSQL and a single-node SLURM, and run every test
 test: install-test postgres chromium slurm sandbox
-	$(PYTHON) -m pytest tests/unit -q
 	$(PYTHON) -m pytest tests/sandbox -q -x
 	$(PYTHON) -m pytest tests/mcp -q -x
 	$(PYTHON) -m pytest tests/lab -q -x
-	$(MAKE) test-sqlite test-postgres
-	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration/test_zz_kill_matrix.py -q -x --durations=5
+	$(MAKE) -j2 test-sqlite test-postgres
 
-# one after the other (side by side, `make -j2`, the load made timing-sensitive tests fail in CI), each test session
-# with a stack, ports and KILN_HOME of its own:
-# the integration tests on SQLite then SLURM's, and on PostgreSQL then the end-to-end ones. The kill matrix, which
-# restarts PostgreSQL itself, runs after both.
+# two lanes side by side (`make -j2`; one after the other they took over 90 min in CI), each test session with a
+# stack, ports and KILN_HOME of its own: the integration tests on SQLite then SLURM's; the unit tests, the integration
+# tests on PostgreSQL, the end-to-end ones, then the kill matrix, which restarts PostgreSQL (the SQLite lane does not
+# use it).
 test-sqlite:
 	$(PYTHON) -m pytest tests/integration -q -x --durations=30
 	$(PYTHON) -m pytest tests/slurm -q -x
 
 test-postgres:
+	$(PYTHON) -m pytest tests/unit -q
 	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration -q -x --durations=30 \
 		--ignore=tests/integration/test_zz_kill_matrix.py
 	$(PYTHON) -m pytest tests/e2e -q -x
+	KILN_TEST_DATABASE=postgresql $(PYTHON) -m pytest tests/integration/test_zz_kill_matrix.py -q -x --durations=5
 
 install:
 	$(PIP) install -q -e .
