@@ -35,6 +35,7 @@ class Action(str, Enum):
     REOPEN = "reopen"  # a finished job runs again: its run was restarted in Prefect
     SUSPEND = "suspend"  # the job stays running, its run suspended: it holds no worker slot while it waits
     RESUME = "resume"  # a suspended job's run was taken by a worker again: it holds a slot again
+    CANCEL = "cancel"  # end it cancelled, not as proposed: the user asked for that first
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,10 @@ class ForwardOnly(Rule):
 
 class CancelRequestedWins(Rule):
     """A job the user cancelled ends cancelled: its run may fail or crash on its way down."""
+
+    # Its run may also have failed by itself just before the cancel reached Prefect, and then no Cancelled state
+    # follows: the job ends cancelled at its run's end, whichever comes.
+    action = Action.CANCEL
 
     def applies(self, job, proposal):
         return job.cancel_requested and proposal.source is Source.PREFECT and proposal.to is JobStatus.FAILED

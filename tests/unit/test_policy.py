@@ -80,7 +80,8 @@ def test_forward_moves_apply():
 
 def test_a_cancel_requested_wins_over_the_runs_failure_on_its_way_down():
     job = Job(S.RUNNING, flow_run_id="run-1", cancel_requested=True, max_retry_count=3)
-    assert decide(job, run_state(S.FAILED)).rule == "CancelRequestedWins"
+    decision = decide(job, run_state(S.FAILED))
+    assert (decision.rule, decision.action) == ("CancelRequestedWins", Action.CANCEL)  # ends cancelled, not failed
     assert decide(job, run_state(S.CANCELLED)).action is Action.APPLY
     # kiln's own failure (a timeout, which requests the cancel itself) still ends it failed
     assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
@@ -115,7 +116,7 @@ def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
     # one that failed by itself fails; one cancelled, or a batch job, is not served again
     assert decide(service, run_state(S.FAILED)).action is Action.APPLY
     assert decide(Job(S.RUNNING, flow_run_id="run-1", persistent=True, cancel_requested=True), crashed).action \
-        is Action.IGNORE  # fmt: skip
+        is Action.CANCEL  # fmt: skip
     assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=7), crashed).action is Action.APPLY
 
 

@@ -149,6 +149,24 @@ async def test_cancel_pending_only_touches_pending_jobs(store):
     assert (await store.events_after(job.id))[-1].event == "cancelled"
 
 
+async def test_a_job_whose_run_fails_after_its_cancel_was_asked_ends_cancelled(store):
+    # the run failed by itself before the cancel reached Prefect (seen in CI): no Cancelled state follows
+    pid = await project(store)
+    job = await add(store, pid)
+    await store.claim_for_release(job.id)
+    await store.record_release(job.id, "run-1")
+    assert await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1")
+    await store.mark_cancel_requested([job.id])
+    assert await store.transition(job.id, JobStatus.FAILED, source=PREFECT, flow_run_id="run-1",
+                                  reason="SourceError: no such file")  # fmt: skip
+    ended = await store.get_job(job.id)
+    assert ended.status == "cancelled" and ended.completed_at is not None
+    assert ended.status_reason == "cancelled by request; its run failed meanwhile: SourceError: no such file"
+    assert (await store.events_after(job.id))[-1].event == "cancelled"
+    # the Cancelled state that may still come changes nothing
+    assert not await store.transition(job.id, JobStatus.CANCELLED, source=PREFECT, flow_run_id="run-1")
+
+
 async def test_priority_changes_only_while_pending(store):
     pid = await project(store)
     job = await add(store, pid)
