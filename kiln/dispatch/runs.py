@@ -15,7 +15,7 @@ from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.schedules import construct_schedule
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import LocalFileSystem
@@ -232,17 +232,16 @@ async def crash_run(client: PrefectClient, flow_run_id: str | UUID, reason: str)
     return True
 
 
-async def run_output(client: PrefectClient, flow_run_id: str | UUID) -> Any:
+async def run_output(flow_run: FlowRun) -> Any:
     """The completed flow run's return value, from Prefect's result storage."""
-    flow_run = await client.read_flow_run(UUID(str(flow_run_id)))
     return await flow_run.state.aresult(raise_on_failure=False)
 
 
-async def failed_run_output(client: PrefectClient, flow_run_id: str | UUID) -> dict | None:
+async def failed_run_output(flow_run: FlowRun) -> dict | None:
     """The output a failed flow run kept: the data of the Failed state its flow returned (a plugin_exec run's
     stdout and stderr); None for a run that raised, whose result is its exception."""
     try:
-        output = await run_output(client, flow_run_id)
+        output = await run_output(flow_run)
     except Exception:  # noqa: BLE001 - a failure without a stored result has no output
         return None
     return output if isinstance(output, dict) else None

@@ -178,18 +178,20 @@ class Relay:
         if flow_run.state is not None:
             await self.apply_state(flow_run_id=str(flow_run.id), state_type=flow_run.state.type.value,
                                    state_name=flow_run.state.name, message=flow_run.state.message,
-                                   tags=flow_run.tags, at=flow_run.state.timestamp)  # fmt: skip
+                                   tags=flow_run.tags, at=flow_run.state.timestamp, flow_run=flow_run)  # fmt: skip
 
     async def apply_state(
-        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
+        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None,
+        flow_run=None,
     ) -> None:
-        """Mirrors one Prefect state of a flow run onto its job, one state of a run at a time."""
+        """Mirrors one Prefect state of a flow run onto its job, one state of a run at a time. `flow_run`: the run as
+        just read from Prefect, if it was (its output and start time are then not read again)."""
         lock, users = self._applying.get(flow_run_id, (asyncio.Lock(), 0))
         self._applying[flow_run_id] = (lock, users + 1)
         try:
             async with lock:
                 await self._apply_state(flow_run_id=flow_run_id, state_type=state_type, message=message, tags=tags,
-                                        at=at, state_name=state_name)  # fmt: skip
+                                        at=at, state_name=state_name, flow_run=flow_run)  # fmt: skip
         finally:
             lock, users = self._applying[flow_run_id]
             if users == 1:
@@ -198,7 +200,8 @@ class Relay:
                 self._applying[flow_run_id] = (lock, users - 1)
 
     async def _apply_state(
-        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None
+        self, *, flow_run_id: str, state_type: str, message: str | None, tags, at, state_name: str | None = None,
+        flow_run=None,
     ) -> None:
         if state_type == StateType.CANCELLING.value:
             # cancelled from Prefect (its UI or API) rather than through kiln: a cancel the user asked for, so
@@ -221,8 +224,15 @@ class Relay:
             await self.store.mark_picked(job.id, flow_run_id, at)
         if status is JobStatus.COMPLETED and job.status == JobStatus.COMPLETED.value:
             return  # its output is recorded (a drop-in LLM call's run is made after the call, completed)
+
+        async def read_run():  # once, for its output or start time, unless the caller read it
+            nonlocal flow_run
+            if flow_run is None:
+                flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+            return flow_run
+
         if status is JobStatus.COMPLETED:
-            output, refused = await run_output(self.client, flow_run_id), None
+            output, refused = await run_output(await read_run()), None
             if job.type == BATCH_RUN and not JobStatus(job.status).is_final:
                 output, refused = await self._submit_batch_run(job, output)
             if refused is not None:  # the job failed after all, and its Prefect run says so too
@@ -231,14 +241,14 @@ class Relay:
                 self.dispatcher.wake()
                 return
         elif status is JobStatus.FAILED and state_type == StateType.FAILED.value:
-            output = await failed_run_output(self.client, flow_run_id)
+            output = await failed_run_output(await read_run())
         else:
             output = None
         started_at = None
         if status.is_final and job.started_at is None and state_type != StateType.CANCELLED.value:
             # the event of its Running state may come after that of its end (Prefect's event stream is not in order
             # under load), and is then ignored: the run's own start time (None for a run that never started)
-            started_at = (await self.client.read_flow_run(UUID(flow_run_id))).start_time
+            started_at = (await read_run()).start_time
         await self.store.transition(job.id, status, source=Source.PREFECT, reason=reason_of_state(state_type, message),
                                     output=output, at=at, flow_run_id=flow_run_id,
                                     crashed=state_type == StateType.CRASHED.value,
