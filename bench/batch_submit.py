@@ -13,6 +13,7 @@ It exits non-zero unless every entry of (a) and (b) became a job to run, every j
 and every Prefect-only run completed.
 
     python bench/batch_submit.py [--postgres URL | --sqlite] [--batches 5] [--jobs 1000] [--baseline-runs 200]
+                                 [--parts accept throughput]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000, help="jobs per batch")
     parser.add_argument("--create-runs", type=int, default=1000, help="runs Prefect creates one by one for (a)")
     parser.add_argument("--baseline-runs", type=int, default=200, help="runs through the process worker for (b)")
+    parser.add_argument("--parts", nargs="+", choices=("accept", "throughput"), default=["accept", "throughput"],
+                        help="(a) accept, (b) throughput, or both")
     args = parser.parse_args()
 
     # the default of two batches per key per minute would hold the benchmark, not kiln
@@ -48,19 +51,22 @@ def main() -> None:
     loads = {}
     with embedded_stack(slots=SLOTS, postgres=postgres, env=env) as (settings, stack, key):
         try:
-            loads["(a) kiln accept"] = os.getloadavg()
-            accept = kiln_accept(settings, key, args.batches, args.jobs)
-            loads["(b) kiln throughput"] = os.getloadavg()
-            cpu_before = cpu_seconds(stack)
-            kiln_rate, kiln_seconds, kiln_steps = kiln_throughput(settings, key, args.jobs)
-            kiln_cpu = cpu_per_job(cpu_before, cpu_seconds(stack), args.jobs)
+            if "accept" in args.parts:
+                loads["(a) kiln accept"] = os.getloadavg()
+                accept = kiln_accept(settings, key, args.batches, args.jobs)
+            if "throughput" in args.parts:
+                loads["(b) kiln throughput"] = os.getloadavg()
+                cpu_before = cpu_seconds(stack)
+                kiln_rate, kiln_seconds, kiln_steps = kiln_throughput(settings, key, args.jobs)
+                kiln_cpu = cpu_per_job(cpu_before, cpu_seconds(stack), args.jobs)
             loads["(a) Prefect create"] = os.getloadavg()
             deployment_id = asyncio.run(deploy_process_pool())
             create_seconds = asyncio.run(create_runs(deployment_id, args.create_runs, {"input": {"seconds": 0}}))
             asyncio.run(cancel_all_scheduled(deployment_id))
-            worker = start_process_worker(settings)
-            loads["(b) Prefect throughput"] = os.getloadavg()
-            prefect_rate, prefect_seconds = asyncio.run(prefect_throughput(deployment_id, args.baseline_runs))
+            if "throughput" in args.parts:
+                worker = start_process_worker(settings)
+                loads["(b) Prefect throughput"] = os.getloadavg()
+                prefect_rate, prefect_seconds = asyncio.run(prefect_throughput(deployment_id, args.baseline_runs))
             loads["end"] = os.getloadavg()
         finally:
             if worker is not None:
@@ -70,18 +76,22 @@ def main() -> None:
     backend = "SQLite" if args.sqlite else "PostgreSQL"
     print()
     print(f"batch submission, 2-core machine, Prefect 3.8.8 and the job index on {backend}, {SLOTS} worker slots")
-    print(summary(f"(a) kiln accepts {args.jobs} jobs", accept))
     per_run = create_seconds / args.create_runs
+    if "accept" in args.parts:
+        print(summary(f"(a) kiln accepts {args.jobs} jobs", accept))
     print(f"(a) Prefect create_flow_run_from_deployment × {args.create_runs}, one by one: {create_seconds:.1f} s "
           f"({1 / per_run:.1f} runs/s; {per_run * args.jobs:.1f} s for {args.jobs})")
-    print(f"    kiln p50 {percentile(accept, 50):.3f} s is {per_run * args.jobs / percentile(accept, 50):.0f}× faster; "
-          f"goal ≤ 0.5 s: {'met' if percentile(accept, 50) <= 0.5 else 'NOT met'}")
-    print(f"(b) kiln, {args.jobs} sleep(0) jobs end to end: {kiln_seconds:.1f} s, {kiln_rate:.2f} jobs/s")
-    print(f"    per job (index's clock, p50 / p95): {kiln_steps}; a slot per job: {kiln_seconds * SLOTS / args.jobs:.3f} s")
-    print(f"    {kiln_cpu}")
-    print(f"(b) Prefect process worker (concurrency {SLOTS}), {args.baseline_runs} runs end to end: "
-          f"{prefect_seconds:.1f} s, {prefect_rate:.2f} jobs/s")
-    print(f"    kiln's throughput is {kiln_rate / prefect_rate:.1f}× the Prefect-only path's")
+    if "accept" in args.parts:
+        print(f"    kiln p50 {percentile(accept, 50):.3f} s is {per_run * args.jobs / percentile(accept, 50):.0f}× "
+              f"faster; goal ≤ 0.5 s: {'met' if percentile(accept, 50) <= 0.5 else 'NOT met'}")
+    if "throughput" in args.parts:
+        print(f"(b) kiln, {args.jobs} sleep(0) jobs end to end: {kiln_seconds:.1f} s, {kiln_rate:.2f} jobs/s")
+        print(f"    per job (index's clock, p50 / p95): {kiln_steps}; a slot per job: "
+              f"{kiln_seconds * SLOTS / args.jobs:.3f} s")
+        print(f"    {kiln_cpu}")
+        print(f"(b) Prefect process worker (concurrency {SLOTS}), {args.baseline_runs} runs end to end: "
+              f"{prefect_seconds:.1f} s, {prefect_rate:.2f} jobs/s")
+        print(f"    kiln's throughput is {kiln_rate / prefect_rate:.1f}× the Prefect-only path's")
     print("load average (1, 5, 15 min) as each part began: "
           + "; ".join(f"{part} {one:.1f} {five:.1f} {fifteen:.1f}" for part, (one, five, fifteen) in loads.items()))
 
