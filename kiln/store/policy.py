@@ -202,11 +202,20 @@ class ForwardOnly(Rule):
         return proposal.to in _RANK and _RANK[proposal.to] <= _RANK[job.status]
 
 
-class CancelRequestedWins(Rule):
-    """A job the user cancelled ends cancelled: its run may fail or crash on its way down."""
+class CancelRequestedWaitsForCancelled(Rule):
+    """A job the user cancelled is not failed by its run's crash on its way down: its Cancelled state follows, with
+    the cancel's reason."""
 
-    # Its run may also have failed by itself just before the cancel reached Prefect, and then no Cancelled state
-    # follows: the job ends cancelled at its run's end, whichever comes.
+    def applies(self, job, proposal):
+        return job.cancel_requested and proposal.source is Source.PREFECT and proposal.to is JobStatus.FAILED and (
+            proposal.crashed
+        )
+
+
+class CancelRequestedWins(Rule):
+    """A job the user cancelled ends cancelled when its run fails: it may have failed by itself just before the cancel
+    reached Prefect, and then no Cancelled state follows."""
+
     action = Action.CANCEL
 
     def applies(self, job, proposal):
@@ -256,6 +265,7 @@ RULES: tuple[Rule, ...] = (
     SuspendedRunHoldsNoSlot(),
     ResumedRunTakesASlot(),
     ForwardOnly(),
+    CancelRequestedWaitsForCancelled(),
     CancelRequestedWins(),
     PersistentJobsServeAgain(),
     RetryWhilePolicyAllows(),

@@ -494,10 +494,8 @@ class Store:
             if decision.action is policy.Action.IGNORE:
                 return False
             if decision.action is policy.Action.CANCEL:
-                ended = "crashed" if crashed else "failed"
-                status, reason = JobStatus.CANCELLED, f"cancelled by request; its run {ended} meanwhile" + (
-                    f": {reason}" if reason else ""
-                )
+                status = JobStatus.CANCELLED
+                reason = "cancelled by request; its run failed meanwhile" + (f": {reason}" if reason else "")
             if row.suspended_at is not None and decision.action is not policy.Action.SUSPEND:
                 # the time it waited suspended held no worker: it is not charged as run time
                 row.suspended_seconds += max((at - row.suspended_at).total_seconds(), 0.0)

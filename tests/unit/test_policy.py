@@ -80,8 +80,13 @@ def test_forward_moves_apply():
 
 def test_a_cancel_requested_wins_over_the_runs_failure_on_its_way_down():
     job = Job(S.RUNNING, flow_run_id="run-1", cancel_requested=True, max_retry_count=3)
+    # crashed on its way down: its Cancelled state, with the cancel's reason, is to come
+    crashed = Proposal(S.FAILED, PREFECT, "run-1", NOW, crashed=True)
+    assert (decide(job, crashed).rule, decide(job, crashed).action) == ("CancelRequestedWaitsForCancelled",
+                                                                        Action.IGNORE)  # fmt: skip
+    # failed by itself before the cancel reached Prefect: no Cancelled state comes, and it ends cancelled now
     decision = decide(job, run_state(S.FAILED))
-    assert (decision.rule, decision.action) == ("CancelRequestedWins", Action.CANCEL)  # ends cancelled, not failed
+    assert (decision.rule, decision.action) == ("CancelRequestedWins", Action.CANCEL)
     assert decide(job, run_state(S.CANCELLED)).action is Action.APPLY
     # kiln's own failure (a timeout, which requests the cancel itself) still ends it failed
     assert decide(job, Proposal(S.FAILED, KILN)).action is Action.APPLY
@@ -116,7 +121,7 @@ def test_a_persistent_job_whose_run_crashed_serves_again_however_often():
     # one that failed by itself fails; one cancelled, or a batch job, is not served again
     assert decide(service, run_state(S.FAILED)).action is Action.APPLY
     assert decide(Job(S.RUNNING, flow_run_id="run-1", persistent=True, cancel_requested=True), crashed).action \
-        is Action.CANCEL  # fmt: skip
+        is Action.IGNORE  # fmt: skip
     assert decide(Job(S.RUNNING, flow_run_id="run-1", attempt=7), crashed).action is Action.APPLY
 
 
