@@ -216,7 +216,11 @@ async def cancel_run(client: PrefectClient, flow_run_id: str | UUID, reason: str
     ):
         await force_state(client, flow_run_id, Cancelled(message=reason))
     else:
-        await force_state(client, flow_run_id, Cancelling(message=reason))
+        set_to = await force_state(client, flow_run_id, Cancelling(message=reason))
+        if set_to is not None and set_to.type is StateType.CANCELLED and not set_to.message:
+            # it suspended itself since it was read: Prefect makes a Paused run's Cancelling a Cancelled of its own,
+            # without the reason (BypassCancellingFlowRunsWithNoInfra)
+            await force_state(client, flow_run_id, Cancelled(message=reason))
 
 
 async def crash_run(client: PrefectClient, flow_run_id: str | UUID, reason: str) -> bool:

@@ -109,12 +109,14 @@ class KilnWorkerResult(BaseWorkerResult):
     """How a flow run ended on the Dask cluster."""
 
 
-async def force_state(client: PrefectClient, flow_run_id: str | UUID, state) -> None:
-    """Sets a flow run's state whatever Prefect's orchestration rules say: kiln's way to end or stop a run."""
+async def force_state(client: PrefectClient, flow_run_id: str | UUID, state):
+    """Sets a flow run's state whatever Prefect's orchestration rules say: kiln's way to end or stop a run. Returns
+    the state Prefect set (None for a run that is gone)."""
     try:
-        await client.set_flow_run_state(UUID(str(flow_run_id)), state, force=True)
+        return (await client.set_flow_run_state(UUID(str(flow_run_id)), state, force=True)).state
     except ObjectNotFound:
         log.warning("flow run %s vanished before it could be set %s", flow_run_id, state.type)
+        return None
 
 
 def describe_dask_failure(exc: BaseException) -> str:

@@ -41,6 +41,7 @@ class FakePrefect:
 
     async def set_flow_run_state(self, flow_run_id, state, force=False):
         self.runs[flow_run_id].state = state
+        return SimpleNamespace(state=state)
 
     def run_of(self, job: JobRow):
         return next(run for run in self.runs.values() if str(run.id) == job.flow_run_id)
