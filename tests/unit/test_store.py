@@ -58,12 +58,17 @@ async def test_a_claim_is_won_once(store):
     assert await store.claimed_without_run() == []
 
 
-async def test_transitions_only_move_forward_and_ignore_earlier_attempts(store):
-    pid = await project(store)
-    job = await add(store, pid)
+async def running_on_run_1(store):
+    """A job released on flow run run-1, which Prefect says is running."""
+    job = await add(store, await project(store))
     await store.claim_for_release(job.id)
     await store.record_release(job.id, "run-1")
     assert await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1")
+    return job
+
+
+async def test_transitions_only_move_forward_and_ignore_earlier_attempts(store):
+    job = await running_on_run_1(store)
     assert not await store.transition(job.id, JobStatus.QUEUED, source=PREFECT, flow_run_id="run-1")
     assert not await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-0", output={"x": 1})
     assert await store.transition(job.id, JobStatus.COMPLETED, source=PREFECT, flow_run_id="run-1", output={"x": 2})
@@ -151,11 +156,7 @@ async def test_cancel_pending_only_touches_pending_jobs(store):
 
 async def test_a_job_whose_run_fails_after_its_cancel_was_asked_ends_cancelled(store):
     # the run failed by itself before the cancel reached Prefect (seen in CI): no Cancelled state follows
-    pid = await project(store)
-    job = await add(store, pid)
-    await store.claim_for_release(job.id)
-    await store.record_release(job.id, "run-1")
-    assert await store.transition(job.id, JobStatus.RUNNING, source=PREFECT, flow_run_id="run-1")
+    job = await running_on_run_1(store)
     await store.mark_cancel_requested([job.id])
     assert await store.transition(job.id, JobStatus.FAILED, source=PREFECT, flow_run_id="run-1",
                                   reason="SourceError: no such file")  # fmt: skip
