@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.support import HOME, PG_DATABASES, SETTINGS, create_key, pg_admin, wait_until
+from tests.integration.support import HOME, PG_DATABASES, REQUEST_TIMEOUT, SETTINGS, create_key, pg_admin, wait_until
 
 
 def install_echo_job_type() -> None:
@@ -65,7 +65,7 @@ def other_key(stack) -> str:
 def client(api_key):
     from kiln.sdk import Client
 
-    with Client(SETTINGS.api_url, api_key) as c:
+    with Client(SETTINGS.api_url, api_key, timeout=REQUEST_TIMEOUT) as c:
         yield c
 
 
@@ -73,14 +73,15 @@ def client(api_key):
 def other_client(other_key):
     from kiln.sdk import Client
 
-    with Client(SETTINGS.api_url, other_key) as c:
+    with Client(SETTINGS.api_url, other_key, timeout=REQUEST_TIMEOUT) as c:
         yield c
 
 
 @pytest.fixture(scope="session")
 def http(api_key):
     """Raw HTTP to the kiln API, as curl would send it."""
-    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as h:
+    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {api_key}"},
+                      timeout=REQUEST_TIMEOUT) as h:
         yield h
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from kiln.errors import NotFound, ServerError
 from kiln.sdk import AsyncClient, ChatResult, Client
-from tests.integration.support import JOB_TYPE_TESTS, SETTINGS, wait_until
+from tests.integration.support import JOB_TYPE_TESTS, REQUEST_TIMEOUT, SETTINGS, wait_until
 from tests.integration.test_llm_proxy import _add_provider, _llmock, providers, recorded  # noqa: F401 - a fixture
 
 pytestmark = [pytest.mark.integration, JOB_TYPE_TESTS]
@@ -44,7 +44,7 @@ def job_of(http, messages: list[dict]) -> dict:
 
 @pytest.fixture(scope="module")
 def sdk(providers, api_key):
-    with Client(SETTINGS.api_url, api_key) as client:
+    with Client(SETTINGS.api_url, api_key, timeout=REQUEST_TIMEOUT) as client:
         yield client
 
 
@@ -76,7 +76,7 @@ def test_chat_returns_the_whole_answer_with_its_usage_and_job(sdk, http, model, 
 
 @pytest.mark.parametrize(("model", "protocol"), PROTOCOLS)
 async def test_the_async_client_streams_and_answers_alike(providers, api_key, http, model, protocol):
-    async with AsyncClient(SETTINGS.api_url, api_key) as client:
+    async with AsyncClient(SETTINGS.api_url, api_key, timeout=REQUEST_TIMEOUT) as client:
         messages = ask()
         deltas = [delta async for delta in client.llm.chat(model, messages, stream=True, max_tokens=40)]
         result = await client.llm.chat(model, ask(), max_tokens=40)
@@ -98,7 +98,7 @@ def test_the_official_clients_are_on_kilns_drop_in_routes_with_the_kiln_key(sdk,
 
 
 async def test_the_async_official_clients(providers, api_key):
-    async with AsyncClient(SETTINGS.api_url, api_key) as client:
+    async with AsyncClient(SETTINGS.api_url, api_key, timeout=REQUEST_TIMEOUT) as client:
         oai, claude = client.llm.openai(), client.llm.anthropic()
         assert isinstance(oai, openai.AsyncOpenAI) and isinstance(claude, anthropic.AsyncAnthropic)
         answer = await claude.messages.create(model="mock-claude", max_tokens=40, messages=ask())
