@@ -125,7 +125,7 @@ def test_delete_cancels_a_running_container_job_and_kills_its_container(http, co
     answer = http.delete(f"/api/v1/compute/jobs/{job_id}")
     assert answer.status_code == 200, answer.text
     assert answer.json()["uuid"] == job_id and answer.json()["status"] in ("RUNNING", "CANCELLED")
-    job = ended(http, job_id, timeout=60)
+    job = ended(http, job_id, timeout=180)
     assert job["status"] == "CANCELLED" and job["completed_at"]
     wait_until(lambda: residue(flow_run_id, SETTINGS.sandbox_root) == [], timeout=10, what="the container to go")
     again = http.delete(f"/api/v1/compute/jobs/{job_id}")
@@ -203,7 +203,7 @@ def serves_until_deleted(http, api_key, mcp_plugin: str, job: dict) -> None:
         shown = http.get(f"/api/v1/compute/jobs/{job['uuid']}").json()
         return shown["status"] == "RUNNING" and shown["status_reason"] == "1 of 1 replica healthy"
 
-    wait_until(serving, timeout=90, what="the persistent container to serve")
+    wait_until(serving, timeout=180, what="the persistent container to serve")
 
     async def use() -> tuple[dict, dict]:
         async with session(token["name"], api_key) as mcp:
@@ -215,13 +215,13 @@ def serves_until_deleted(http, api_key, mcp_plugin: str, job: dict) -> None:
     flow_run_id = http.get(f"/api/v1/jobs/{job['uuid']}").json()["flow_run_id"]
     first = server_in(flow_run_id)
     os.kill(first, signal.SIGKILL)  # it dies: restarted, the job still RUNNING
-    wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=30, what="a new container")
-    wait_until(serving, timeout=30, what="serving again")
+    wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=180, what="a new container")
+    wait_until(serving, timeout=180, what="serving again")
     assert asyncio.run(use())[0] == {"value": "hi"}
 
     deleted = http.delete(f"/api/v1/compute/jobs/{job['uuid']}")
     assert deleted.status_code == 200 and deleted.json()["status"] in ("RUNNING", "CANCELLED")
-    assert ended(http, job["uuid"], timeout=60)["status"] == "CANCELLED"
+    assert ended(http, job["uuid"], timeout=180)["status"] == "CANCELLED"
     wait_until(lambda: residue(flow_run_id, SETTINGS.sandbox_root) == [], timeout=20, what="the container to go")
     gone = http.post(f"/api/v1/mcp/{token['name']}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert gone.status_code == 404

@@ -101,7 +101,7 @@ def waiting(http, sim, job: dict) -> list[dict]:
     return [{"booking": b["id"], **b} for b in lab_bookings(sim, job["id"])]
 
 
-def exactly_one_end(http, sim, job: dict, status: str, timeout: float = 60) -> dict:
+def exactly_one_end(http, sim, job: dict, status: str, timeout: float = 180) -> dict:
     ended = wait_final(http, job["id"], timeout=timeout)
     assert ended["status"] == status, (ended["status"], ended["status_reason"])
     assert final_events(http, job["id"]) == [status]
@@ -154,7 +154,7 @@ def test_reordered_callbacks_end_once_and_late_progress_changes_nothing(http, la
         return [c for c in taken if c["booking"] == booking and (c["effect"] or "").startswith("none: the booking had")]
 
     # started and progress come after the outcome, and change nothing
-    wait_until(late, timeout=30, what="the callbacks after the outcome")
+    wait_until(late, timeout=180, what="the callbacks after the outcome")
     assert http.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "completed"
 
 

@@ -43,7 +43,7 @@ def _serve(argv: list[str], port: int, probe: str) -> subprocess.Popen:
             return False
 
     try:
-        wait_until(up, timeout=30, what=f"the provider on port {port}")
+        wait_until(up, timeout=180, what=f"the provider on port {port}")
     except AssertionError:
         process.terminate()
         raise
@@ -301,7 +301,7 @@ def test_an_llm_proxy_job_streams_delta_events_and_repeats_at_temperature_0_as_a
                                           "max_tokens": 50, "temperature": 0}}  # fmt: skip
     with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as h:
         submitted = h.post("/api/v1/jobs", json=job).json()
-        done = wait_final(h, submitted["id"], timeout=90)
+        done = wait_final(h, submitted["id"], timeout=180)
         assert done["status"] == "completed", done
         out = done["output"]
         assert out["text"] == "BaTiO3 is a perovskite." and out["usage"] == ANTHROPIC_FINAL_USAGE
@@ -313,7 +313,7 @@ def test_an_llm_proxy_job_streams_delta_events_and_repeats_at_temperature_0_as_a
         assert again["status"] == "cache_hit" and again["output"]["text"] == out["text"]
         sampled = h.post("/api/v1/jobs", json={**job, "input": {**job["input"], "temperature": 0.7}}).json()
         assert sampled["status"] != "cache_hit"
-        assert wait_final(h, sampled["id"], timeout=90)["status"] == "completed"
+        assert wait_final(h, sampled["id"], timeout=180)["status"] == "completed"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -34,7 +34,7 @@ def deploy(client, name: str, **fields):
 
 def healthy(client, job_id: str, replicas: int):
     wanted = f"{replicas} of {replicas} replica{'s' if replicas != 1 else ''} healthy"
-    wait_until(lambda: client.jobs.get(job_id).status_reason == wanted, timeout=90, what=wanted)
+    wait_until(lambda: client.jobs.get(job_id).status_reason == wanted, timeout=180, what=wanted)
 
 
 @contextlib.asynccontextmanager
@@ -241,7 +241,7 @@ def serves_sandboxed(client, api_key, job_id: str, name: str) -> None:
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not Path(f"/proc/{first}").exists(), timeout=10, what="the killed server to go")
     healthy(client, job_id, 1)
-    wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=30, what="a new replica")
+    wait_until(lambda: server_in(flow_run_id) not in (None, first), timeout=180, what="a new replica")
     assert asyncio.run(use())["uid"] == 65534  # serving again, at the same URL
     wait_until(lambda: len(replicas_held(flow_run_id)) == 1, timeout=10, what="only the live replica to be left")
 

@@ -28,7 +28,7 @@ def test_a_persistent_job_serves_beside_batch_work_and_says_how_it_is(client, id
     assert client.jobs.create(type="sleep", input={"seconds": 0}).wait(timeout=180).status.value == "completed"
     second = client.jobs.create(type="echo_service", input={"name": f"{name}-2"})
     wait_until(lambda: "waits for service capacity: 1 of 1 service slots busy" in
-               (client.jobs.get(second.id).status_reason or ""), timeout=30, what="the second to wait")  # fmt: skip
+               (client.jobs.get(second.id).status_reason or ""), timeout=180, what="the second to wait")  # fmt: skip
     assert client.jobs.get(second.id).status.value == "pending"
     kinds = []
     for event in client.jobs.events(service.id):

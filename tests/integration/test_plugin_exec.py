@@ -125,7 +125,7 @@ def test_a_plugin_that_ignores_sigterm_is_killed_when_the_job_is_cancelled(clien
     job = run(client, shell_plugin, "trap '' TERM INT; echo ready; while :; do sleep 1; done")
     wait_until(lambda: any(e.event == "progress" for e in client.jobs.events(job.id, last_event_id=None)
                            if not e.is_terminal) if client.jobs.get(job.id).status.value == "running" else False,
-               timeout=60, what="the plugin to start")  # fmt: skip
+               timeout=180, what="the plugin to start")  # fmt: skip
     job = client.jobs.get(job.id)
     client.jobs.cancel(job.id)
     started = time.monotonic()

@@ -33,7 +33,7 @@ def test_a_run_cancelled_in_prefect_cancels_its_job(http, idle):
     job = http.post("/api/v1/jobs", json={"type": "sleep", "input": {"seconds": 60}}).json()
     running = wait_status(http, job["id"], "running")
     set_run_state(running["flow_run_id"], {"type": "CANCELLING", "message": "cancelled in the Prefect UI"})
-    done = wait_final(http, job["id"], timeout=30)
+    done = wait_final(http, job["id"], timeout=180)
     assert done["status"] == "cancelled" and "Prefect UI" in done["status_reason"]
     assert flow_run_state(done["flow_run_id"]) == "CANCELLED"
 
@@ -45,7 +45,7 @@ def test_a_failed_run_retried_in_prefect_runs_its_job_again(http, idle):
     # the Prefect UI's Retry: the run goes back to Scheduled (AwaitingRetry) and a worker takes it again
     set_run_state(failed["flow_run_id"], {"type": "SCHEDULED", "name": "AwaitingRetry"})
     again = wait_until(lambda: (j := http.get(f"/api/v1/jobs/{job['id']}").json())["completed_at"] != failed[
-        "completed_at"] and j["status"] == "failed" and j, timeout=60, what="the retried run to end")  # fmt: skip
+        "completed_at"] and j["status"] == "failed" and j, timeout=180, what="the retried run to end")  # fmt: skip
     assert again["flow_run_id"] == failed["flow_run_id"] and "fail=true" in again["status_reason"]
     events = [e for e in _events(http, job["id"]) if e[0] in ("status", "failed")]
     statuses = [data.get("status", kind) for kind, data in events]
@@ -94,7 +94,7 @@ def test_a_completed_ml_predict_job_triggers_a_simulation_through_a_prefect_depl
         predicted = http.post("/api/v1/jobs", json={"type": "ml_predict", "input": {"structure": "Si"}}).json()
         assert wait_final(http, predicted["id"], timeout=120)["status"] == "completed"
         simulation = wait_until(lambda: (http.get("/api/v1/jobs", params={"type": "simulation"}).json()["jobs"]
-                                         or [None])[0], timeout=90, interval=1,
+                                         or [None])[0], timeout=180, interval=1,
                                 what="the trigger's simulation run to become a job")  # fmt: skip
         done = wait_final(http, simulation["id"], timeout=180)
         assert done["status"] == "completed", done["status_reason"]

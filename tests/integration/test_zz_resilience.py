@@ -202,7 +202,7 @@ def plugin_running(client, plugin: str):
     job = client.jobs.create(type="plugin_exec", input={"plugin": plugin, "args": ["echo ready; sleep 120"]})
     wait_until(lambda: any(e.data.get("message") == "ready" for e in client.jobs.events(job.id)
                            if e.event == "progress") if client.jobs.get(job.id).status.value == "running" else False,
-               timeout=60, what="the plugin to start")  # fmt: skip
+               timeout=180, what="the plugin to start")  # fmt: skip
     return client.jobs.get(job.id)
 
 
@@ -228,7 +228,7 @@ def test_a_dask_process_killed_mid_plugin_run_leaves_nothing(client, stack, idle
             process.kill()
     job.wait(timeout=180)
     assert job.status.value == "failed" and "Dask worker process running this job died" in job.status_reason
-    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=30, what="the worker to clean the run up")
+    wait_until(lambda: left_behind(job.flow_run_id) == [], timeout=180, what="the worker to clean the run up")
 
 
 def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack, idle):
@@ -239,7 +239,7 @@ def test_a_persistent_job_serves_again_after_its_worker_is_killed(client, stack,
     stack.stop("worker", sig=signal.SIGKILL)
     stack.start_worker()
     wait_until(lambda: client.jobs.get(job.id).attempt == 2 and (client.jobs.get(job.id).status_reason or "")
-               .startswith("survivor: serving"), timeout=90, what="the service to serve again")  # fmt: skip
+               .startswith("survivor: serving"), timeout=180, what="the service to serve again")  # fmt: skip
     assert flow_run_state(first_run) == "CRASHED"
     client.jobs.cancel(job.id)
     assert client.jobs.get(job.id).wait(timeout=180).status.value == "cancelled"
