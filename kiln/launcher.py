@@ -77,7 +77,7 @@ class Stack:
             return
         proc = self._spawn(
             "prefect",
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+            [sys.executable, "-m", "kiln.prefect_server", "server", "start", "--host", "127.0.0.1",
              "--port", str(self.settings.prefect_port)],
         )
         self._wait_http("prefect", f"{self.settings.prefect_api}/health", proc)
