@@ -173,14 +173,14 @@ def test_kiln_up_brings_back_an_api_killed_mid_batch_and_leaves_no_orphan_on_sig
         threading.Thread(target=lambda: said.extend(iter(up.stdout.readline, "")), daemon=True).start()
         with Client(f"http://127.0.0.1:{api_port}", (home / "api-key").read_text().strip()) as client:
             # distinct inputs: each a run of its own, no cache hit
-            batch = client.submit_batch([{"type": "sleep", "input": {"seconds": 0.3 + i / 1000}} for i in range(40)])
+            batch = client.submit_batch([{"type": "sleep", "input": {"seconds": 0.3 + i / 1000}} for i in range(20)])
             ids = [line.job_id for line in batch.jobs]
-            assert batch.submitted == 40 and batch.cache_hits == 0
+            assert batch.submitted == 20 and batch.cache_hits == 0
             os.kill(part_pid(up, "api"), signal.SIGKILL)
             wait_for(lambda: "api is back" in "".join(said), 180, "the API to come back", said)
             descendants = psutil.Process(up.pid).children(recursive=True)
             wait_for(lambda: all(client.jobs.get(i).status.value in ("completed", "failed", "cancelled") for i in ids),
-                     300, "the batch to end", said)
+                     600, "the batch to end", said)  # a bound: under CI load, Prefect on SQLite stalled 60 s thrice
             ended = [client.jobs.get(i) for i in ids]
         assert {job.status.value for job in ended} == {"completed"}, [(j.id, j.status_reason) for j in ended]
         text = "".join(said)

@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
-from tests.integration.support import SETTINGS, create_key, wait_until
+from tests.integration.support import REQUEST_TIMEOUT, SETTINGS, create_key, wait_until
 
 # A fixed seed and example count keep CI stable; about two minutes per database on the 2-core machine.
 CONFIG = """
@@ -97,7 +97,8 @@ def contract(contract_key):
     )
     yield schema
     # what the run submitted (sleeps of up to a day among them) must not hold the worker slot for later tests
-    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {contract_key}"}) as http:
+    with httpx.Client(base_url=SETTINGS.api_url, headers={"Authorization": f"Bearer {contract_key}"},
+                      timeout=REQUEST_TIMEOUT) as http:
 
         def unfinished() -> list[dict]:
             return [job for status in ("pending", "queued", "running")
@@ -123,4 +124,4 @@ schema = schemathesis.pytest.from_fixture("contract")
 
 @schema.parametrize()
 def test_every_operation_keeps_the_openapi_contract(case, contract_key):
-    case.call_and_validate(timeout=30)
+    case.call_and_validate(timeout=REQUEST_TIMEOUT)
