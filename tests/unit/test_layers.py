@@ -22,7 +22,7 @@ LAYERS = [
     {"kiln.dispatch"},
     {"kiln.submission"},
     {"kiln.events"},
-    {"kiln.api", "kiln.lab_simulator"},
+    {"kiln.api", "kiln.lab_simulator", "kiln.prefect_server"},
     {"kiln.cli", "kiln"},
 ]  # fmt: skip
 
