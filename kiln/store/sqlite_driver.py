@@ -1,10 +1,9 @@
 """A fix to SQLAlchemy's aiosqlite adapter, for every SQLite database kiln runs: its job index and the embedded Prefect
 server's.
 
-SQLAlchemy's aiosqlite adapter (2.0) leaves the driver's cursor open when its statement fails or its task is
-cancelled meanwhile (a client that went away, a timeout): the statement, run to its first row on the connection's
-thread, stays in use. The exception's traceback keeps the cursor alive, often in a reference cycle, so it is freed
-later, by the garbage collector, on whatever thread it runs: mostly the event loop's. Freeing an open sqlite3 cursor
+SQLAlchemy's aiosqlite adapter (2.0) does not close the driver's cursor when its statement fails. The exception's
+traceback keeps the cursor alive, often in a reference cycle, so it is freed later, by the garbage collector, on
+whatever thread that runs: mostly the event loop's. Freeing an open sqlite3 cursor
 resets its statement, which takes its connection's mutex; if that connection's own thread is meanwhile in SQLite's
 busy handler, waiting for the write lock that a transaction of the event loop holds, the loop waits for the mutex and
 the transaction never ends: the whole process stands still until the busy timeout runs out (60 s in Prefect). py-spy
