@@ -21,13 +21,17 @@ def test_a_batch_fills_a_clusters_free_slots_and_fails_the_rest(http, slurm, idl
         error = result["jobs"][index]["error"]
         assert error.startswith(f"jobs.{index}.compute_target") and "'slurm-5'" in error and "5" in error
 
-    # the first runs on the session's one slot; deleting the batch cancels it and empties squeue
-    first = result["jobs"][0]["job_id"]
-    name = f"kiln-{first[:8]}"
-    wait_until(lambda: len(squeue(name)) == 1, timeout=120, interval=0.5, what="the first job's batch job")
+    # one runs on the session's one slot: the first, or the one released ahead with it (their runs are made together,
+    # so either may reach the worker first; README, "Priority bands"); deleting the batch cancels it and empties squeue
+    ids = [line["job_id"] for line in result["jobs"][:5]]
+    names = [f"kiln-{job_id[:8]}" for job_id in ids]
+    running = wait_until(lambda: [name for name in names if squeue(name)], timeout=180, interval=0.5,
+                         what="a batch job of the batch")  # fmt: skip
+    assert len(running) == 1 and running[0] in names[:2], running
     assert http.delete(f"/api/v1/batches/{result['batch_id']}").status_code == 204
-    wait_until(lambda: squeue(name) == [], timeout=30, interval=0.5, what="squeue to empty after the delete")
-    assert http.get(f"/api/v1/jobs/{first}").status_code == 404
+    wait_until(lambda: not any(squeue(name) for name in names), timeout=30, interval=0.5,
+               what="squeue to empty after the delete")  # fmt: skip
+    assert {http.get(f"/api/v1/jobs/{job_id}").status_code for job_id in ids} == {404}
     # its slots are free again
     again = http.post("/api/v1/jobs/submit-batch", json={"jobs": entries[:5]}).json()
     assert again["submitted"] == 5
