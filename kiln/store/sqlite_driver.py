@@ -3,14 +3,13 @@ server's.
 
 SQLAlchemy's aiosqlite adapter (2.0) does not close the driver's cursor when its statement fails. The exception's
 traceback keeps the cursor alive, often in a reference cycle, so it is freed later, by the garbage collector, on
-whatever thread that runs: mostly the event loop's. Freeing an open sqlite3 cursor
-resets its statement, which takes its connection's mutex; if that connection's own thread is meanwhile in SQLite's
-busy handler, waiting for the write lock that a transaction of the event loop holds, the loop waits for the mutex and
-the transaction never ends: the whole process stands still until the busy timeout runs out (60 s in Prefect). py-spy
-showed it in the Prefect server: the main thread in `gc_collect_main → cursor_dealloc → sqlite3_reset →
-pthread_mutex_lock` for 60 s, a connection thread in `sqlite3InvokeBusyHandler`; each stall ended in failed
-statements, and the next stall (three in four minutes under CI's load). Here such a cursor is closed on its
-connection's thread, so the collector finds nothing to reset.
+whatever thread that runs: mostly the event loop's. Freeing an open sqlite3 cursor resets its statement, which takes its
+connection's mutex; if that connection's own thread is meanwhile in SQLite's busy handler, waiting for the write lock
+that a transaction of the event loop holds, the loop waits for the mutex and the transaction never ends: the whole
+process stands still until the busy timeout runs out (60 s in Prefect). py-spy showed it in the Prefect server: the main
+thread in `gc_collect_main → cursor_dealloc → sqlite3_reset → pthread_mutex_lock` for 60 s, a connection thread in
+`sqlite3InvokeBusyHandler`; each stall ended in failed statements, and the next stall (three in four minutes under CI's
+load). Here such a cursor is closed on its connection's thread, so the collector finds nothing to reset.
 """
 
 from __future__ import annotations
